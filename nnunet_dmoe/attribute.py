@@ -1,0 +1,162 @@
+"""Attribute schema and attribute-channel codec.
+
+The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (see DESIGN.md):
+
+1. the ``attribute`` block of an nnU-Net raw ``dataset.json``::
+
+       "attribute": {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1,
+                     "cases": {"RT_0001": "T2", "RT_0002": "T4"}}
+
+2. an extra ``noNorm`` image channel whose voxels hold ``level_index + 1`` inside the image footprint (where any
+   image channel is non-zero) and 0 elsewhere. A channel that is 0 everywhere means "unknown".
+
+Both hold sensitive data (race, age, ...): the block is copied by nnU-Net into ``nnUNet_preprocessed`` and into
+every model folder (``dataset.json``), the channel into every preprocessed case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+UNKNOWN_CODE = 0
+
+_MISSING_BLOCK = (
+    "{where} has no 'attribute' block. nnunet_dmoe needs one: "
+    '"attribute": {{"name": ..., "levels": [...], "channel": <index of the noNorm attribute channel>, '
+    '"cases": {{case_id: level}}}}. Write the dataset with one of the nnUNetv2_dmoe_convert_* commands or '
+    "nnUNetv2_dmoe_make_synthetic, or add the block by hand."
+)
+
+
+def _fmt_cases(items: Sequence[str], limit: int = 50) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+@dataclass
+class AttributeSpec:
+    """The ``attribute`` block of a dataset.json, validated.
+
+    Parameters
+    ----------
+    name : str
+        What the attribute is (``"tstage"``, ``"age"``, ``"race"``).
+    levels : list of str
+        Ordered level names. ``levels[i]`` is routed by router ``i`` and written as ``i + 1`` in the channel.
+    channel : int
+        Index of the attribute channel among the dataset's ``channel_names``.
+    cases : dict
+        Training case id -> level name. ``None`` marks a case whose attribute is unknown.
+    """
+
+    name: str
+    levels: List[str]
+    channel: int
+    cases: Dict[str, Optional[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"attribute.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.levels, (list, tuple)) or len(self.levels) == 0:
+            raise ValueError(f"attribute.levels must be a non-empty list of level names, got {self.levels!r}")
+        self.levels = [str(lv) for lv in self.levels]
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"attribute.levels has duplicates: {self.levels}")
+        if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)) or self.channel < 0:
+            raise ValueError(f"attribute.channel must be a channel index (int >= 0), got {self.channel!r}")
+        self.channel = int(self.channel)
+        bad = sorted(f"{c} ({lv!r})" for c, lv in self.cases.items() if lv is not None and lv not in self.levels)
+        if bad:
+            raise ValueError(
+                f"attribute.cases has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
+                f"Add the level to 'levels' or correct the case."
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    def level_index(self, level: Optional[str]) -> Optional[int]:
+        """Router index of ``level``; ``None`` for an unknown attribute."""
+        if level is None:
+            return None
+        try:
+            return self.levels.index(str(level))
+        except ValueError:
+            raise ValueError(f"level {level!r} is not one of attribute.levels {self.levels}") from None
+
+    def case_level_index(self, case_id: str) -> Optional[int]:
+        if case_id not in self.cases:
+            raise KeyError(case_id)
+        return self.level_index(self.cases[case_id])
+
+    def to_block(self) -> dict:
+        return {"name": self.name, "levels": list(self.levels), "channel": self.channel, "cases": dict(self.cases)}
+
+    @classmethod
+    def from_dataset_json(cls, dataset_json: Mapping, where: str = "dataset.json") -> "AttributeSpec":
+        """Read and validate the block, checking that ``channel`` is a ``noNorm`` channel of the dataset."""
+        if "attribute" not in dataset_json:
+            raise ValueError(_MISSING_BLOCK.format(where=where))
+        block = dataset_json["attribute"]
+        missing = [k for k in ("name", "levels", "channel") if k not in block]
+        if missing:
+            raise ValueError(f"{where}: the attribute block lacks {missing}. Expected keys: name, levels, channel, cases.")
+        try:
+            spec = cls(name=block["name"], levels=block["levels"], channel=block["channel"],
+                       cases=dict(block.get("cases", {})))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
+        if channel_names is not None:
+            cn = channel_names.get(str(spec.channel))
+            if cn is None:
+                raise ValueError(
+                    f"{where}: attribute.channel is {spec.channel} but channel_names has only "
+                    f"{sorted(channel_names, key=int)}. Point attribute.channel at the attribute channel."
+                )
+            if cn.casefold() != "nonorm":
+                raise ValueError(
+                    f"{where}: attribute.channel {spec.channel} is channel_names[{spec.channel!r}] = {cn!r}, but the "
+                    f"attribute channel must be 'noNorm' (nnU-Net would normalise it and destroy the level codes). "
+                    f"Set channel_names[\"{spec.channel}\"] to \"noNorm\"."
+                )
+        return spec
+
+
+def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> np.ndarray:
+    """Attribute channel for a case.
+
+    ``images`` is (c, *spatial) or (*spatial); the result has the spatial shape, ``level_index + 1`` where any image
+    channel is non-zero and 0 elsewhere (0 everywhere for an unknown attribute).
+    """
+    images = np.asarray(images)
+    footprint = np.any(images != 0, axis=0) if images.ndim >= 3 else images != 0
+    out = np.zeros(footprint.shape, dtype=np.uint8)
+    if level_index is not None:
+        if level_index < 0 or level_index > 253:
+            raise ValueError(f"level index {level_index} out of range 0..253")
+        out[footprint] = level_index + 1
+    return out
+
+
+def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "this case") -> Optional[int]:
+    """Level index stored in an attribute channel (most frequent rounded positive value), ``None`` if unknown.
+
+    Raises ``ValueError`` if that value does not name one of ``num_levels`` levels.
+    """
+    values = np.rint(np.asarray(channel, dtype=np.float32)).astype(np.int64).ravel()
+    values = values[values > 0]
+    if values.size == 0:
+        return None
+    counts = np.bincount(values)
+    code = int(np.argmax(counts))
+    if code > num_levels:
+        raise ValueError(
+            f"The attribute channel of {case} decodes to code {code} (level index {code - 1}), but the dataset has "
+            f"only {num_levels} levels (codes 1..{num_levels}). Rewrite the channel with nnUNetv2_dmoe_attach_attribute."
+        )
+    return code - 1

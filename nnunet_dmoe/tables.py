@@ -1,0 +1,124 @@
+"""One reader for attribute tables (case id -> level), shared by the converters, the attribute-channel writer and
+the fairness report.
+
+Formats: CSV, TSV (by file ending or sniffed delimiter) and JSON (either ``{case_id: value}`` or a list of
+records). Numeric columns can be binned by edges: ``bins=[20, 40, 60, 80]`` gives the levels
+``<20, 20-40, 40-60, 60-80, >=80`` (left-closed intervals). Empty cells, ``NaN``, ``unknown`` and ``-1`` codes
+given in ``missing_values`` become ``None`` (unknown attribute).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+DEFAULT_MISSING = ("", "nan", "na", "n/a", "none", "null", "unknown")
+
+
+def bin_labels(edges: Sequence[float]) -> List[str]:
+    """Level names for numeric ``edges``: ``[20, 40]`` -> ``['<20', '20-40', '>=40']``."""
+    edges = [float(e) for e in edges]
+    if not edges:
+        raise ValueError("bins: give at least one edge")
+    if any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+        raise ValueError(f"bins must be strictly increasing, got {edges}")
+    fmt = [f"{e:g}" for e in edges]
+    return [f"<{fmt[0]}"] + [f"{a}-{b}" for a, b in zip(fmt[:-1], fmt[1:])] + [f">={fmt[-1]}"]
+
+
+def bin_value(value: float, edges: Sequence[float]) -> str:
+    """Level name of ``value`` for ``edges`` (left-closed intervals)."""
+    labels = bin_labels(edges)
+    idx = sum(1 for e in edges if value >= float(e))
+    return labels[idx]
+
+
+def _read_rows(path: str) -> List[Dict[str, object]]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, Mapping):
+            return [{"case": k, "value": v} for k, v in data.items()]
+        if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
+            return [dict(r) for r in data]
+        raise ValueError(f"{path}: a JSON attribute table must be an object {{case: value}} or a list of records")
+    with open(path, newline="") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path}: the attribute table is empty")
+    if ext == ".tsv":
+        delim = "\t"
+    elif ext == ".csv":
+        delim = ","
+    else:
+        delim = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",\t;").delimiter
+    return list(csv.DictReader(text.splitlines(), delimiter=delim))
+
+
+def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_column: Optional[str] = None,
+                         bins: Optional[Sequence[float]] = None,
+                         missing_values: Sequence[str] = DEFAULT_MISSING,
+                         strip_suffix: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Read ``case id -> level name`` (``None`` = unknown) from a table.
+
+    Parameters
+    ----------
+    path : str
+        CSV, TSV or JSON file.
+    id_column, attribute_column : str
+        Column names. For a JSON object ``{case: value}`` leave them ``None``.
+    bins : sequence of float, optional
+        Edges for a numeric column; values are replaced by :func:`bin_labels` names.
+    missing_values : sequence of str
+        Cell texts (case-insensitive) meaning "unknown".
+    strip_suffix : str, optional
+        Removed from the end of every id (e.g. ``".nii.gz"``).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"attribute table {path} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the attribute table has no rows")
+    id_column = id_column or ("case" if "case" in rows[0] else None)
+    attribute_column = attribute_column or ("value" if "value" in rows[0] else None)
+    for what, col in (("id column", id_column), ("attribute column", attribute_column)):
+        if col is None or col not in rows[0]:
+            raise ValueError(f"{path}: {what} {col!r} not found; the table has the columns {list(rows[0])}. "
+                             f"Name it with --id-column / --attribute-column.")
+    missing = {m.casefold() for m in missing_values}
+    out: Dict[str, Optional[str]] = {}
+    bad, dup = [], []
+    for lineno, row in enumerate(rows, start=2):
+        case = str(row[id_column]).strip()
+        if strip_suffix and case.endswith(strip_suffix):
+            case = case[: -len(strip_suffix)]
+        if case in out:
+            dup.append(case)
+        raw = row[attribute_column]
+        text = "" if raw is None else str(raw).strip()
+        if text.casefold() in missing or (isinstance(raw, float) and math.isnan(raw)):
+            out[case] = None
+            continue
+        if bins is not None:
+            try:
+                value = float(text)
+            except ValueError:
+                bad.append(f"row {lineno} ({case}): {text!r}")
+                continue
+            if math.isnan(value):
+                out[case] = None
+                continue
+            out[case] = bin_value(value, bins)
+        else:
+            if isinstance(raw, float) and raw.is_integer():
+                text = str(int(raw))
+            out[case] = text
+    if dup:
+        raise ValueError(f"{path}: case ids listed more than once: {', '.join(sorted(set(dup))[:20])}")
+    if bad:
+        raise ValueError(f"{path}: column {attribute_column!r} is binned with edges {list(bins)} but these values "
+                         f"are not numbers: {'; '.join(bad[:20])}" + (f" ... ({len(bad) - 20} more)" if len(bad) > 20 else ""))
+    return out
