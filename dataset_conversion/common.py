@@ -1,0 +1,228 @@
+"""Helpers shared by the distribution-aware (dMoE) dataset converters: output folder, problem summary, attribute
+block and attribute channel, PNG writing, split files and the table of cases per attribute level.
+
+Every converter follows the same steps: check the output folder (:func:`prepare_dataset_folder`), convert case by
+case while collecting every bad input in :class:`Problems`, stop with one ``ValueError`` listing all of them (and
+remove the half-written folder), then write ``dataset.json`` with the ``attribute`` block
+(:func:`write_dataset_json`) and print the level table (:func:`level_table`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.tables import read_attribute_table
+
+UNKNOWN = "unknown"
+SPLITS = ("train", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",
+                  "test": "test", "testing": "test", "ts": "test"}
+_SPLIT_FILE_HELP = ("A split file is a CSV/TSV with the columns 'case' and 'split' (train or test), or a JSON file "
+                    "{\"train\": [case, ...], \"test\": [case, ...]} or {case: \"train\" | \"test\"}.")
+
+
+class Problems:
+    """Collects every bad input file so that a converter can report all of them in one ``ValueError``."""
+
+    def __init__(self):
+        self.items: List[str] = []
+
+    def add(self, where: str, what: str, fix: str) -> None:
+        self.items.append(f"{where}: {what}. {fix}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def raise_if_any(self, context: str, cleanup: Optional[str] = None, limit: int = 200) -> None:
+        """Raise one ``ValueError`` naming each problem; remove the folder ``cleanup`` first (half-written output)."""
+        if not self.items:
+            return
+        if cleanup is not None and os.path.isdir(cleanup):
+            shutil.rmtree(cleanup)
+        lines = "\n".join(f"  - {p}" for p in self.items[:limit])
+        more = f"\n  ... and {len(self.items) - limit} more" if len(self.items) > limit else ""
+        raise ValueError(f"{context}: {len(self.items)} problem(s) in the input, nothing was written. Fix all of "
+                         f"them and run the command again:\n{lines}{more}")
+
+
+def prepare_dataset_folder(dataset_id: int, dataset_name: str, overwrite: bool = False,
+                           extra_files: Sequence[str] = ()) -> str:
+    """Create ``$nnUNet_raw/DatasetXXX_Name`` (empty) and return its path.
+
+    Refuses (``RuntimeError``) when any ``DatasetXXX_*`` folder with the same id exists in ``nnUNet_raw`` or a file
+    in ``extra_files`` exists, unless ``overwrite``; with ``overwrite`` those are removed first.
+    """
+    from nnunetv2.paths import nnUNet_raw
+
+    if not 0 < int(dataset_id) < 1000:
+        raise ValueError(f"-d: the dataset id must be an integer from 1 to 999, got {dataset_id!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", dataset_name):
+        raise ValueError(f"-n: the dataset name may hold letters, digits, '_' and '-', got {dataset_name!r}")
+    raw = os.fspath(nnUNet_raw)
+    os.makedirs(raw, exist_ok=True)
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    existing = sorted(os.path.join(raw, d) for d in os.listdir(raw)
+                      if d.startswith(prefix) and os.path.isdir(os.path.join(raw, d)))
+    existing += [f for f in extra_files if os.path.exists(f)]
+    if existing and not overwrite:
+        raise RuntimeError(f"Dataset id {int(dataset_id)} is taken: {', '.join(existing)} exist(s). Choose another "
+                           f"id with -d, or pass --overwrite to delete and rewrite it.")
+    for path in existing:
+        print(f"--overwrite: removing {path}")
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    out = os.path.join(raw, prefix + dataset_name)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(out, sub))
+    return out
+
+
+def attribute_block(name: str, levels: Sequence[str], channel: int, cases: Mapping[str, Optional[str]],
+                    test_cases: Mapping[str, Optional[str]]) -> dict:
+    """The dataset.json ``attribute`` block, validated with :class:`AttributeSpec` (train and test cases)."""
+    block = AttributeSpec(name=name, levels=list(levels), channel=channel, cases=dict(cases)).to_block()
+    AttributeSpec(name=name, levels=list(levels), channel=channel, cases=dict(test_cases))
+    block["test_cases"] = dict(test_cases)
+    return block
+
+
+def write_dataset_json(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,
+                       block: dict, **metadata) -> None:
+    """nnU-Net's ``generate_dataset_json`` with the ``attribute`` block (copies: it mutates its arguments)."""
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    generate_dataset_json(out, channel_names=dict(channel_names), labels=dict(labels),
+                          num_training_cases=len(block["cases"]), file_ending=file_ending,
+                          attribute=copy.deepcopy(block), **metadata)
+
+
+def attribute_channel_index(num_image_channels: int) -> int:
+    """The attribute channel comes last, after the image channels."""
+    return num_image_channels
+
+
+def to_uint8(image: np.ndarray) -> Optional[np.ndarray]:
+    """8-bit copy of an image already in 0..255 (floats in 0..1 are scaled by 255); ``None`` if it is not."""
+    image = np.asarray(image)
+    if image.size == 0 or not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 255:
+        return None
+    if image.dtype.kind == "f" and image.max() <= 1:
+        image = image * 255.0
+    return np.rint(image).astype(np.uint8)
+
+
+def write_png_case(folder: str, case: str, channels: Sequence[np.ndarray], level_index: Optional[int]) -> None:
+    """Write the 2D uint8 ``channels`` as ``case_0000.png`` ... and the attribute channel as the last file."""
+    channels = [np.asarray(c, dtype=np.uint8) for c in channels]
+    attribute = encode_attribute_channel(np.stack(channels), level_index)
+    for k, arr in enumerate(channels + [attribute]):
+        Image.fromarray(arr, mode="L").save(os.path.join(folder, f"{case}_{k:04d}.png"))
+
+
+def write_nifti_case(folder: str, case: str, images: Sequence, level_index: Optional[int]) -> None:
+    """Copy the SimpleITK ``images`` as ``case_0000.nii.gz`` ... and write the attribute channel (uint8, on the grid
+    of the first image) as the last file."""
+    import SimpleITK as sitk
+
+    arrays = np.stack([sitk.GetArrayViewFromImage(img) for img in images])
+    attribute = sitk.GetImageFromArray(encode_attribute_channel(arrays, level_index))
+    attribute.CopyInformation(images[0])
+    for k, img in enumerate(list(images) + [attribute]):
+        sitk.WriteImage(img, os.path.join(folder, f"{case}_{k:04d}.nii.gz"), useCompression=True)
+
+
+def write_png_label(folder: str, case: str, label: np.ndarray) -> None:
+    Image.fromarray(np.asarray(label, dtype=np.uint8), mode="L").save(os.path.join(folder, f"{case}.png"))
+
+
+def normalise_split(value: str) -> Optional[str]:
+    return _SPLIT_ALIASES.get(str(value).strip().casefold())
+
+
+def read_split_file(path: str) -> Dict[str, str]:
+    """Case id -> ``"train"`` / ``"test"`` from a split file (see ``_SPLIT_FILE_HELP``)."""
+    if path.lower().endswith(".json") and os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, Mapping) and data and all(isinstance(v, list) for v in data.values()):
+            raw = {str(c): k for k, cases in data.items() for c in cases}
+        elif isinstance(data, Mapping):
+            raw = {str(k): str(v) for k, v in data.items()}
+        else:
+            raise ValueError(f"-split {path}: unexpected JSON content. {_SPLIT_FILE_HELP}")
+    else:
+        raw = read_attribute_table(path, id_column="case", attribute_column="split")
+    split = {c: normalise_split(v) for c, v in raw.items()}
+    bad = sorted(f"{c} ({raw[c]!r})" for c, s in split.items() if s is None)
+    if bad:
+        raise ValueError(f"-split {path}: split values must be train or test; found {', '.join(bad[:20])}. "
+                         f"{_SPLIT_FILE_HELP}")
+    return split
+
+
+def level_table(title: str, levels: Sequence[str], train: Mapping[str, Optional[str]],
+                test: Mapping[str, Optional[str]]) -> str:
+    """Cases per attribute level, train and test (layout of the dMoE paper's Table 6); ``None`` counts as unknown."""
+    rows = list(levels) + ([UNKNOWN] if any(v is None for v in [*train.values(), *test.values()]) else [])
+
+    def count(d, lv):
+        return sum(1 for v in d.values() if (v if v is not None else UNKNOWN) == lv)
+
+    width = max(len(r) for r in rows + ["level", "total"]) + 2
+    lines = [title, f"{'level':<{width}}{'train':>8}{'test':>8}{'total':>8}"]
+    for lv in rows:
+        a, b = count(train, lv), count(test, lv)
+        lines.append(f"{lv:<{width}}{a:>8}{b:>8}{a + b:>8}")
+    lines.append(f"{'total':<{width}}{len(train):>8}{len(test):>8}{len(train) + len(test):>8}")
+    return "\n".join(lines)
+
+
+def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str, block: dict,
+           **metadata) -> str:
+    """Write dataset.json, drop an empty imagesTs/labelsTs, print the level table; return the table."""
+    write_dataset_json(out, channel_names, labels, file_ending, block, **metadata)
+    for sub in ("labelsTs", "imagesTs"):
+        path = os.path.join(out, sub)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    table = level_table(f"Cases per {block['name']} level in {os.path.basename(out)}", block["levels"],
+                        block["cases"], block["test_cases"])
+    print(table)
+    print(f"Wrote {out}")
+    return table
+
+
+def progress(iterable, desc: str, total: Optional[int] = None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="case")
+
+
+def add_common_arguments(parser, input_help: str, default_name: str) -> None:
+    """Flags every converter shares (nnU-Net style: single dash for values, double dash for switches)."""
+    parser.add_argument("-i", type=str, required=True, help="[REQUIRED] " + input_help)
+    parser.add_argument("-d", type=int, required=True, help="[REQUIRED] nnU-Net dataset id (1-999).")
+    parser.add_argument("-n", type=str, default=default_name,
+                        help=f"[OPTIONAL] Dataset name; the folder is DatasetXXX_<name>. Default: {default_name}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="[OPTIONAL] Delete and rewrite an existing dataset with the same id. Default: refuse")
+
+
+def split_from_file(cases: Sequence[str], split_file: str, problems: Problems) -> Dict[str, str]:
+    """Split of ``cases`` from a split file; a case the file does not list is a problem."""
+    split = read_split_file(split_file)
+    missing = [c for c in cases if c not in split]
+    for c in missing:
+        problems.add(c, f"not listed in the split file {split_file}", "Add it as train or test.")
+    extra = sorted(set(split) - set(cases))
+    if extra:
+        print(f"Note: {len(extra)} case(s) of the split file are not in the input and are ignored: "
+              f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+    return {c: split[c] for c in cases if c in split}

@@ -1,0 +1,196 @@
+"""HAM10000 / ISIC 2018 Task 1 (2D dermoscopy, lesion) -> nnU-Net raw dataset with a distribution-aware (dMoE)
+attribute.
+
+Input: a folder with the official ``ISIC2018_Task1-2_Training_Input/ISIC_xxxxxxx.jpg`` and
+``ISIC2018_Task1_Training_GroundTruth/ISIC_xxxxxxx_segmentation.png`` (0/255), plus the HAM10000 metadata CSV
+(``lesion_id,image_id,dx,dx_type,age,sex,localization,dataset``). The attribute is age in the dMoE paper's bins
+(<20, 20-40, 40-60, 60-80, >=80) or any other metadata column. The split comes from a split file or is drawn
+(seeded) by ``lesion_id``, because several images can show the same lesion.
+
+Each case is written as four grayscale PNGs, R, G, B (``rgb_to_0_1``: divided by 255, so colours stay comparable
+between images) and the attribute channel (``noNorm``): nnU-Net's PNG reader refuses a case that mixes an RGB file
+with a grayscale file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from nnunet_dmoe.dataset_conversion.common import (Problems, add_common_arguments, attribute_block,
+                                                    attribute_channel_index, finish, prepare_dataset_folder,
+                                                    progress, split_from_file, write_png_case, write_png_label)
+from nnunet_dmoe.tables import bin_labels, read_attribute_table
+
+IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
+MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
+METADATA_NAME = "HAM10000_metadata.csv"
+AGE_BINS = (20, 40, 60, 80)
+ATTRIBUTES = ("age", "sex", "localization", "dataset", "dx", "dx_type")
+CHANNEL_NAMES = {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1", "3": "noNorm"}
+LABELS = {"background": 0, "lesion": 1}
+
+
+def _lesion_split(lesions: Dict[str, str], test_fraction: float, seed: int) -> Dict[str, str]:
+    """Seeded train/test split of images grouped by lesion: lesions are drawn in random order into the test set
+    until it holds ``test_fraction`` of the images."""
+    groups: Dict[str, list] = {}
+    for image, lesion in sorted(lesions.items()):
+        groups.setdefault(lesion, []).append(image)
+    order = sorted(groups)
+    np.random.RandomState(seed).shuffle(order)
+    target = int(round(test_fraction * len(lesions)))
+    split, n_test = {}, 0
+    for lesion in order:
+        side = "test" if n_test < target else "train"
+        n_test += len(groups[lesion]) if side == "test" else 0
+        split.update({image: side for image in groups[lesion]})
+    return split
+
+
+def lesion_folds(lesions: Dict[str, str], num_folds: int, seed: int) -> list:
+    """nnU-Net ``splits_final.json`` content: ``num_folds`` folds of the training images, grouped by lesion."""
+    order = sorted(set(lesions.values()))
+    np.random.RandomState(seed).shuffle(order)
+    fold_of = {lesion: k % num_folds for k, lesion in enumerate(order)}
+    folds = []
+    for k in range(num_folds):
+        val = sorted(i for i, lesion in lesions.items() if fold_of[lesion] == k)
+        folds.append({"train": sorted(i for i in lesions if i not in set(val)), "val": val})
+    return folds
+
+
+def _read_case(image_path: str, mask_path: str, problems: Problems):
+    """RGB array (3, H, W) and label (H, W) of one case, or ``None`` after recording what is wrong."""
+    image = np.asarray(Image.open(image_path))
+    mask = np.asarray(Image.open(mask_path))
+    if image.ndim != 3 or image.shape[2] != 3:
+        problems.add(image_path, f"expected an RGB image, got shape {image.shape}", "Convert it to 8-bit RGB.")
+        return None
+    if mask.ndim != 2 or mask.shape != image.shape[:2]:
+        problems.add(mask_path, f"mask shape {mask.shape} differs from image shape {image.shape[:2]}",
+                     "Use the mask that belongs to this image (grayscale, same size).")
+        return None
+    bad = sorted(set(np.unique(mask).tolist()) - {0, 255})
+    if bad:
+        problems.add(mask_path, f"undeclared mask values {bad[:10]} (expected 0 and 255)",
+                     "Binarise the mask to 0 (background) and 255 (lesion).")
+        return None
+    return image.transpose(2, 0, 1), (mask == 255).astype(np.uint8)
+
+
+def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Optional[str] = None,
+                     attribute: str = "age", age_bins: Sequence[float] = AGE_BINS, split_file: Optional[str] = None,
+                     test_fraction: float = 0.2, seed: int = 12345, num_folds: int = 5,
+                     dataset_name: str = "HAM10000", overwrite: bool = False) -> str:
+    """Convert HAM10000 / ISIC 2018 Task 1 into ``$nnUNet_raw/DatasetXXX_<dataset_name>``; returns its path.
+
+    With ``nnUNet_preprocessed`` set, also writes ``splits_final.json`` (``num_folds`` folds of the training images
+    grouped by ``lesion_id``) to ``$nnUNet_preprocessed/DatasetXXX_<dataset_name>/``.
+    """
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    metadata = metadata or os.path.join(input_folder, METADATA_NAME)
+    image_dir, mask_dir = os.path.join(input_folder, IMAGE_DIR), os.path.join(input_folder, MASK_DIR)
+    for folder in (image_dir, mask_dir):
+        if not os.path.isdir(folder):
+            raise ValueError(f"-i {input_folder}: the official ISIC 2018 folder {os.path.basename(folder)} is missing "
+                             f"(expected {IMAGE_DIR}/ and {MASK_DIR}/ inside -i).")
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"-a: attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"-test_fraction must be in [0, 1), got {test_fraction}")
+    bins = list(age_bins) if attribute == "age" else None
+    values = read_attribute_table(metadata, id_column="image_id", attribute_column=attribute, bins=bins)
+    lesions = read_attribute_table(metadata, id_column="image_id", attribute_column="lesion_id")
+
+    problems = Problems()
+    cases = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".png")))
+    image_files = {os.path.splitext(f)[0]: os.path.join(image_dir, f) for f in os.listdir(image_dir)}
+    mask_files = {c: os.path.join(mask_dir, f"{c}_segmentation.png") for c in cases}
+    for case in cases:
+        if not os.path.isfile(mask_files[case]):
+            problems.add(image_files[case], f"the mask {mask_files[case]} is missing",
+                         "Add the mask, or remove the image from the input folder.")
+        if case not in values:
+            problems.add(image_files[case], f"no row with image_id {case} in {metadata}",
+                         "Add its metadata row, or remove the image from the input folder.")
+    if not cases:
+        problems.add(image_dir, "holds no .jpg images", "Point -i at the folder that holds the ISIC 2018 folders.")
+    problems.raise_if_any("HAM10000")
+    lesion_of = {c: lesions[c] or c for c in cases}
+    split = (split_from_file(cases, split_file, problems) if split_file
+             else _lesion_split(lesion_of, test_fraction, seed))
+    problems.raise_if_any("HAM10000")
+
+    levels = bin_labels(bins) if bins else sorted({values[c] for c in cases if values[c] is not None})
+    if not levels:
+        raise ValueError(f"-a {attribute}: no image has a known {attribute} in {metadata}; choose another attribute.")
+    name = f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}"
+    splits_path = (os.path.join(os.fspath(nnUNet_preprocessed), name, "splits_final.json")
+                   if nnUNet_preprocessed.is_set() else None)
+    out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite,
+                                 extra_files=[splits_path] if splits_path else [])
+    for case in progress(cases, "HAM10000"):
+        read = _read_case(image_files[case], mask_files[case], problems)
+        if read is None:
+            continue
+        suffix = "Tr" if split[case] == "train" else "Ts"
+        level = values[case]
+        write_png_case(os.path.join(out, "images" + suffix), case, list(read[0]),
+                       None if level is None else levels.index(level))
+        write_png_label(os.path.join(out, "labels" + suffix), case, read[1])
+    problems.raise_if_any("HAM10000", cleanup=out)
+
+    block = attribute_block(attribute, levels, attribute_channel_index(3),
+                            {c: values[c] for c in cases if split[c] == "train"},
+                            {c: values[c] for c in cases if split[c] == "test"})
+    finish(out, CHANNEL_NAMES, LABELS, ".png", block, dataset_name=name,
+           reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
+           license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
+           description=f"HAM10000 lesion segmentation; attribute {attribute}; split "
+                       f"{split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}",
+           converted_by="nnUNetv2_dmoe_convert_ham10000")
+    train_lesions = {c: lesion_of[c] for c in block["cases"]}
+    n_folds = min(num_folds, len(set(train_lesions.values())))
+    if splits_path and n_folds >= 2:
+        os.makedirs(os.path.dirname(splits_path), exist_ok=True)
+        with open(splits_path, "w") as f:
+            json.dump(lesion_folds(train_lesions, n_folds, seed), f, indent=2)
+        print(f"Wrote {splits_path} ({n_folds} folds grouped by lesion_id)")
+    elif splits_path:
+        print(f"Not writing {splits_path}: fewer than 2 training lesions.")
+    return out
+
+
+def convert_ham10000_entry_point():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert HAM10000 / ISIC 2018 Task 1 into an nnU-Net raw dataset "
+                                                 "with a distribution-aware (dMoE) attribute.")
+    add_common_arguments(parser, f"Folder holding {IMAGE_DIR}/ and {MASK_DIR}/.", "HAM10000")
+    parser.add_argument("-metadata", type=str, default=None,
+                        help=f"[OPTIONAL] HAM10000 metadata CSV. Default: -i/{METADATA_NAME}")
+    parser.add_argument("-a", type=str, default="age", choices=ATTRIBUTES,
+                        help="[OPTIONAL] Metadata column used as attribute. Default: age")
+    parser.add_argument("-age_bins", type=float, nargs="+", default=list(AGE_BINS),
+                        help=f"[OPTIONAL] Age bin edges. Default: {' '.join(map(str, AGE_BINS))} (dMoE paper)")
+    parser.add_argument("-split", type=str, default=None,
+                        help="[OPTIONAL] Split file (CSV columns case,split or JSON {\"train\": [...], \"test\": "
+                             "[...]}). Default: a seeded split grouped by lesion_id")
+    parser.add_argument("-test_fraction", type=float, default=0.2,
+                        help="[OPTIONAL] Fraction of images in the test set without -split. Default: 0.2")
+    parser.add_argument("-seed", type=int, default=12345, help="[OPTIONAL] Seed of the split and folds. Default: 12345")
+    parser.add_argument("-num_folds", type=int, default=5,
+                        help="[OPTIONAL] Folds in splits_final.json (grouped by lesion_id). Default: 5")
+    args = parser.parse_args()
+    convert_ham10000(args.i, args.d, metadata=args.metadata, attribute=args.a, age_bins=args.age_bins,
+                     split_file=args.split, test_fraction=args.test_fraction, seed=args.seed,
+                     num_folds=args.num_folds, dataset_name=args.n, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    convert_ham10000_entry_point()
