@@ -1,0 +1,181 @@
+"""Library API of the fairness report: :func:`evaluate_folders` and :func:`compare_methods`."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from nnunet_dmoe.evaluation._cases import CaseAttributes, match_cases, read_pair, reader_for
+from nnunet_dmoe.evaluation._fairness import DEFAULT_CI_QUANTILES, FairnessFrame
+from nnunet_dmoe.evaluation._metrics import (DEFAULT_NSD_TOLERANCE_MM, HIGHER_IS_BETTER, METRICS, LabelOrRegion,
+                                             label_name, metrics_for_labels, parse_label_or_region)
+from nnunet_dmoe.evaluation._report import console_table, write_report
+
+_NO_LABELS = "-l: give at least one label or region to score (e.g. -l 1, or -l 1 2 1,2)."
+_DUPLICATE_LABELS = "-l: {labels} are given more than once. Give each label or region once."
+_NO_METHODS = "--compare: give at least one NAME=PRED_FOLDER."
+_BAD_METHOD_NAME = "--compare: method names must be non-empty and unique, got {names}."
+
+
+def _labels(labels: Sequence[Union[str, int, Sequence[int]]]) -> List[LabelOrRegion]:
+    if not labels:
+        raise ValueError(_NO_LABELS)
+    parsed = [parse_label_or_region(lb) for lb in labels]
+    names = [label_name(p) for p in parsed]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(_DUPLICATE_LABELS.format(labels=dup))
+    return parsed
+
+
+def _score_one(args) -> Dict[str, Dict[str, float]]:
+    reader, case, ref_file, pred_file, labels, nsd_tolerance = args
+    seg_ref, seg_pred, spacing = read_pair(reader, case, ref_file, pred_file)
+    return metrics_for_labels(seg_ref, seg_pred, spacing, labels, nsd_tolerance)
+
+
+def score_folder(ref_folder: str, pred_folder: str, labels: Sequence[LabelOrRegion], file_ending: Optional[str] = None,
+                 nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1,
+                 ) -> Tuple[List[str], List[Dict[str, Dict[str, float]]]]:
+    """Case ids and ``[{label: {metric: value}}]`` per case, cases matched by id between the two folders."""
+    ending, triples = match_cases(ref_folder, pred_folder, file_ending)
+    reader = reader_for(ending, triples[0][1])
+    jobs = [(reader, case, r, p, list(labels), nsd_tolerance) for case, r, p in triples]
+    if num_processes > 1:
+        with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+            results = pool.map(_score_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))
+    else:
+        results = [_score_one(j) for j in jobs]
+    return [t[0] for t in triples], results
+
+
+def _lo_hi(ci: Sequence[Mapping[str, float]]) -> Dict[str, List[float]]:
+    """``[{m: lo}, {m: hi}]`` (fairlearn's layout) -> ``{m: [lo, hi]}`` (summary.json's)."""
+    return {k: [ci[0][k], ci[1][k]] for k in ci[0]}
+
+
+def _frame_summary(ff: FairnessFrame) -> dict:
+    out = {"overall": ff.overall,
+           "groups": {g: {"n": ff.group_sizes[g], **means} for g, means in ff.by_group.items()},
+           "es": ff.es, "worst_group": ff.worst_group}
+    if ff.ci_quantiles is not None:
+        groups_ci = ff.by_group_ci
+        out["ci"] = {"quantiles": list(ff.ci_quantiles), "overall": _lo_hi(ff.overall_ci), "es": _lo_hi(ff.es_ci),
+                     "groups": {g: {m: [groups_ci[0][g][m], groups_ci[1][g][m]] for m in ff.metrics}
+                                for g in ff.groups}}
+    return out
+
+
+def _frame(scores: Mapping[str, Sequence[float]], groups, levels, n_boot, seed) -> FairnessFrame:
+    boot = dict(n_boot=n_boot, ci_quantiles=DEFAULT_CI_QUANTILES) if n_boot else {}
+    return FairnessFrame(scores=scores, groups=groups, levels=levels, higher_is_better=HIGHER_IS_BETTER,
+                         random_state=seed, **boot)
+
+
+def summarise(case_ids: Sequence[str], per_case: Sequence[Mapping[str, Mapping[str, float]]],
+              attributes: CaseAttributes, labels: Sequence[LabelOrRegion], n_boot: int = 1000, seed: int = 0,
+              nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM) -> Tuple[dict, List[dict]]:
+    """The summary dict (see :func:`evaluate_folders`) and the per-case rows of already scored cases."""
+    groups = attributes.group_of(case_ids)
+    names = [label_name(lb) for lb in labels]
+    label_scores = {ln: {m: np.array([pc[ln][m] for pc in per_case], dtype=float) for m in METRICS} for ln in names}
+    frames = {ln: _frame(label_scores[ln], groups, attributes.levels, n_boot, seed) for ln in names}
+    if len(names) == 1:
+        top, top_level = frames[names[0]], f"label {names[0]}"
+    else:
+        with warnings.catch_warnings():  # a case whose HD95 is NaN for every label keeps NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_scores = {m: np.nanmean(np.stack([label_scores[ln][m] for ln in names]), axis=0) for m in METRICS}
+        top, top_level = _frame(mean_scores, groups, attributes.levels, n_boot, seed), "mean over labels " + " ".join(names)
+    summary = {"attribute": attributes.name, "levels": list(attributes.levels), "n_cases": len(case_ids),
+               "labels_scored": names, "top_level": top_level, "metrics": list(METRICS),
+               "higher_is_better": dict(HIGHER_IS_BETTER), "nsd_tolerance_mm": float(nsd_tolerance),
+               "n_boot": int(n_boot or 0), "seed": seed, **_frame_summary(top),
+               "labels": {ln: _frame_summary(f) for ln, f in frames.items()}}
+    rows = [{"case": c, "group": g, "label": ln, **{m: float(pc[ln][m]) for m in METRICS},
+             "n_ref": pc[ln]["n_ref"], "n_pred": pc[ln]["n_pred"]}
+            for c, g, pc in zip(case_ids, groups, per_case) for ln in names]
+    return summary, rows
+
+
+def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[str, int, Sequence[int]]],
+                     attributes, output_folder: Optional[str], n_boot: int = 1000, seed: int = 0,
+                     file_ending: Optional[str] = None, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+                     num_processes: int = 1, method_name: Optional[str] = None) -> dict:
+    """Fairness report of one folder of predictions against a folder of references.
+
+    Parameters
+    ----------
+    ref_folder, pred_folder : str
+        Label maps in any nnU-Net-readable format, matched by case id (file name minus ``file_ending``).
+    labels : sequence
+        Labels (``1``) or regions (``(1, 2)`` or ``"1,2"``: the union) to score.
+    attributes : CaseAttributes, AttributeSpec or mapping
+        Level of every case (``None`` = unknown); see :func:`attributes_from_dataset_json`,
+        :func:`attributes_from_table`.
+    output_folder : str or None
+        Where summary.json, per_case.csv, report.md and report.png go; ``None`` writes nothing.
+    n_boot : int
+        Bootstrap resamples for the 95% CIs (0: no CIs). seed : int — seed of the bootstrap.
+    file_ending : str, optional
+        Auto-detected from the reference folder when ``None``.
+    nsd_tolerance : float
+        NSD tolerance in mm (default 1.0).
+    num_processes : int
+        Worker processes for reading and scoring (default 1).
+    method_name : str, optional
+        Row name in report.md and report.png. Default: the name of ``pred_folder``.
+
+    Returns
+    -------
+    dict
+        The summary as written to summary.json (NaN stays ``float('nan')`` here; the file holds ``null``).
+    """
+    labels = _labels(labels)
+    attributes = CaseAttributes.from_any(attributes)
+    case_ids, per_case = score_folder(ref_folder, pred_folder, labels, file_ending, nsd_tolerance, num_processes)
+    summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
+    summary.update(reference=ref_folder, prediction=pred_folder)
+    if output_folder is not None:
+        name = method_name or os.path.basename(os.path.normpath(pred_folder))
+        write_report({name: summary}, rows, output_folder, summary)
+    return summary
+
+
+def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
+                    labels: Sequence[Union[str, int, Sequence[int]]], attributes, output_folder: Optional[str],
+                    n_boot: int = 1000, seed: int = 0, file_ending: Optional[str] = None,
+                    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1) -> dict:
+    """Several methods against the same references, in one table (the paper's Table 1) and one figure.
+
+    Every method is bootstrapped with the same seed, so the resamples are the same case sets for all methods (paired).
+    Returns ``{"reference": ref_folder, "methods": {name: summary}}`` (summary as in :func:`evaluate_folders`, with
+    ``prediction`` set to the method's folder); per_case.csv gets a ``method`` column.
+    """
+    names = list(pred_folders)
+    if not names:
+        raise ValueError(_NO_METHODS)
+    if any(not str(n).strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(_BAD_METHOD_NAME.format(names=names))
+    labels = _labels(labels)
+    attributes = CaseAttributes.from_any(attributes)
+    summaries, all_rows = {}, []
+    for name in names:  # one reference folder: match_cases gives every method the same cases
+        case_ids, per_case = score_folder(ref_folder, pred_folders[name], labels, file_ending, nsd_tolerance,
+                                          num_processes)
+        summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
+        summary.update(reference=ref_folder, prediction=pred_folders[name])
+        summaries[name] = summary
+        all_rows += [{"method": name, **r} for r in rows]
+    result = {"reference": ref_folder, "methods": summaries}
+    if output_folder is not None:
+        write_report(summaries, all_rows, output_folder, result)
+    return result
+
+
+def print_summary(summaries: Mapping[str, Mapping]) -> None:
+    """The one-screen console table of ``{method: summary}``."""
+    print(console_table(summaries, METRICS))

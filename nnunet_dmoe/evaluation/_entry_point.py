@@ -1,0 +1,104 @@
+"""``nnUNetv2_dmoe_evaluate``: parses the command line and calls :func:`evaluate_folders` / :func:`compare_methods`."""
+from __future__ import annotations
+
+import os
+
+from typing import Dict, List, Optional, Sequence
+
+from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
+from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table
+from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
+
+_BAD_COMPARE = ("--compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
+                "folder, e.g. --compare dMoE=preds/dmoe baseline=preds/base.")
+_PRED_AND_COMPARE = "Give either -pred FOLDER (one method) or --compare NAME=PRED_FOLDER ... (several), not both."
+_NO_PRED = "Give -pred FOLDER (one method) or --compare NAME=PRED_FOLDER ... (several methods)."
+_NO_ATTRIBUTE_SOURCE = ("Give the attribute of each case: -dataset_json PATH (a dataset.json with an 'attribute' "
+                        "block) or --attributes TABLE --id-column C --attribute-column A.")
+_BOTH_ATTRIBUTE_SOURCES = "Give the attribute either with -dataset_json or with --attributes (a table), not both."
+_TABLE_ONLY = "{flag} goes with --attributes TABLE (it describes the table); with -dataset_json leave it out."
+
+
+def parse_compare(items: Sequence[str]) -> Dict[str, str]:
+    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}`` (the name is everything before the first ``=``)."""
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(_BAD_COMPARE.format(item=item))
+        if name in out:
+            raise ValueError(f"--compare: the method name {name!r} is given twice. Give each method once.")
+        out[name] = folder
+    return out
+
+
+def evaluate_entry_point(argv: Optional[List[str]] = None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Fairness report of segmentations: Dice, IoU, HD95 and NSD per case, per attribute group and "
+                    "overall, equity-scaled (ES) metrics, worst group and 95%% bootstrap CIs. Writes summary.json, "
+                    "per_case.csv, report.md and report.png into -o. Note: summary.json and per_case.csv hold the "
+                    "group (e.g. race, age) of every case.")
+    parser.add_argument("-ref", type=str, required=True,
+                        help="[REQUIRED] folder with the reference segmentations")
+    parser.add_argument("-pred", type=str, default=None,
+                        help="[REQUIRED unless --compare] folder with the predictions, matched to -ref by case id")
+    parser.add_argument("-l", nargs="+", type=str, required=True,
+                        help="[REQUIRED] labels to score, e.g. -l 1 2. A region (union of labels) is written with "
+                             "commas and no spaces: -l 1 2 1,2 scores label 1, label 2 and their union")
+    parser.add_argument("-o", type=str, required=True, help="[REQUIRED] output folder for the report")
+    parser.add_argument("-dataset_json", type=str, default=None,
+                        help="[REQUIRED unless --attributes] dataset.json whose 'attribute' block gives the level of "
+                             "each case ('cases' and 'test_cases' merged; levels in the block's order)")
+    parser.add_argument("--attributes", type=str, default=None,
+                        help="[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) with the attribute of each "
+                             "case; empty cells / 'unknown' mean unknown")
+    parser.add_argument("--id-column", type=str, default=None,
+                        help="[OPTIONAL] column of --attributes with the case id. Default: 'case'")
+    parser.add_argument("--attribute-column", type=str, default=None,
+                        help="[OPTIONAL] column of --attributes with the attribute. Default: 'value'")
+    parser.add_argument("--bins", nargs="+", type=float, default=None,
+                        help="[OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70 gives the "
+                             "levels <60, 60-70, >=70 (left-closed). Default: no binning")
+    parser.add_argument("-fe", type=str, default=None,
+                        help="[OPTIONAL] file ending of the segmentations, e.g. .nii.gz. Default: detected from -ref "
+                             "(.nii.gz .nii .png .nrrd .mha .tif .tiff .bmp .gipl)")
+    parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM,
+                        help=f"[OPTIONAL] NSD tolerance in mm. Default: {DEFAULT_NSD_TOLERANCE_MM}")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="[OPTIONAL] bootstrap resamples for the 95%% CIs; 0 turns CIs off. Default: 1000")
+    parser.add_argument("--seed", type=int, default=0, help="[OPTIONAL] seed of the bootstrap. Default: 0")
+    parser.add_argument("--compare", nargs="+", type=str, default=None, metavar="NAME=PRED_FOLDER",
+                        help="[OPTIONAL] several methods in one table and one figure, each as NAME=PRED_FOLDER; "
+                             "replaces -pred. Default: off")
+    parser.add_argument("-np", type=int, default=1,
+                        help="[OPTIONAL] processes for reading and scoring the cases. Default: 1")
+    args = parser.parse_args(argv)
+
+    if args.pred is not None and args.compare is not None:
+        raise ValueError(_PRED_AND_COMPARE)
+    if args.pred is None and args.compare is None:
+        raise ValueError(_NO_PRED)
+    if args.dataset_json is not None and args.attributes is not None:
+        raise ValueError(_BOTH_ATTRIBUTE_SOURCES)
+    if args.dataset_json is not None:
+        for flag, value in (("--id-column", args.id_column), ("--attribute-column", args.attribute_column),
+                            ("--bins", args.bins)):
+            if value is not None:
+                raise ValueError(_TABLE_ONLY.format(flag=flag))
+        attributes = attributes_from_dataset_json(args.dataset_json)
+    elif args.attributes is not None:
+        attributes = attributes_from_table(args.attributes, args.id_column, args.attribute_column, bins=args.bins,
+                                           strip_suffix=args.fe)
+    else:
+        raise ValueError(_NO_ATTRIBUTE_SOURCE)
+    common = dict(labels=args.l, attributes=attributes, output_folder=args.o, n_boot=args.bootstrap,
+                  seed=args.seed, file_ending=args.fe, nsd_tolerance=args.nsd_tolerance, num_processes=args.np)
+    if args.compare is not None:
+        result = compare_methods(parse_compare(args.compare), args.ref, **common)
+        print_summary(result["methods"])
+    else:
+        name = os.path.basename(os.path.normpath(args.pred))
+        print_summary({name: evaluate_folders(args.ref, args.pred, method_name=name, **common)})
+    print(f"\nReport written to {args.o} (summary.json, per_case.csv, report.md, report.png)")
