@@ -120,23 +120,22 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
                          "Add its metadata row, or remove the image from the input folder.")
     if not cases:
         problems.add(image_dir, "holds no .jpg images", "Point -i at the folder that holds the ISIC 2018 folders.")
-    problems.raise_if_any("HAM10000")
-    lesion_of = {c: lesions[c] or c for c in cases}
-    split = (split_from_file(cases, split_file, problems) if split_file
+    known = [c for c in cases if c in values]
+    lesion_of = {c: lesions[c] or c for c in known}
+    split = (split_from_file(known, split_file, problems) if split_file
              else _lesion_split(lesion_of, test_fraction, seed))
-    problems.raise_if_any("HAM10000")
-
-    levels = bin_labels(bins) if bins else sorted({values[c] for c in cases if values[c] is not None})
+    levels = bin_labels(bins) if bins else sorted({values[c] for c in known if values[c] is not None})
     if not levels:
-        raise ValueError(f"-a {attribute}: no image has a known {attribute} in {metadata}; choose another attribute.")
+        problems.add(metadata, f"no image has a known {attribute}", "Choose another attribute with -a.")
     name = f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}"
     splits_path = (os.path.join(os.fspath(nnUNet_preprocessed), name, "splits_final.json")
                    if nnUNet_preprocessed.is_set() else None)
     out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite,
                                  extra_files=[splits_path] if splits_path else [])
     for case in progress(cases, "HAM10000"):
-        read = _read_case(image_files[case], mask_files[case], problems)
-        if read is None:
+        has_mask = os.path.isfile(mask_files[case])
+        read = _read_case(image_files[case], mask_files[case], problems) if has_mask else None
+        if read is None or case not in split:  # a problem, reported below
             continue
         suffix = "Tr" if split[case] == "train" else "Ts"
         level = values[case]
