@@ -1,0 +1,178 @@
+"""A synthetic fairness dataset (2D or 3D) whose segmentation target depends on the attribute.
+
+Generative model, per case (all random draws from one seeded generator):
+
+* attribute level ``a`` drawn with imbalanced frequencies (default: T-stages T1-T4 at 4/31/59/6 %, the paper's
+  radiotherapy proportions); every level gets at least one training and one test case;
+* a body: an ellipsoid (ellipse in 2D) of random size and position, intensity ``0.35 + 0.05 a`` (a mild
+  level-dependent appearance shift) plus Gaussian noise, exactly 0 outside (the image footprint);
+* a visible tumour (GTV): a ball of random radius inside the body, intensity ``0.85 - 0.06 a`` (lower contrast for
+  later stages);
+* the label is the clinical target (CTV): the GTV grown by a margin of ``margin[a]`` voxels (default 0/1/2/3 for
+  T1-T4). The margin is invisible in the image, as a CTV's margin is in a CT: a model can only get it right if it
+  knows the level (or guesses it from the weak appearance shift).
+
+Written as an nnU-Net raw dataset: image ``_0000`` + attribute channel ``_0001`` (``noNorm``), labels 0/1,
+``imagesTs``/``labelsTs``, and the ``attribute`` block (``cases`` for training, ``test_cases`` for the test split).
+3D as NIfTI (1 mm isotropic), 2D as PNG.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+
+__all__ = ["make_synthetic_dataset", "allocate_levels", "DEFAULT_LEVELS", "DEFAULT_PROPORTIONS", "DEFAULT_MARGINS"]
+
+DEFAULT_LEVELS = ("T1", "T2", "T3", "T4")
+DEFAULT_PROPORTIONS = (0.04, 0.31, 0.59, 0.06)
+DEFAULT_MARGINS = (0, 1, 2, 3)
+
+
+def allocate_levels(n: int, proportions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """``n`` level indices with frequencies close to ``proportions`` and every level at least once, shuffled."""
+    p = np.asarray(proportions, dtype=float)
+    if n < len(p):
+        raise ValueError(f"need at least {len(p)} cases to give each of the {len(p)} levels one, got {n}")
+    counts = np.maximum(1, np.floor(p / p.sum() * n).astype(int))
+    while counts.sum() < n:
+        counts[np.argmax(p / p.sum() * n - counts)] += 1
+    while counts.sum() > n:
+        counts[np.argmax(np.where(counts > 1, counts - p / p.sum() * n, -np.inf))] -= 1
+    levels = np.repeat(np.arange(len(p)), counts)
+    return rng.permutation(levels)
+
+
+def _ball(shape, center, radii):
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
+
+
+def _grow(mask: np.ndarray, margin: int) -> np.ndarray:
+    if margin <= 0:
+        return mask
+    from scipy.ndimage import binary_dilation, generate_binary_structure
+    structure = generate_binary_structure(mask.ndim, 1)
+    return binary_dilation(mask, structure, iterations=margin)
+
+
+def _make_case(shape, level: int, margins, rng: np.random.Generator):
+    shape = np.array(shape)
+    body_radii = shape * rng.uniform(0.32, 0.42, size=len(shape))
+    body_center = shape / 2 + rng.uniform(-0.06, 0.06, size=len(shape)) * shape
+    body = _ball(shape, body_center, body_radii)
+    gtv_radius = rng.uniform(0.08, 0.14) * shape.min()
+    offset = rng.uniform(-0.35, 0.35, size=len(shape)) * (body_radii - gtv_radius - max(margins) - 1)
+    gtv = _ball(shape, body_center + offset, [gtv_radius] * len(shape))
+    image = np.where(body, 0.35 + 0.05 * level + rng.normal(0, 0.05, size=body.shape), 0.0)
+    image[gtv] = 0.85 - 0.06 * level + rng.normal(0, 0.05, size=int(gtv.sum()))
+    image = np.clip(image, 0.01, 1.0) * body  # strictly positive inside the body, 0 outside
+    label = (_grow(gtv, margins[level]) & body).astype(np.uint8)
+    return image.astype(np.float32), label
+
+
+def _write(image: np.ndarray, attr: np.ndarray, label: np.ndarray, img_dir: str, lab_dir: str, case: str, dim: int):
+    if dim == 3:
+        import SimpleITK as sitk
+        for arr, path in ((image, os.path.join(img_dir, f"{case}_0000.nii.gz")),
+                          (attr.astype(np.float32), os.path.join(img_dir, f"{case}_0001.nii.gz")),
+                          (label, os.path.join(lab_dir, f"{case}.nii.gz"))):
+            itk = sitk.GetImageFromArray(arr)
+            itk.SetSpacing((1.0, 1.0, 1.0))
+            sitk.WriteImage(itk, path, True)
+    else:
+        from PIL import Image
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(os.path.join(img_dir, f"{case}_0000.png"))
+        Image.fromarray(attr.astype(np.uint8)).save(os.path.join(img_dir, f"{case}_0001.png"))
+        Image.fromarray(label).save(os.path.join(lab_dir, f"{case}.png"))
+
+
+def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int = 40, num_test: int = 20,
+                           size: Optional[Sequence[int]] = None, seed: int = 0,
+                           levels: Sequence[str] = DEFAULT_LEVELS, proportions: Sequence[float] = DEFAULT_PROPORTIONS,
+                           margins: Sequence[int] = DEFAULT_MARGINS, name: str = "SyntheticFairness",
+                           raw_folder: Optional[str] = None, overwrite: bool = False, verbose: bool = True) -> str:
+    """Write ``Dataset{id:03d}_{name}`` into ``raw_folder`` (default ``$nnUNet_raw``) and return its path."""
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3, got {dim}")
+    if not (len(levels) == len(proportions) == len(margins)):
+        raise ValueError(f"levels ({len(levels)}), proportions ({len(proportions)}) and margins ({len(margins)}) "
+                         f"must have the same length")
+    size = tuple(size) if size is not None else ((40, 40, 40) if dim == 3 else (96, 96))
+    if len(size) != dim:
+        raise ValueError(f"size {size} does not have {dim} dimensions")
+    if raw_folder is None:
+        from nnunetv2.paths import nnUNet_raw
+        raw_folder = nnUNet_raw.require() if hasattr(nnUNet_raw, "require") else nnUNet_raw
+    existing = [d for d in (os.listdir(raw_folder) if os.path.isdir(raw_folder) else [])
+                if d.startswith(f"Dataset{dataset_id:03d}_")]
+    if existing and not overwrite:
+        raise FileExistsError(f"{os.path.join(raw_folder, existing[0])} exists. Choose another dataset id (-d) or "
+                              f"pass --overwrite to replace it.")
+    for d in existing:
+        shutil.rmtree(os.path.join(raw_folder, d))
+    out = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{name}")
+    dirs = {k: os.path.join(out, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+    for d in dirs.values():
+        os.makedirs(d)
+
+    rng = np.random.default_rng(seed)
+    split_levels = {"Tr": allocate_levels(num_train, proportions, rng),
+                    "Ts": allocate_levels(num_test, proportions, rng)}
+    cases = {"Tr": {}, "Ts": {}}
+    for split, lv in split_levels.items():
+        for i, level in enumerate(lv):
+            case = f"{'syn' if split == 'Tr' else 'synts'}_{i:04d}"
+            image, label = _make_case(size, int(level), margins, rng)
+            attr = encode_attribute_channel(image[None], int(level))
+            _write(image, attr, label, dirs[f"images{split}"], dirs[f"labels{split}"], case, dim)
+            cases[split][case] = levels[int(level)]
+
+    spec = AttributeSpec(name="tstage", levels=list(levels), channel=1, cases=cases["Tr"])
+    block = dict(spec.to_block(), test_cases=cases["Ts"])
+    generate_dataset_json(out, {0: "MR" if dim == 3 else "gray", 1: "noNorm"}, {"background": 0, "target": 1},
+                          num_train, ".nii.gz" if dim == 3 else ".png", dataset_name=f"Dataset{dataset_id:03d}_{name}",
+                          description="nnunet_dmoe synthetic fairness dataset: CTV = GTV + level-dependent margin",
+                          attribute=block, synthetic={"seed": seed, "proportions": list(proportions),
+                                                      "margins": list(margins), "size": list(size)})
+    if verbose:
+        print(f"Wrote {out}")
+        print(level_table(levels, cases))
+    return out
+
+
+def level_table(levels: Sequence[str], cases: dict) -> str:
+    rows: List[str] = [f"{'level':<10}{'train':>8}{'test':>8}"]
+    for lv in levels:
+        rows.append(f"{lv:<10}{sum(v == lv for v in cases['Tr'].values()):>8}"
+                    f"{sum(v == lv for v in cases['Ts'].values()):>8}")
+    return "\n".join(rows)
+
+
+def make_synthetic_entry_point():
+    import argparse
+    parser = argparse.ArgumentParser(description="Write the synthetic fairness dataset (target margin depends on "
+                                                 "the attribute level) as an nnU-Net raw dataset into $nnUNet_raw.")
+    parser.add_argument("-d", type=int, default=990, help="[OPTIONAL] dataset id. Default: 990")
+    parser.add_argument("-dim", type=int, default=3, choices=(2, 3), help="[OPTIONAL] 2 (PNG) or 3 (NIfTI). Default: 3")
+    parser.add_argument("-num_train", type=int, default=40, help="[OPTIONAL] training cases. Default: 40")
+    parser.add_argument("-num_test", type=int, default=20, help="[OPTIONAL] test cases. Default: 20")
+    parser.add_argument("-size", type=int, nargs="+", default=None,
+                        help="[OPTIONAL] image size in voxels. Default: 40 40 40 (3D), 96 96 (2D)")
+    parser.add_argument("-seed", type=int, default=0, help="[OPTIONAL] random seed. Default: 0")
+    parser.add_argument("-proportions", type=float, nargs="+", default=list(DEFAULT_PROPORTIONS),
+                        help="[OPTIONAL] level frequencies. Default: 0.04 0.31 0.59 0.06 (T1-T4)")
+    parser.add_argument("-margins", type=int, nargs="+", default=list(DEFAULT_MARGINS),
+                        help="[OPTIONAL] CTV margin per level in voxels. Default: 0 1 2 3")
+    parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace an existing dataset with this id")
+    args = parser.parse_args()
+    n = len(args.proportions)
+    levels = DEFAULT_LEVELS if n == len(DEFAULT_LEVELS) else tuple(f"L{i + 1}" for i in range(n))
+    make_synthetic_dataset(args.d, args.dim, args.num_train, args.num_test, args.size, args.seed, levels,
+                           args.proportions, args.margins, overwrite=args.overwrite)

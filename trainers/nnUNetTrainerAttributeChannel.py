@@ -1,0 +1,7 @@
+from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
+
+
+class nnUNetTrainerAttributeChannel(nnUNetTrainerAttributeBase):
+    """Naive conditioning: the plans' U-Net with the attribute channel kept as an ordinary input channel."""
+
+    attribute_mode = "channel"
