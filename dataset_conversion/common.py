@@ -84,12 +84,18 @@ def prepare_dataset_folder(dataset_id: int, dataset_name: str, overwrite: bool =
     return out
 
 
-def attribute_block(name: str, levels: Sequence[str], channel: int, cases: Mapping[str, Optional[str]],
-                    test_cases: Mapping[str, Optional[str]]) -> dict:
-    """The dataset.json ``attribute`` block, validated with :class:`AttributeSpec` (train and test cases)."""
-    block = AttributeSpec(name=name, levels=list(levels), channel=channel, cases=dict(cases)).to_block()
-    AttributeSpec(name=name, levels=list(levels), channel=channel, cases=dict(test_cases))
-    block["test_cases"] = dict(test_cases)
+def attribute_block(name: str, levels: Sequence[str], channel: int, values: Mapping[str, Optional[str]],
+                    split: Mapping[str, str]) -> dict:
+    """The dataset.json ``attribute`` block, validated with :class:`AttributeSpec` (train and test cases).
+
+    ``values`` maps case -> level (``None`` = unknown), ``split`` case -> ``"train"`` / ``"test"``: ``cases`` holds
+    the training cases, ``test_cases`` the test cases (a project convention, for the fairness report).
+    """
+    cases = {c: v for c, v in values.items() if split[c] == "train"}
+    test_cases = {c: v for c, v in values.items() if split[c] == "test"}
+    block = AttributeSpec(name=name, levels=list(levels), channel=channel, cases=cases).to_block()
+    AttributeSpec(name=name, levels=list(levels), channel=channel, cases=test_cases)
+    block["test_cases"] = test_cases
     return block
 
 
@@ -186,7 +192,9 @@ def level_table(title: str, levels: Sequence[str], train: Mapping[str, Optional[
 
 def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str, block: dict,
            **metadata) -> str:
-    """Write dataset.json, drop an empty imagesTs/labelsTs, print the level table; return the table."""
+    """Write dataset.json (``dataset_name`` defaults to the folder name), drop an empty imagesTs/labelsTs, print the
+    level table; return the table."""
+    metadata.setdefault("dataset_name", os.path.basename(out))
     write_dataset_json(out, channel_names, labels, file_ending, block, **metadata)
     for sub in ("labelsTs", "imagesTs"):
         path = os.path.join(out, sub)
@@ -205,14 +213,28 @@ def progress(iterable, desc: str, total: Optional[int] = None):
     return tqdm(iterable, desc=desc, total=total, unit="case")
 
 
-def add_common_arguments(parser, input_help: str, default_name: str) -> None:
-    """Flags every converter shares (nnU-Net style: single dash for values, double dash for switches)."""
+def make_parser(description: str, input_help: str, default_name: str):
+    """Argument parser with the flags every converter shares (nnU-Net style: single dash for values, double dash
+    for switches)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("-i", type=str, required=True, help="[REQUIRED] " + input_help)
     parser.add_argument("-d", type=int, required=True, help="[REQUIRED] nnU-Net dataset id (1-999).")
     parser.add_argument("-n", type=str, default=default_name,
                         help=f"[OPTIONAL] Dataset name; the folder is DatasetXXX_<name>. Default: {default_name}")
     parser.add_argument("--overwrite", action="store_true",
                         help="[OPTIONAL] Delete and rewrite an existing dataset with the same id. Default: refuse")
+    return parser
+
+
+def add_split_and_age_arguments(parser, case_note: str, split_default: str, age_bins: Sequence[float]) -> None:
+    """``-split`` and ``-age_bins``, shared by the 2D converters."""
+    parser.add_argument("-split", type=str, default=None,
+                        help=f"[OPTIONAL] Split file (CSV columns case,split or JSON {{\"train\": [...], \"test\": "
+                             f"[...]}}); case = {case_note}. Default: {split_default}")
+    parser.add_argument("-age_bins", type=float, nargs="+", default=list(age_bins),
+                        help=f"[OPTIONAL] Age bin edges for -a age. Default: {' '.join(map(str, age_bins))}")
 
 
 def split_from_file(cases: Sequence[str], split_file: str, problems: Problems) -> Dict[str, str]:

@@ -15,8 +15,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from nnunet_dmoe.dataset_conversion.common import (Problems, add_common_arguments, attribute_block,
-                                                    attribute_channel_index, finish, normalise_split,
+from nnunet_dmoe.dataset_conversion.common import (Problems, add_split_and_age_arguments, attribute_block,
+                                                    attribute_channel_index, finish, make_parser, normalise_split,
                                                     prepare_dataset_folder, progress, split_from_file, to_uint8,
                                                     write_png_case, write_png_label)
 from nnunet_dmoe.tables import bin_labels, bin_value
@@ -73,8 +73,8 @@ def _read_case(path: str, attribute: str, age_bins: Sequence[float], problems: P
     n = len(problems)
     image_key, mask_key = _first_key(data, IMAGE_KEYS), _first_key(data, MASK_KEYS)
     if image_key is None or mask_key is None:
-        problems.add(path, f"has no {'image' if image_key is None else 'mask'} key "
-                           f"({' or '.join(IMAGE_KEYS if image_key is None else MASK_KEYS)}; keys: {sorted(data.files)})",
+        what, keys = ("image", IMAGE_KEYS) if image_key is None else ("mask", MASK_KEYS)
+        problems.add(path, f"has no {what} key ({' or '.join(keys)}; keys: {sorted(data.files)})",
                      "Use the official Harvard-FairSeg .npz files.")
         return None
     image, mask = to_uint8(data[image_key]), np.asarray(data[mask_key])
@@ -152,31 +152,22 @@ def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: str = 
         write_png_label(os.path.join(out, "labels" + suffix), case, label)
     problems.raise_if_any("Harvard-FairSeg", cleanup=out)
 
-    block = attribute_block(attribute, levels, attribute_channel_index(1),
-                            {c: values[c] for c in cases if split[c] == "train"},
-                            {c: values[c] for c in cases if split[c] == "test"})
-    finish(out, CHANNEL_NAMES, LABELS, ".png", block, dataset_name=f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}",
-           reference="Tian et al., Harvard FairSeg, ICLR 2024", license="CC BY-NC-ND 4.0",
+    block = attribute_block(attribute, levels, attribute_channel_index(1), values, split)
+    finish(out, CHANNEL_NAMES, LABELS, ".png", block, reference="Tian et al., Harvard FairSeg, ICLR 2024",
+           license="CC BY-NC-ND 4.0",
            description=f"Harvard-FairSeg optic disc (rim + cup) and cup; attribute {attribute}",
            converted_by="nnUNetv2_dmoe_convert_fairseg")
     return out
 
 
 def convert_fairseg_entry_point():
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Convert Harvard-FairSeg into an nnU-Net raw dataset with a "
-                                                 "distribution-aware (dMoE) attribute.")
-    add_common_arguments(parser, "Folder of Harvard-FairSeg .npz files (official split: Training/ and Test/).",
+    parser = make_parser("Convert Harvard-FairSeg into an nnU-Net raw dataset with a distribution-aware (dMoE) "
+                         "attribute.", "Folder of Harvard-FairSeg .npz files (official split: Training/ and Test/).",
                          "FairSeg")
     parser.add_argument("-a", type=str, default="race", choices=list(ATTRIBUTE_KEYS),
                         help="[OPTIONAL] Attribute. Default: race")
-    parser.add_argument("-age_bins", type=float, nargs="+", default=list(AGE_BINS),
-                        help=f"[OPTIONAL] Age bin edges for -a age. Default: {' '.join(map(str, AGE_BINS))}")
-    parser.add_argument("-split", type=str, default=None,
-                        help="[OPTIONAL] Split file (CSV columns case,split or JSON {\"train\": [...], \"test\": "
-                             "[...]}) with case = npz name without .npz. Default: from the Training/ and Test/ "
-                             "folder names")
+    add_split_and_age_arguments(parser, "npz name without .npz", "from the Training/ and Test/ folder names",
+                                AGE_BINS)
     args = parser.parse_args()
     convert_fairseg(args.i, args.d, attribute=args.a, age_bins=args.age_bins, split_file=args.split,
                     dataset_name=args.n, overwrite=args.overwrite)

@@ -20,8 +20,9 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from nnunet_dmoe.dataset_conversion.common import (Problems, add_common_arguments, attribute_block,
-                                                    attribute_channel_index, finish, prepare_dataset_folder,
+from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
+                                                    add_split_and_age_arguments, finish, make_parser,
+                                                    prepare_dataset_folder,
                                                     progress, split_from_file, write_png_case, write_png_label)
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
@@ -124,6 +125,11 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
     lesion_of = {c: lesions[c] or c for c in known}
     split = (split_from_file(known, split_file, problems) if split_file
              else _lesion_split(lesion_of, test_fraction, seed))
+    shared = sorted({lesion_of[c] for c in split if split[c] == "train"}
+                    & {lesion_of[c] for c in split if split[c] == "test"})
+    if shared:
+        print(f"Warning: the split file puts images of {len(shared)} lesion(s) into both train and test "
+              f"({', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}); test scores will be optimistic.")
     levels = bin_labels(bins) if bins else sorted({values[c] for c in known if values[c] is not None})
     if not levels:
         problems.add(metadata, f"no image has a known {attribute}", "Choose another attribute with -a.")
@@ -144,10 +150,8 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
         write_png_label(os.path.join(out, "labels" + suffix), case, read[1])
     problems.raise_if_any("HAM10000", cleanup=out)
 
-    block = attribute_block(attribute, levels, attribute_channel_index(3),
-                            {c: values[c] for c in cases if split[c] == "train"},
-                            {c: values[c] for c in cases if split[c] == "test"})
-    finish(out, CHANNEL_NAMES, LABELS, ".png", block, dataset_name=name,
+    block = attribute_block(attribute, levels, attribute_channel_index(3), {c: values[c] for c in cases}, split)
+    finish(out, CHANNEL_NAMES, LABELS, ".png", block,
            reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
            license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
            description=f"HAM10000 lesion segmentation; attribute {attribute}; split "
@@ -166,20 +170,13 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
 
 
 def convert_ham10000_entry_point():
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Convert HAM10000 / ISIC 2018 Task 1 into an nnU-Net raw dataset "
-                                                 "with a distribution-aware (dMoE) attribute.")
-    add_common_arguments(parser, f"Folder holding {IMAGE_DIR}/ and {MASK_DIR}/.", "HAM10000")
+    parser = make_parser("Convert HAM10000 / ISIC 2018 Task 1 into an nnU-Net raw dataset with a distribution-aware "
+                         "(dMoE) attribute.", f"Folder holding {IMAGE_DIR}/ and {MASK_DIR}/.", "HAM10000")
     parser.add_argument("-metadata", type=str, default=None,
                         help=f"[OPTIONAL] HAM10000 metadata CSV. Default: -i/{METADATA_NAME}")
     parser.add_argument("-a", type=str, default="age", choices=ATTRIBUTES,
                         help="[OPTIONAL] Metadata column used as attribute. Default: age")
-    parser.add_argument("-age_bins", type=float, nargs="+", default=list(AGE_BINS),
-                        help=f"[OPTIONAL] Age bin edges. Default: {' '.join(map(str, AGE_BINS))} (dMoE paper)")
-    parser.add_argument("-split", type=str, default=None,
-                        help="[OPTIONAL] Split file (CSV columns case,split or JSON {\"train\": [...], \"test\": "
-                             "[...]}). Default: a seeded split grouped by lesion_id")
+    add_split_and_age_arguments(parser, "image id (ISIC_xxxxxxx)", "a seeded split grouped by lesion_id", AGE_BINS)
     parser.add_argument("-test_fraction", type=float, default=0.2,
                         help="[OPTIONAL] Fraction of images in the test set without -split. Default: 0.2")
     parser.add_argument("-seed", type=int, default=12345, help="[OPTIONAL] Seed of the split and folds. Default: 12345")

@@ -22,13 +22,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_dmoe.dataset_conversion.common import (Problems, add_common_arguments, attribute_block,
-                                                    attribute_channel_index, finish, normalise_split,
+from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
+                                                    finish, make_parser, normalise_split,
                                                     prepare_dataset_folder, progress, write_nifti_case)
 from nnunet_dmoe.tables import DEFAULT_MISSING
 
@@ -177,23 +177,18 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
     channel_names = {str(k): c[len("image_"):] for k, c in enumerate(image_columns)}
     channel_names[str(attribute_channel_index(len(image_columns)))] = "noNorm"
     block = attribute_block("tstage", levels, attribute_channel_index(len(image_columns)),
-                            {e[0]: e[2] for e in entries if e[1] == "train"},
-                            {e[0]: e[2] for e in entries if e[1] == "test"})
+                            {e[0]: e[2] for e in entries}, {e[0]: e[1] for e in entries})
     finish(out, channel_names, {"background": 0, **{n: k + 1 for k, n in enumerate(labels)}}, ".nii.gz", block,
-           dataset_name=f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}",
            description=f"Radiotherapy target volumes from {os.path.abspath(manifest)}; attribute T-stage",
            converted_by="nnUNetv2_dmoe_convert_rt")
     return out
 
 
 def convert_rt_entry_point():
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Convert a radiotherapy manifest (images, label, T-stage) into an "
-                                                 "nnU-Net raw dataset with the T-stage as distribution-aware (dMoE) "
-                                                 "attribute.")
-    add_common_arguments(parser, "Manifest CSV/TSV: case_id, image_<channel> (one per modality), label, tstage, "
-                                 "optional split (train/test); paths relative to the manifest.", "RT")
+    parser = make_parser("Convert a radiotherapy manifest (images, label, T-stage) into an nnU-Net raw dataset with "
+                         "the T-stage as distribution-aware (dMoE) attribute.",
+                         "Manifest CSV/TSV: case_id, image_<channel> (one per modality), label, tstage, optional "
+                         "split (train/test); paths relative to the manifest.", "RT")
     parser.add_argument("-labels", type=str, nargs="+", default=["CTV"],
                         help="[OPTIONAL] Names of the label values 1, 2, ... (0 = background). Default: CTV")
     parser.add_argument("-levels", type=str, nargs="+", default=None,

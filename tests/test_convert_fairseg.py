@@ -1,9 +1,9 @@
 """Harvard-FairSeg converter on npz files generated in the documented format."""
-import json
 import os
 
 import numpy as np
 import pytest
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_dmoe.attribute import AttributeSpec
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
@@ -45,8 +45,7 @@ def test_official_split_labels_levels_and_channel(env):
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 
     out = convert_fairseg(str(_official_layout(env / "in")), 501)
-    with open(os.path.join(out, "dataset.json")) as f:
-        dj = json.load(f)
+    dj = load_json(os.path.join(out, "dataset.json"))
     assert dj["labels"] == {"background": 0, "rim": 1, "cup": 2}
     assert dj["channel_names"] == {"0": "rgb_to_0_1", "1": "noNorm"}
     assert dj["attribute"] == {"name": "race", "levels": ["Asian", "Black", "White"], "channel": 1,
@@ -81,14 +80,12 @@ def test_split_file_and_other_attributes(env):
     split = env / "split.csv"
     split.write_text("case,split\ndata_00000,train\ndata_00001,test\ndata_00002,Training\n")
     out = convert_fairseg(str(root), 520, attribute="gender", split_file=str(split))
-    with open(os.path.join(out, "dataset.json")) as f:
-        block = json.load(f)["attribute"]
+    block = load_json(os.path.join(out, "dataset.json"))["attribute"]
     assert block["levels"] == ["Female", "Male"]
     assert block["cases"] == {"data_00000": "Female", "data_00002": "Female"}
     assert block["test_cases"] == {"data_00001": "Male"}
     out = convert_fairseg(str(root), 521, attribute="age", age_bins=[40, 60])
-    with open(os.path.join(out, "dataset.json")) as f:
-        block = json.load(f)["attribute"]
+    block = load_json(os.path.join(out, "dataset.json"))["attribute"]
     assert block["levels"] == ["<40", "40-60", ">=60"]
     assert block["cases"] == {"data_00000": "<40", "data_00001": "40-60", "data_00002": ">=60"}
     assert block["test_cases"] == {}

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from PIL import Image
 
 from nnunet_dmoe.attribute import AttributeSpec
@@ -55,8 +56,7 @@ def _small_input(folder, image_ids, mask_value=255):
 
 def test_sample_levels_and_split(sample_dataset):
     out, _ = sample_dataset
-    with open(os.path.join(out, "dataset.json")) as f:
-        dj = json.load(f)
+    dj = load_json(os.path.join(out, "dataset.json"))
     block = dj["attribute"]
     assert block["levels"] == LEVELS == bin_labels([20, 40, 60, 80])
     assert block["channel"] == 3
@@ -72,8 +72,7 @@ def test_sample_read_back_with_nnunet(sample_dataset):
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 
     out, _ = sample_dataset
-    with open(os.path.join(out, "dataset.json")) as f:
-        block = json.load(f)["attribute"]
+    block = load_json(os.path.join(out, "dataset.json"))["attribute"]
     case = "ISIC_0027800" if "ISIC_0027800" in block["cases"] else "ISIC_0027001"
     folder = "imagesTr"
     images, _ = NaturalImage2DIO().read_images([os.path.join(out, folder, f"{case}_{k:04d}.png") for k in range(4)])
@@ -97,8 +96,7 @@ def test_sample_passes_nnunet_integrity_check(sample_dataset):
 
 def test_sample_writes_lesion_grouped_splits_final(sample_dataset):
     out, root = sample_dataset
-    with open(root / "preprocessed" / "Dataset502_HAM10000" / "splits_final.json") as f:
-        folds = json.load(f)
+    folds = load_json(root / "preprocessed" / "Dataset502_HAM10000" / "splits_final.json")
     with open(os.path.join(out, "dataset.json")) as f:
         train = set(json.load(f)["attribute"]["cases"])
     assert len(folds) == 4  # 4 training lesions -> at most 4 folds
@@ -131,8 +129,7 @@ def test_shared_lesions_stay_together_and_missing_age_is_unknown(env):
     assert lesions["ISIC_0027419"] == lesions["ISIC_0025030"] and lesions["ISIC_0026769"] == lesions["ISIC_0025661"]
     for seed in range(4):
         out = convert_ham10000(str(inp), 510, seed=seed, test_fraction=0.4, overwrite=True)
-        with open(os.path.join(out, "dataset.json")) as f:
-            block = json.load(f)["attribute"]
+        block = load_json(os.path.join(out, "dataset.json"))["attribute"]
         train_lesions = {lesions[c] for c in block["cases"]}
         assert not train_lesions & {lesions[c] for c in block["test_cases"]}
         assert len(block["test_cases"]) >= 1
@@ -149,8 +146,7 @@ def test_sex_attribute_and_split_file(env):
     split = env / "split.json"
     split.write_text(json.dumps({"train": ids[:2], "test": ids[2:]}))
     out = convert_ham10000(str(inp), 511, attribute="sex", split_file=str(split))
-    with open(os.path.join(out, "dataset.json")) as f:
-        block = json.load(f)["attribute"]
+    block = load_json(os.path.join(out, "dataset.json"))["attribute"]
     assert block["levels"] == ["female", "male"]
     assert block["cases"] == {"ISIC_0024311": "female", "ISIC_0027001": "female"}
     assert block["test_cases"] == {"ISIC_0027533": "male"}

@@ -1,9 +1,9 @@
 """Radiotherapy manifest converter on small NIfTI files generated with SimpleITK."""
-import json
 import os
 
 import numpy as np
 import pytest
+from batchgenerators.utilities.file_and_folder_operations import load_json
 import SimpleITK as sitk
 
 from nnunet_dmoe.attribute import AttributeSpec
@@ -71,8 +71,7 @@ def test_normalise_tstage_rejects(text):
 
 def test_levels_cases_and_attribute_channel(env):
     out = convert_rt(_manifest(env, GOOD), 503)
-    with open(os.path.join(out, "dataset.json")) as f:
-        dj = json.load(f)
+    dj = load_json(os.path.join(out, "dataset.json"))
     assert dj["channel_names"] == {"0": "CT", "1": "noNorm"}
     assert dj["labels"] == {"background": 0, "CTV": 1} and dj["numTraining"] == 4
     assert dj["attribute"] == {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1,
@@ -97,8 +96,7 @@ def test_passes_nnunet_integrity_check_and_levels_from_cli(env):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     out = convert_rt(_manifest(env, GOOD), 504, levels=["T1", "T2", "T3", "T4a", "T0"], labels=["CTV", "GTV"])
-    with open(os.path.join(out, "dataset.json")) as f:
-        dj = json.load(f)
+    dj = load_json(os.path.join(out, "dataset.json"))
     assert dj["attribute"]["levels"] == ["T1", "T2", "T3", "T4", "T0"]
     assert dj["labels"] == {"background": 0, "CTV": 1, "GTV": 2}
     verify_dataset_integrity(out, num_processes=1)
@@ -123,8 +121,7 @@ def test_all_bad_cases_are_named_in_one_error(env):
 def test_unparsable_as_unknown_and_undeclared_level(env):
     manifest = _manifest(env, GOOD + [("RT_010", "TX", "train", {})])
     out = convert_rt(manifest, 506, unparsable_as_unknown=True)
-    with open(os.path.join(out, "dataset.json")) as f:
-        assert json.load(f)["attribute"]["cases"]["RT_010"] is None
+    assert load_json(os.path.join(out, "dataset.json"))["attribute"]["cases"]["RT_010"] is None
     with pytest.raises(ValueError, match=r"\(RT_003\): T-stage T4 is not one of -levels \['T1', 'T2', 'T3'\]"):
         convert_rt(manifest, 507, levels=["T1", "T2", "T3"], unparsable_as_unknown=True)
 
