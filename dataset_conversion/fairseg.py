@@ -49,7 +49,10 @@ def _level(data, attribute: str, age_bins: Sequence[float]):
     key = _first_key(data, ATTRIBUTE_KEYS[attribute])
     if key is None:
         return None, f"has no key {' or '.join(ATTRIBUTE_KEYS[attribute])} (keys: {sorted(data.files)})"
-    value = np.asarray(data[key]).item()
+    value = np.asarray(data[key])
+    if value.size != 1:
+        return None, f"{key} holds {value.size} values, expected one code"
+    value = value.item()
     if isinstance(value, (bytes, str)) or value is None:
         return None, f"{key} = {value!r} is not a numeric code"
     if value == UNKNOWN_CODE:

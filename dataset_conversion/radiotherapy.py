@@ -106,10 +106,15 @@ def _check_row(row: dict, lineno: int, where: str, image_columns: List[str], id_
 def _convert_case(out: str, entry, level_index: Optional[int], num_labels: int, image_columns: List[str],
                   where: str, problems: Problems) -> None:
     case, split, _, paths, label_path = entry
-    images = [sitk.ReadImage(p) for p in paths]
+    try:
+        images = [sitk.ReadImage(p) for p in paths]
+        label = sitk.ReadImage(label_path) if label_path else None
+    except RuntimeError as e:
+        problems.add(f"{where} ({case})", f"SimpleITK cannot read a file of this case: {str(e).strip()[-300:]}",
+                     "Convert the file to NIfTI or another SimpleITK-readable format.")
+        return
     reference = _geometry(images[0])
     files = list(zip(image_columns[1:], paths[1:], images[1:]))
-    label = sitk.ReadImage(label_path) if label_path else None
     if label is not None:
         files.append(("label", label_path, label))
     n = len(problems)

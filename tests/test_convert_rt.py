@@ -126,6 +126,13 @@ def test_unparsable_as_unknown_and_undeclared_level(env):
         convert_rt(manifest, 507, levels=["T1", "T2", "T3"], unparsable_as_unknown=True)
 
 
+def test_unreadable_image_is_reported(env):
+    manifest = _manifest(env, GOOD)
+    (env / "img" / "RT_002.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"\(RT_002\): SimpleITK cannot read a file of this case"):
+        convert_rt(manifest, 508)
+
+
 def test_manifest_without_image_columns(env):
     path = env / "m.csv"
     path.write_text("case_id,image,label,tstage\nA,a.nii.gz,b.nii.gz,T1\n")
