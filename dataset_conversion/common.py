@@ -22,7 +22,6 @@ from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
 from nnunet_dmoe.tables import read_attribute_table
 
 UNKNOWN = "unknown"
-SPLITS = ("train", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",
                   "test": "test", "testing": "test", "ts": "test"}
 _SPLIT_FILE_HELP = ("A split file is a CSV/TSV with the columns 'case' and 'split' (train or test), or a JSON file "
