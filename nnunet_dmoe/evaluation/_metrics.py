@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
-from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
 from scipy import ndimage
 
 LabelOrRegion = Union[int, Tuple[int, ...]]
@@ -60,6 +59,14 @@ def label_name(label_or_region: LabelOrRegion) -> str:
     if isinstance(label_or_region, tuple):
         return ",".join(str(i) for i in label_or_region)
     return str(label_or_region)
+
+
+def region_or_label_to_mask(segmentation: np.ndarray, region_or_label: LabelOrRegion) -> np.ndarray:
+    """Boolean mask of a label, or of the union of a region's labels (nnU-Net's function of the same name; not
+    imported from ``nnunetv2.evaluation``, whose import pulls in torch and costs seconds per worker)."""
+    if isinstance(region_or_label, tuple):
+        return np.isin(segmentation, region_or_label)
+    return segmentation == region_or_label
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
