@@ -284,3 +284,23 @@ def test_cli_bad_arguments(small, argv_tail, message):
     argv += argv_tail if "--compare" in argv_tail else ["-pred", pred] + argv_tail
     with pytest.raises(ValueError, match=message):
         evaluate_entry_point(argv)
+
+
+def test_png_2d_cases_and_table_ids_with_ending(tmp_path):
+    """2D PNGs (nnU-Net reads them as (1, x, y) with spacing 999): the surface is the in-plane outline."""
+    from PIL import Image
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir(), pred.mkdir()
+    for i in range(3):
+        r = np.zeros((20, 20), np.uint8)
+        r[5:15, 5:15] = 1
+        Image.fromarray(r).save(ref / f"img{i}.png")
+        Image.fromarray(np.roll(r, i, axis=1)).save(pred / f"img{i}.png")
+    (tmp_path / "t.csv").write_text("case,site\nimg0.png,A\nimg1.png,B\nimg2.png,\n")
+    out = tmp_path / "o"
+    evaluate_entry_point(["-ref", str(ref), "-pred", str(pred), "-l", "1", "-o", str(out), "--attributes",
+                          str(tmp_path / "t.csv"), "--attribute-column", "site", "--bootstrap", "20"])
+    rows = {r.split(",")[0]: r.split(",") for r in open(out / "per_case.csv").read().splitlines()[1:]}
+    assert rows["img0"][1:3] == ["A", "1"] and float(rows["img0"][5]) == 0.0
+    assert rows["img2"][1] == "unknown" and float(rows["img2"][5]) == pytest.approx(2.0)  # HD95 in pixels
+    assert float(rows["img1"][3]) == pytest.approx(0.9)  # Dice of a square shifted by 1 of 10 pixels

@@ -6,7 +6,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
-from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table
+from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table, detect_file_ending
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
 
 _BAD_COMPARE = ("--compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
@@ -37,7 +37,7 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
 
     parser = argparse.ArgumentParser(
         description="Fairness report of segmentations: Dice, IoU, HD95 and NSD per case, per attribute group and "
-                    "overall, equity-scaled (ES) metrics, worst group and 95%% bootstrap CIs. Writes summary.json, "
+                    "overall, equity-scaled (ES) metrics, worst group and 95% bootstrap CIs. Writes summary.json, "
                     "per_case.csv, report.md and report.png into -o. Note: summary.json and per_case.csv hold the "
                     "group (e.g. race, age) of every case.")
     parser.add_argument("-ref", type=str, required=True,
@@ -89,8 +89,9 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
                 raise ValueError(_TABLE_ONLY.format(flag=flag))
         attributes = attributes_from_dataset_json(args.dataset_json)
     elif args.attributes is not None:
+        ending = args.fe or (detect_file_ending(args.ref) if os.path.isdir(args.ref) else None)
         attributes = attributes_from_table(args.attributes, args.id_column, args.attribute_column, bins=args.bins,
-                                           strip_suffix=args.fe)
+                                           strip_suffix=ending)
     else:
         raise ValueError(_NO_ATTRIBUTE_SOURCE)
     common = dict(labels=args.l, attributes=attributes, output_folder=args.o, n_boot=args.bootstrap,

@@ -25,7 +25,7 @@ _BAD_N_BOOT = "n_boot (--bootstrap) must be a whole number >= 1, got {value!r}"
 _BAD_QUANTILES = "ci_quantiles must be numbers in [0, 1], got {value!r}"
 _NO_CI = "This FairnessFrame was built without n_boot / ci_quantiles, so it has no confidence intervals."
 _LENGTHS = "scores[{metric!r}] has {n} values but there are {n_groups} group entries (one per case)"
-_UNKNOWN_GROUP = ("groups has entries that are neither a level of {levels} nor {unknown!r}: {bad}. Add them to "
+_NOT_A_LEVEL = ("groups has entries that are neither a level of {levels} nor {unknown!r}: {bad}. Add them to "
                   "levels or map them to None.")
 _NO_CASES = "FairnessFrame needs at least one case"
 
@@ -133,7 +133,7 @@ class FairnessFrame:
         self._levels = [str(lv) for lv in levels]
         bad = sorted({g for g in groups if g not in self._levels and g != UNKNOWN_GROUP})
         if bad:
-            raise ValueError(_UNKNOWN_GROUP.format(levels=self._levels, unknown=UNKNOWN_GROUP, bad=bad))
+            raise ValueError(_NOT_A_LEVEL.format(levels=self._levels, unknown=UNKNOWN_GROUP, bad=bad))
         self._metrics = list(scores)
         self._scores = {}
         for m in self._metrics:

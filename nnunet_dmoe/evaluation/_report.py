@@ -45,7 +45,7 @@ def write_per_case_csv(rows: Sequence[Mapping], path: str) -> None:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
-            w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns])
+            w.writerow([f"{r[c]:.8g}" if isinstance(r[c], float) else r[c] for c in columns])
 
 
 def _num(x: Optional[float], digits: int = 3) -> str:
