@@ -1,0 +1,144 @@
+"""Write the attribute channel for a folder of new cases, so that ``nnUNetv2_predict`` can run on them.
+
+The folder holds nnU-Net-named images (``CASE_XXXX.ext``, the image channels of the model's dataset.json without
+the attribute channel). For every case the level comes from a table (case id -> level); the attribute channel
+``CASE_{channel:04d}.ext`` is written with nnU-Net's own reader/writer for that file type, on the image's grid:
+``level_index + 1`` inside the image footprint, 0 elsewhere (0 everywhere for an unknown level).
+
+The channel carries a sensitive attribute into the folder: delete it with the images when they are deleted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+
+__all__ = ["attach_attribute", "load_model_dataset_json"]
+
+_UNKNOWN_LEVELS = ("{n} case(s) have levels that the model does not know (its levels: {levels}): {cases}. "
+                   "Correct the table, or leave the cell empty / 'unknown' for an unknown attribute.")
+_MISSING_IN_TABLE = ("{n} case(s) in {folder} have no row in the attribute table: {cases}. Add them to the table "
+                     "(an empty cell means 'unknown').")
+_MISSING_CHANNELS = "{n} case(s) in {folder} lack image channels: {cases}. Each case needs the files {expected}."
+
+
+def load_model_dataset_json(dataset_json: Optional[str] = None, dataset: Optional[str] = None) -> dict:
+    """dataset.json from a path (a raw dataset or a model folder) or from a dataset name/id in ``nnUNet_raw``."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    if dataset_json is None and dataset is None:
+        raise ValueError("give the model's dataset.json (-dataset_json) or the dataset (-d)")
+    if dataset_json is None:
+        from nnunetv2.paths import nnUNet_raw
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        dataset_json = os.path.join(nnUNet_raw.require(), maybe_convert_to_dataset_name(dataset), "dataset.json")
+    if os.path.isdir(dataset_json):
+        dataset_json = os.path.join(dataset_json, "dataset.json")
+    if not os.path.isfile(dataset_json):
+        raise ValueError(f"{dataset_json} does not exist")
+    return load_json(dataset_json)
+
+
+def _cases_in(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
+    cases: Dict[str, Dict[int, str]] = {}
+    for f in sorted(os.listdir(folder)):
+        m = pattern.match(f)
+        if m:
+            cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, f)
+    return cases
+
+
+def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dataset_json: dict,
+                     output_folder: Optional[str] = None, overwrite: bool = False, verbose: bool = True) -> Dict[str, Optional[str]]:
+    """Write the attribute channel for every case of ``input_folder``.
+
+    Parameters
+    ----------
+    input_folder : str
+        nnU-Net-named image files of new cases.
+    levels : mapping
+        Case id -> level name (``None`` = unknown), e.g. from :func:`nnunet_dmoe.read_attribute_table`.
+    dataset_json : dict
+        The model's dataset.json (levels, attribute channel, file ending, channel count).
+    output_folder : str, optional
+        Where to write. Default: into ``input_folder``. Otherwise the image channels are copied there as well, so
+        that the folder can be handed to ``nnUNetv2_predict -i``.
+    overwrite : bool
+        Replace existing attribute-channel files (else an existing one is an error).
+
+    Returns the level written per case.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    spec = AttributeSpec.from_dataset_json(dataset_json, where="the model's dataset.json")
+    file_ending = dataset_json["file_ending"]
+    num_channels = len(dataset_json["channel_names"])
+    image_channels = [c for c in range(num_channels) if c != spec.channel]
+    if not os.path.isdir(input_folder):
+        raise ValueError(f"input folder {input_folder} does not exist")
+    cases = _cases_in(input_folder, file_ending)
+    if not cases:
+        raise ValueError(f"{input_folder} holds no nnU-Net-named images CASE_XXXX{file_ending}")
+
+    incomplete = sorted(c for c, ch in cases.items() if any(i not in ch for i in image_channels))
+    if incomplete:
+        expected = ", ".join(f"CASE_{i:04d}{file_ending}" for i in image_channels)
+        raise ValueError(_MISSING_CHANNELS.format(n=len(incomplete), folder=input_folder,
+                                                  cases=", ".join(incomplete), expected=expected))
+    not_in_table = sorted(c for c in cases if c not in levels)
+    if not_in_table:
+        raise ValueError(_MISSING_IN_TABLE.format(n=len(not_in_table), folder=input_folder,
+                                                  cases=", ".join(not_in_table)))
+    unknown = sorted(f"{c} ({levels[c]!r})" for c in cases if levels[c] is not None and levels[c] not in spec.levels)
+    if unknown:
+        raise ValueError(_UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels, cases=", ".join(unknown)))
+
+    output_folder = output_folder or input_folder
+    os.makedirs(output_folder, exist_ok=True)
+    targets = {c: os.path.join(output_folder, f"{c}_{spec.channel:04d}{file_ending}") for c in cases}
+    existing = sorted(p for c, p in targets.items() if os.path.exists(p))
+    if existing and not overwrite:
+        raise FileExistsError(f"{len(existing)} attribute-channel file(s) exist already, e.g. {existing[0]}. "
+                              f"Pass --overwrite to replace them.")
+
+    example = cases[next(iter(cases))][image_channels[0]]
+    rw = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
+    for case, files in cases.items():
+        image_files = [files[i] for i in image_channels]
+        images, properties = rw.read_images(image_files)
+        channel = encode_attribute_channel(images, spec.level_index(levels[case]))
+        if os.path.abspath(output_folder) != os.path.abspath(input_folder):
+            for f in image_files:
+                shutil.copy2(f, output_folder)
+        rw.write_seg(channel, targets[case], properties)
+        if verbose:
+            print(f"{case}: {levels[case] or 'unknown'} -> {targets[case]}")
+    return {c: levels[c] for c in cases}
+
+
+def attach_attribute_entry_point():
+    import argparse
+    from nnunet_dmoe.tables import read_attribute_table
+    parser = argparse.ArgumentParser(
+        description="Write the attribute channel for a folder of new cases (nnU-Net naming) from a table, so that "
+                    "nnUNetv2_predict can run on it with a dMoE model.")
+    parser.add_argument("-i", required=True, help="[REQUIRED] folder with the cases' image channels")
+    parser.add_argument("-t", required=True, help="[REQUIRED] attribute table (CSV, TSV or JSON)")
+    parser.add_argument("--id-column", default=None, help="[OPTIONAL] case id column. Default: 'case'")
+    parser.add_argument("--attribute-column", default=None, help="[OPTIONAL] level column. Default: 'value'")
+    parser.add_argument("--bins", type=float, nargs="+", default=None,
+                        help="[OPTIONAL] edges to bin a numeric column (e.g. 20 40 60 80 -> <20, 20-40, ...)")
+    parser.add_argument("-dataset_json", default=None,
+                        help="[OPTIONAL] the model's dataset.json (or its model folder). Either this or -d")
+    parser.add_argument("-d", default=None, help="[OPTIONAL] dataset name or id in nnUNet_raw. Either this or -dataset_json")
+    parser.add_argument("-o", default=None, help="[OPTIONAL] output folder. Default: write into -i")
+    parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace existing attribute channels")
+    args = parser.parse_args()
+    dataset_json = load_model_dataset_json(args.dataset_json, args.d)
+    levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins)
+    attach_attribute(args.i, levels, dataset_json, args.o, args.overwrite)

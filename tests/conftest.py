@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def nnunet_env(root, **extra):
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1", PYTHONHASHSEED="0",
+               PATH=VENV_BIN + os.pathsep + env.get("PATH", ""))
+    env.update(extra)
+    return env
+
+
+def run(cmd, env, timeout=600):
+    """Run a CLI; on failure show its output."""
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="session")
+def preprocessed_3d(tmp_path_factory):
+    """A tiny synthetic 3D dataset (id 991), planned and preprocessed with nnU-Net's own CLI."""
+    root = tmp_path_factory.mktemp("nnunet3d")
+    env = nnunet_env(root)
+    run(["nnUNetv2_dmoe_make_synthetic", "-d", "991", "-num_train", "10", "-num_test", "4", "-size", "24", "24",
+         "24", "-seed", "1"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+        env)
+    return root

@@ -1,0 +1,133 @@
+"""Network builders: the plans' U-Nets with the attribute front end and (d)MoE blocks."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import configuration
+from nnunet_dmoe.attribute import decode_attribute_channel, encode_attribute_channel
+from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.networks import AttributeUNet, build_attribute_network, decode_levels
+
+
+def build(mode, dim=3, residual=False, ds=False, seed=0, **dmoe):
+    torch.manual_seed(seed)
+    dmoe.setdefault("num_levels", 4)
+    dmoe.setdefault("attribute_channel", 1)
+    return build_attribute_network(None, configuration(dim, residual, **dmoe), 2, 3, ds, mode)
+
+
+def with_channel(image, codes):
+    """image (b, 1, *sp); attribute channel = code inside the footprint (everywhere here)."""
+    ch = torch.stack([torch.full(image.shape[2:], float(c)) for c in codes])[:, None]
+    return torch.cat([image, ch], dim=1)
+
+
+def randomise_routers(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, DistributionAwareMoE):
+            with torch.no_grad():
+                m.router.w_gate.copy_(torch.randn(m.router.w_gate.shape, generator=g))
+
+
+@pytest.mark.parametrize("dim,residual", [(3, False), (3, True), (2, False), (2, True)])
+def test_dmoe_after_every_encoder_stage_and_shapes(dim, residual):
+    net = build("dmoe", dim, residual, ds=True)
+    assert isinstance(net, AttributeUNet)
+    assert [type(m) for m in net.moe] == [DistributionAwareMoE] * 3
+    assert [m.dim for m in net.moe] == [8, 16, 32]
+    assert net.moe[0].router.w_gate.shape[0] == 5  # 4 levels + unknown
+    x = with_channel(torch.randn(2, 1, *([16] * dim)), [1, 4])
+    out = net(x)
+    assert isinstance(out, (list, tuple)) and out[0].shape == (2, 3, *([16] * dim))  # deep supervision kept
+    net.decoder.deep_supervision = False  # what nnU-Net's set_deep_supervision_enabled does
+    assert net(x).shape == (2, 3, *([16] * dim))
+
+
+def test_moe_has_one_router_and_stage_selection():
+    net = build("moe", stages=[2])
+    assert isinstance(net.moe[0], torch.nn.Identity) and isinstance(net.moe[2], DistributionAwareMoE)
+    assert net.moe[2].router.w_gate.shape[0] == 1
+
+
+def test_channel_mode_is_plain_unet_with_all_channels():
+    net = build("channel")
+    assert type(net).__name__ == "PlainConvUNet"
+    assert net.encoder.stages[0][0].convs[0].conv.in_channels == 2
+
+
+def test_zero_initialised_experts_reproduce_plain_resenc_unet():
+    base = build("none", residual=True)
+    dmoe = build("dmoe", residual=True, seed=3)
+    dmoe.unet.load_state_dict(base.unet.state_dict())
+    for m in dmoe.moe:
+        with torch.no_grad():
+            m.experts.w2.zero_()
+            m.experts.b2.zero_()
+    randomise_routers(dmoe)
+    x = with_channel(torch.randn(2, 1, 16, 16, 16), [2, 3])
+    base.eval(), dmoe.eval()
+    torch.testing.assert_close(dmoe(x), base.unet(x[:, :1]), rtol=0, atol=0)
+
+
+def test_attribute_changes_dmoe_logits_but_not_the_baseline():
+    image = torch.randn(1, 1, 16, 16, 16).repeat(4, 1, 1, 1, 1)
+    x = with_channel(image, [1, 2, 3, 4])
+    dmoe = build("dmoe").eval()
+    randomise_routers(dmoe)
+    out = dmoe(x)
+    for i in range(1, 4):
+        assert (out[i] - out[0]).abs().max() > 1e-4
+    baseline = build("none").eval()
+    out_b = baseline(x)
+    for i in range(1, 4):
+        torch.testing.assert_close(out_b[i], out_b[0], rtol=0, atol=0)
+    # explicit levels give the same result as the channel
+    torch.testing.assert_close(dmoe(x, torch.tensor([0, 1, 2, 3])), out)
+
+
+def test_unknown_attribute_uses_the_unknown_router():
+    dmoe = build("dmoe").eval()
+    randomise_routers(dmoe)
+    image = torch.randn(1, 1, 16, 16, 16)
+    unknown = dmoe(with_channel(image, [0]))
+    torch.testing.assert_close(unknown, dmoe(with_channel(image, [1]), torch.tensor([-1])))
+    assert (unknown - dmoe(with_channel(image, [1]))).abs().max() > 1e-4
+
+
+def test_bad_channel_code_and_wrong_channel_count():
+    dmoe = build("dmoe").eval()
+    with pytest.raises(ValueError, match="decodes to code 7"):
+        dmoe(with_channel(torch.randn(1, 1, 16, 16, 16), [7]))
+    with pytest.raises(ValueError, match="expects 2 input channels"):
+        dmoe(torch.randn(1, 1, 16, 16, 16))
+
+
+def test_decode_levels_majority_and_unknown():
+    ch = torch.zeros(3, 1, 6, 6)
+    ch[0, 0, :4] = 2
+    ch[0, 0, 4:, :2] = 1.4  # resampling blur: rounds to 1, minority
+    ch[1, 0, 2:] = 3.2
+    assert decode_levels(ch, 4).tolist() == [1, 2, -1]
+
+
+@pytest.mark.parametrize("level", [None, 0, 3])
+def test_channel_survives_nnunet_resampling(level):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    rng = np.random.default_rng(0)
+    image = np.zeros((1, 20, 30, 30), dtype=np.float32)
+    image[0, 3:17, 5:25, 4:26] = rng.uniform(0.1, 1, size=(14, 20, 22))
+    channel = encode_attribute_channel(image, level).astype(np.float32)[None]
+    assert set(np.unique(channel)) == ({0} if level is None else {0, level + 1})
+    resampled = resample_data_or_seg_to_shape(channel, (9, 41, 37), (3.0, 1, 1), (6.6, 0.73, 0.8), is_seg=False,
+                                              order=3, order_z=0, force_separate_z=None)
+    assert decode_attribute_channel(resampled, 4) == level
+    assert decode_levels(torch.from_numpy(resampled)[None], 4).item() == (-1 if level is None else level)
+
+
+def test_feature_map_size_counts_experts():
+    plain, dmoe = build("none"), build("dmoe")
+    a = plain.compute_conv_feature_map_size((32, 32, 32))
+    b = dmoe.compute_conv_feature_map_size((32, 32, 32))
+    extra = sum(m.compute_conv_feature_map_size((32 // 2 ** i,) * 3) for i, m in enumerate(dmoe.moe))
+    assert b == a + extra and extra > 0.5 * a
