@@ -1,0 +1,75 @@
+"""dMoE-aware planners and nnUNetv2_dmoe_plan_and_preprocess."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import nnunet_env, run
+
+
+@pytest.fixture()
+def env(preprocessed_3d, monkeypatch):
+    for k, v in nnunet_env(preprocessed_3d).items():
+        monkeypatch.setenv(k, v)
+    return preprocessed_3d
+
+
+def _plan(planner_cls, shape):
+    planner = planner_cls(991)
+    return planner.get_plans_for_configuration((1.0, 1.0, 1.0), shape, "x", 1e12, {})
+
+
+@pytest.mark.parametrize("resenc", [False, True])
+def test_dmoe_planner_leaves_room_for_experts(env, resenc):
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
+        nnUNetPlannerResEncM
+    from nnunet_dmoe.planners import nnUNetPlannerDMoE, nnUNetPlannerResEncMDMoE
+    base_cls, dmoe_cls = (nnUNetPlannerResEncM, nnUNetPlannerResEncMDMoE) if resenc else \
+        (ExperimentPlanner, nnUNetPlannerDMoE)
+    shape = np.array([300, 300, 300])
+    base, dmoe = _plan(base_cls, shape), _plan(dmoe_cls, shape)
+    voxels = lambda p: np.prod(p["patch_size"]) * p["batch_size"]
+    assert voxels(dmoe) < voxels(base)  # the experts' activations cost memory
+    kw = dmoe["architecture"]["arch_kwargs"]
+    assert kw["dmoe_num_experts"] == 8 and kw["dmoe_top_k"] == 2 and kw["dmoe_num_levels"] == 4
+    assert "dmoe_mode" not in kw
+    assert not any(k.startswith("dmoe_") for k in base["architecture"]["arch_kwargs"])
+    # the estimate is the network's own count: U-Net + dMoE activations
+    planner = dmoe_cls(991)
+    arch = base["architecture"]
+    est_base = base_cls.static_estimate_VRAM_usage(tuple(dmoe["patch_size"]), 1, 2, arch["network_class_name"],
+                                                   arch["arch_kwargs"], arch["_kw_requires_import"])
+    est = planner.static_estimate_VRAM_usage(tuple(dmoe["patch_size"]), 2, 2, arch["network_class_name"],
+                                             arch["arch_kwargs"], arch["_kw_requires_import"])
+    assert est > est_base
+
+
+def test_plan_and_preprocess_command_and_trainer_reads_settings(env):
+    out = run(["nnUNetv2_dmoe_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1"], nnunet_env(env))
+    assert "plans 'nnUNetDMoEPlans'" in out
+    folder = env / "preprocessed" / "Dataset991_SyntheticFairness"
+    plans = json.loads((folder / "nnUNetDMoEPlans.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"  # preprocessing reused
+    assert cfg["architecture"]["arch_kwargs"]["dmoe_expert_ratio"] == 4
+
+
+def test_plan_and_preprocess_checks_attribute_first(env, tmp_path):
+    import shutil
+    src = env / "raw" / "Dataset991_SyntheticFairness"
+    raw = tmp_path / "raw"
+    dst = raw / "Dataset993_Broken"
+    shutil.copytree(src, dst)
+    os.remove(dst / "imagesTr" / "syn_0004_0001.nii.gz")
+    dj = json.loads((dst / "dataset.json").read_text())
+    del dj["attribute"]["cases"]["syn_0005"]
+    (dst / "dataset.json").write_text(json.dumps(dj))
+    from nnunet_dmoe.planners.entry_points import check_raw_dataset
+    os.environ["nnUNet_raw"] = str(raw)
+    with pytest.raises(ValueError) as e:
+        check_raw_dataset(993)
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "syn_0005: missing from attribute.cases" in msg
+    assert "syn_0004: no attribute-channel file syn_0004_0001.nii.gz" in msg
