@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -94,17 +95,25 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
     if not_in_table:
         raise ValueError(_MISSING_IN_TABLE.format(n=len(not_in_table), folder=input_folder,
                                                   cases=", ".join(not_in_table)))
-    unknown = sorted(f"{c} ({levels[c]!r})" for c in cases if levels[c] is not None and levels[c] not in spec.levels)
+    unknown = sorted(f"{c} ({levels[c]!r})" for c in cases
+                     if levels[c] is not None and str(levels[c]) not in spec.levels)
     if unknown:
         raise ValueError(_UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels, cases=", ".join(unknown)))
 
     output_folder = output_folder or input_folder
-    os.makedirs(output_folder, exist_ok=True)
+    copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder)
     targets = {c: os.path.join(output_folder, f"{c}_{spec.channel:04d}{file_ending}") for c in cases}
-    existing = sorted(p for c, p in targets.items() if os.path.exists(p))
+    # everything this call would write: the attribute channels and, with an output folder, the image copies
+    writes = list(targets.values())
+    if copy_images:
+        writes += [os.path.join(output_folder, os.path.basename(cases[c][i])) for c in cases for i in image_channels]
+    existing = sorted(p for p in writes if os.path.lexists(p))
     if existing and not overwrite:
-        raise FileExistsError(f"{len(existing)} attribute-channel file(s) exist already, e.g. {existing[0]}. "
-                              f"Pass --overwrite to replace them.")
+        raise FileExistsError(f"{len(existing)} file(s) exist already in {output_folder}: "
+                              f"{', '.join(os.path.basename(p) for p in existing[:20])}"
+                              + (f" ... ({len(existing) - 20} more)" if len(existing) > 20 else "")
+                              + ". Pass --overwrite (overwrite=True) to replace them.")
+    os.makedirs(output_folder, exist_ok=True)
 
     example = cases[next(iter(cases))][image_channels[0]]
     rw = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
@@ -112,9 +121,11 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
         image_files = [files[i] for i in image_channels]
         images, properties = rw.read_images(image_files)
         channel = encode_attribute_channel(images, spec.level_index(levels[case]))
-        if os.path.abspath(output_folder) != os.path.abspath(input_folder):
+        if copy_images:
             for f in image_files:
                 shutil.copy2(f, output_folder)
+        if os.path.lexists(targets[case]):  # overwrite: replace the file, never write through a link
+            os.remove(targets[case])
         rw.write_seg(channel, targets[case], properties)
         if verbose:
             print(f"{case}: {levels[case] or 'unknown'} -> {targets[case]}")
@@ -139,6 +150,11 @@ def attach_attribute_entry_point():
     parser.add_argument("-o", default=None, help="[OPTIONAL] output folder. Default: write into -i")
     parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace existing attribute channels")
     args = parser.parse_args()
-    dataset_json = load_model_dataset_json(args.dataset_json, args.d)
-    levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins)
-    attach_attribute(args.i, levels, dataset_json, args.o, args.overwrite)
+    try:
+        dataset_json = load_model_dataset_json(args.dataset_json, args.d)
+        levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins,
+                                      strip_suffix=dataset_json.get("file_ending"))
+        attach_attribute(args.i, levels, dataset_json, args.o, args.overwrite)
+    except (ValueError, FileExistsError, RuntimeError) as e:
+        # bad input: one clear message instead of a traceback
+        sys.exit(f"nnUNetv2_dmoe_attach_attribute: error: {e}")
