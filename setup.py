@@ -92,6 +92,7 @@ setup(
             "nnUNetv2_dmoe_evaluate=nnunet_dmoe.evaluation:evaluate_entry_point",
             "nnUNetv2_dmoe_plan_and_preprocess=nnunet_dmoe.planners.entry_points:plan_and_preprocess_entry_point",
             "nnUNetv2_dmoe_benchmark=nnunet_dmoe.benchmark:benchmark_entry_point",
+            "nnUNetv2_dmoe_demo=nnunet_dmoe.demo:demo_entry_point",
         ]
     },
 )

@@ -2,6 +2,7 @@
 network needs in the plans, hands each training sample its level from ``attribute.cases`` (through the batch's case
 keys) and checks at start that dataset.json and the preprocessed attribute channel agree.
 """
+import random
 from copy import deepcopy
 from typing import List
 
@@ -51,8 +52,13 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
         # Some hyperparameters for you to fiddle with
         # share of training samples whose attribute is hidden, so that the "unknown" router of the dMoE is trained
         self.unknown_attribute_rate = 0.1
-        self._attribute_rng = np.random.default_rng(
-            [1234, self.local_rank, fold if isinstance(fold, int) else 0])
+        # every fold is a replicate with its own seed (network init, augmentation in this process, attribute hiding);
+        # DDP ranks differ in their data (DDP broadcasts rank 0's initial weights)
+        self.random_seed = 12345 + (fold if isinstance(fold, int) else 99) + 1000 * self.local_rank
+        random.seed(self.random_seed)
+        np.random.seed(self.random_seed)
+        torch.manual_seed(self.random_seed)
+        self._attribute_rng = np.random.default_rng(self.random_seed)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,

@@ -1,0 +1,210 @@
+"""The main job: from nothing to a paper-style fairness comparison, with nnU-Net's own CLIs.
+
+1. writes the synthetic fairness dataset (``nnunet_dmoe.synthetic``; the CTV margin depends on the T-stage),
+2. plans and preprocesses it (``nnUNetv2_dmoe_plan_and_preprocess``: nnU-Net's planner, sized for the dMoE, one
+   plans file for all methods),
+3. trains the attribute-blind baseline, the baseline with the attribute as an input channel, MoE and dMoE
+   (``nnUNetv2_train``), one run per replicate (fold ``r`` with its own seed),
+4. predicts the test split (``nnUNetv2_predict``),
+5. writes the fairness report comparing them (``nnunet_dmoe.evaluation.compare_methods``) and, for several
+   replicates, their mean and spread.
+
+Every stage is skipped when its result exists already (a re-run resumes); the settings are kept in
+``demo_settings.json`` and a re-run with other settings needs ``--overwrite`` or another ``-o``.
+``python -m nnunet_dmoe.demo -h`` lists the sizes; the defaults fit a 2-core CPU in well under 20 minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence
+
+METHODS = {  # report name -> trainer class
+    "Baseline": "nnUNetTrainerNoAttribute",
+    "Attr-channel": "nnUNetTrainerAttributeChannel",
+    "MoE": "nnUNetTrainerMoE",
+    "dMoE": "nnUNetTrainerDMoE",
+}
+PLANS = "nnUNetDMoEPlans"
+# lines of the nnU-Net CLIs worth showing as progress (everything goes to the log files)
+_PROGRESS = re.compile(r"Epoch \d+$|train_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting |Preprocessing "
+                       r"dataset|Plans were saved|agree for all|Error|error|Traceback")
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def _run(cmd: List[str], env: Dict[str, str], log_path: str, show: bool = True) -> None:
+    """Run a CLI, keep its whole output in ``log_path`` and show the progress lines."""
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log_path, "a") as log:
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in p.stdout:
+            log.write(line)
+            if show and _PROGRESS.search(line):
+                print("    " + line.rstrip()[-150:], flush=True)
+        if p.wait() != 0:
+            raise RuntimeError(f"{cmd[0]} failed with exit code {p.returncode}; see {log_path}")
+
+
+def trainer_name(base: str, epochs: int, iters) -> str:
+    from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS
+    if epochs not in EPOCHS:
+        raise ValueError(f"-epochs {epochs}: choose one of {EPOCHS} (trainer variants are class names)")
+    if iters is not None and iters not in ITERATIONS:
+        raise ValueError(f"-iters {iters}: choose one of {ITERATIONS}, or leave it out for nnU-Net's 250")
+    return f"{base}_{epochs}epochs" + (f"_{iters}iters" if iters else "")
+
+
+def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, num_train: int = 60,
+             num_test: int = 40, size: Sequence[int] = None, data_seed: int = 0, epochs: int = 10, iters=50,
+             replicates: int = 1, methods: Sequence[str] = tuple(METHODS), device: str = "cpu", n_boot: int = 1000,
+             overwrite: bool = False) -> dict:
+    from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
+    from nnunet_dmoe.evaluation._api import print_summary
+    from nnunet_dmoe.synthetic import make_synthetic_dataset
+
+    t_start = time.time()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"-methods {unknown}: choose from {list(METHODS)}")
+    settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
+                    size=list(size) if size else None, data_seed=data_seed, epochs=epochs, iters=iters)
+    output = os.path.abspath(output)
+    settings_file = os.path.join(output, "demo_settings.json")
+    if os.path.isfile(settings_file):
+        with open(settings_file) as f:
+            old = json.load(f)
+        if old != settings:
+            if not overwrite:
+                raise ValueError(f"{output} holds a run with other settings ({old}). Pass --overwrite to replace "
+                                 f"it or choose another -o.")
+            shutil.rmtree(output)
+    os.makedirs(os.path.join(output, "logs"), exist_ok=True)
+    with open(settings_file, "w") as f:
+        json.dump(settings, f, indent=1)
+
+    env = dict(os.environ, nnUNet_raw=os.path.join(output, "nnUNet_raw"),
+               nnUNet_preprocessed=os.path.join(output, "nnUNet_preprocessed"),
+               nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_def_n_proc="1")
+    configuration = "3d_fullres" if dim == 3 else "2d"
+    name = f"Dataset{dataset_id:03d}_SyntheticFairness"
+    raw = os.path.join(env["nnUNet_raw"], name)
+    logs = os.path.join(output, "logs")
+
+    def stage(text):
+        print(f"\n=== [{time.time() - t_start:6.0f} s] {text}", flush=True)
+
+    stage(f"1/5 synthetic {dim}D dataset: {num_train} training and {num_test} test cases")
+    if not os.path.isfile(os.path.join(raw, "dataset.json")):
+        make_synthetic_dataset(dataset_id, dim, num_train, num_test, size, data_seed, raw_folder=env["nnUNet_raw"])
+    else:
+        print(f"reusing {raw}")
+
+    stage("2/5 nnU-Net plan and preprocess")
+    plans_file = os.path.join(env["nnUNet_preprocessed"], name, PLANS + ".json")
+    if not os.path.isfile(plans_file):
+        _run([_bin("nnUNetv2_dmoe_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "2"],
+             env, os.path.join(logs, "plan_and_preprocess.log"))
+    else:
+        print(f"reusing {plans_file}")
+
+    predictions: Dict[str, str] = {}
+    for r in range(replicates):
+        for method in methods:
+            trainer = trainer_name(METHODS[method], epochs, iters)
+            label = method if replicates == 1 else f"{method} r{r}"
+            model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{PLANS}__{configuration}", f"fold_{r}")
+            stage(f"3/5 train {method} ({trainer}, replicate {r} = fold {r})")
+            if not os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
+                _run([_bin("nnUNetv2_train"), str(dataset_id), configuration, str(r), "-tr", trainer, "-p", PLANS,
+                      "-device", device], dict(env, nnUNet_n_proc_DA="0"),
+                     os.path.join(logs, f"train_{trainer}_fold{r}.log"))
+            else:
+                print(f"reusing {model}")
+            out = os.path.join(output, "predictions", f"{trainer}_fold{r}")
+            stage(f"4/5 predict the test split with {method} (replicate {r})")
+            if not os.path.isfile(os.path.join(out, "predict_from_raw_data_args.json")) or \
+                    len([f for f in os.listdir(out) if f.endswith(("nii.gz", ".png"))]) < num_test:
+                _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", str(dataset_id),
+                      "-c", configuration, "-tr", trainer, "-p", PLANS, "-f", str(r), "-device", device,
+                      "-npp", "1", "-nps", "1", "--disable_progress_bar"], env,
+                     os.path.join(logs, f"predict_{trainer}_fold{r}.log"))
+            predictions[label] = out
+
+    stage("5/5 fairness report")
+    report = os.path.join(output, "report")
+    with open(os.path.join(raw, "dataset.json")) as f:
+        attributes = attributes_from_dataset_json(json.load(f))
+    result = compare_methods(predictions, os.path.join(raw, "labelsTs"), [1], attributes, report, n_boot=n_boot)
+    summaries = result["methods"]
+    if replicates > 1:
+        write_replicate_table(summaries, methods, replicates, os.path.join(report, "replicates.md"))
+    print()
+    print_summary(summaries)
+    if replicates > 1:
+        print("\n" + open(os.path.join(report, "replicates.md")).read())
+    print(f"\nDone in {time.time() - t_start:.0f} s.")
+    print(f"Report: {os.path.join(report, 'report.md')}")
+    print(f"Figure: {os.path.join(report, 'report.png')}")
+    return result
+
+
+def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], replicates: int, path: str) -> None:
+    """Mean and standard deviation over replicates of ES-Dice, Dice and per-group Dice, one row per method."""
+    import numpy as np
+    first = summaries[next(iter(summaries))]
+    groups = [g for g in first["groups"]]
+    header = ["Method", "ES-Dice", "Dice"] + [f"Dice {g} (n={first['groups'][g]['n']})" for g in groups] + ["worst"]
+    rows = []
+    for m in methods:
+        reps = [summaries[f"{m} r{r}"] for r in range(replicates)]
+
+        def cell(values):
+            v = np.array(values, dtype=float)
+            return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "n/a"
+        rows.append([m, cell([s["es"]["Dice"] for s in reps]), cell([s["overall"]["Dice"] for s in reps])]
+                    + [cell([s["groups"][g].get("Dice") for s in reps]) for g in groups]
+                    + [", ".join(sorted({str(s["worst_group"]["Dice"]) for s in reps}))])
+    lines = [f"Mean ± SD over {replicates} replicates (folds 0..{replicates - 1}, each with its own seed)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def demo_entry_point():
+    import argparse
+    p = argparse.ArgumentParser(description="Synthetic data -> nnU-Net plan/preprocess -> train baseline, "
+                                            "attribute-channel, MoE and dMoE -> predict -> fairness report.")
+    p.add_argument("-o", default="demo_output", help="[OPTIONAL] work folder. Default: demo_output")
+    p.add_argument("-d", type=int, default=990, help="[OPTIONAL] dataset id. Default: 990")
+    p.add_argument("-dim", type=int, default=2, choices=(2, 3), help="[OPTIONAL] 2D or 3D data. Default: 2")
+    p.add_argument("-num_train", type=int, default=60, help="[OPTIONAL] training cases. Default: 60")
+    p.add_argument("-num_test", type=int, default=40, help="[OPTIONAL] test cases. Default: 40")
+    p.add_argument("-size", type=int, nargs="+", default=None,
+                   help="[OPTIONAL] image size. Default: 96 96 (2D), 40 40 40 (3D)")
+    p.add_argument("-data_seed", type=int, default=0, help="[OPTIONAL] seed of the synthetic data. Default: 0")
+    p.add_argument("-epochs", type=int, default=10, help="[OPTIONAL] epochs per training. Default: 10")
+    p.add_argument("-iters", type=int, default=50,
+                   help="[OPTIONAL] iterations per epoch (5, 10, 25, 50, 100; 0 = nnU-Net's 250). Default: 50")
+    p.add_argument("-replicates", type=int, default=1,
+                   help="[OPTIONAL] trainings per method (folds 0..r-1, each with its own seed). Default: 1")
+    p.add_argument("-methods", nargs="+", default=list(METHODS),
+                   help=f"[OPTIONAL] methods to compare. Default: {' '.join(METHODS)}")
+    p.add_argument("-device", default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
+    p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
+    p.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace a run made with other settings")
+    a = p.parse_args()
+    run_demo(a.o, a.d, a.dim, a.num_train, a.num_test, a.size, a.data_seed, a.epochs, a.iters or None,
+             a.replicates, a.methods, a.device, a.bootstrap, a.overwrite)
+
+
+if __name__ == "__main__":
+    demo_entry_point()
