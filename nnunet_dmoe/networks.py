@@ -108,7 +108,8 @@ class AttributeUNet(nn.Module):
             return self.unet(x)
         cfg = self.config
         if attribute is None:
-            attribute = decode_levels(channel, cfg.num_levels)
+            # trainers write clean codes; check (one host sync per forward, not per block) only at inference
+            attribute = decode_levels(channel, cfg.num_levels, check=not self.training)
         router_index = route_index_for_levels(attribute.to(x.device).long(), cfg.num_levels, cfg.mode)
         encoder = self.unet.encoder
         if getattr(encoder, "stem", None) is not None:
