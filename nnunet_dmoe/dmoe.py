@@ -113,7 +113,7 @@ def _linear_init_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int):
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
         # grouped GEMM kernels (and torch.compile's grouped_mm) are bf16; nnU-Net's fp16 autocast is not among them
         return torch.bfloat16
     return x.dtype
@@ -156,19 +156,39 @@ class Experts(nn.Module):
         w2 = F.pad(self.w2, (0, self.out_width - c, 0, self.hidden_width - h))
         return w1.to(dtype), w2.to(dtype)
 
-    def forward(self, x_in: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor,
+                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows of ``x_in`` (M, in_width; column C holds ones, later columns zeros) are grouped by expert: rows
         ``offsets[e-1]:offsets[e]`` belong to expert ``e``; ``expert_of_row`` (M,) says the same per row.
-        Returns (M, C), before the gates."""
+        Returns (M, C): ``Dropout(E(x))``, times ``row_scale`` (M,) when given (the gates: folded into the dropout
+        multiply, one pass over the output instead of three)."""
         w1, w2 = self.padded_weights(x_in.dtype)
         h = torch.relu_(F.grouped_mm(x_in, w1, offs=offsets))
-        out = F.grouped_mm(h, w2, offs=offsets)[:, : self.dim]
-        out = out + self.b2.to(x_in.dtype)[expert_of_row]
+        out = F.grouped_mm(h, w2, offs=offsets)
+        if self.out_width != self.dim:
+            out = out[:, : self.dim]
+        out = out + self.b2.to(x_in.dtype).index_select(0, expert_of_row)
+        scale = None if row_scale is None else row_scale[:, None]
         if self.training and self.dropout > 0:
-            # rand + compare is ~3x faster than F.dropout's bernoulli on CPU; same distribution
-            keep = torch.rand_like(out) >= self.dropout
-            out = out * keep * (1.0 / (1.0 - self.dropout))
-        return out
+            factor = scale * (1.0 / (1.0 - self.dropout)) if scale is not None else 1.0 / (1.0 - self.dropout)
+            return out * torch.where(_keep_mask(out, self.dropout), factor, 0.0)
+        return out if scale is None else out * scale
+
+
+def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Bernoulli(1 - p) mask shaped like ``like`` (what Dropout(p) keeps).
+
+    On CPU torch's generator is serial and costly at the full-resolution stage: one 64-bit draw gives two 32-bit
+    uniforms (half the draws of ``rand_like``), compared with a threshold; the keep probability is 1 - p to within
+    2**-32, finer than ``rand_like``'s 2**-24 float grid. Elsewhere (CUDA's Philox), and under ``torch.compile``
+    (which cannot trace the in-place ``random_``), ``rand_like`` + compare.
+    """
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.rand_like(like) >= p
+    n = like.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=like.device).random_(-(2 ** 63), None)
+    threshold = -(2 ** 31) + round(p * 2 ** 32)  # int32 values below it (probability p) are dropped
+    return (bits.view(torch.int32)[:n] >= threshold).view(like.shape)
 
 
 class NoisyTopKRouter(nn.Module):
@@ -217,14 +237,15 @@ class DistributionAwareMoE(nn.Module):
         k = self.top_k
         dtype = _compute_dtype(tokens)
         pad = self.experts.in_width - c - 1
-        flat = torch.cat([tokens.reshape(b * n, c).to(dtype), tokens.new_ones(b * n, 1, dtype=dtype),
-                          tokens.new_zeros(b * n, pad, dtype=dtype)], dim=1)  # (bn, in_width)
+        # one copy into row layout (tokens is usually a transposed view of the feature map): [h | 1 | 0 ...]
+        flat = torch.cat([tokens.to(dtype), tokens.new_ones(1, 1, 1, dtype=dtype).expand(b, n, 1),
+                          tokens.new_zeros(1, 1, pad, dtype=dtype).expand(b, n, pad)], dim=2).view(b * n, -1)
         sorted_expert, order = torch.sort(expert_index.reshape(-1), stable=True)  # (bnk,)
         token_of_row = order // k
         offsets = torch.searchsorted(sorted_expert, torch.arange(self.num_experts, device=tokens.device),
                                      right=True).to(torch.int32)
-        out = self.experts(flat[token_of_row], offsets, sorted_expert)
-        out = out * gates.reshape(-1)[order].to(dtype)[:, None]
+        out = self.experts(flat.index_select(0, token_of_row), offsets, sorted_expert,
+                           row_scale=gates.reshape(-1).index_select(0, order).to(dtype))
         mixed = torch.zeros(b * n, c, dtype=dtype, device=tokens.device).index_add_(0, token_of_row, out)
         return mixed.view(b, n, c).to(tokens.dtype)
 
@@ -235,7 +256,8 @@ class DistributionAwareMoE(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (b, n, c), a view
         gates, expert_index = self.router(tokens, router_index)
         mixed = self.dispatch(tokens, gates, expert_index)
-        return x + mixed.transpose(1, 2).reshape(x.shape)
+        # x first: the sum is allocated in x's (b, c, n) layout, so the transposed view costs no extra copy
+        return torch.add(x.flatten(2), mixed.transpose(1, 2)).reshape(x.shape)
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         """Activations stored for backward per sample, counted like DNA's blocks (elements, not bytes)."""

@@ -1,0 +1,131 @@
+"""Whole-network cost of the dMoE in nnU-Net's ResEnc-M 3D U-Net (issue 2, "Numbers to report").
+
+ResidualEncoderUNet with nnU-Net's ResEnc-M settings (features 32-64-128-256-320-320, blocks 1-3-4-6-6-6, one conv
+per decoder stage, kernel 3, strides 1,2,2,2,2,2, InstanceNorm3d affine, LeakyReLU, conv bias, deep supervision),
+built through :func:`nnunet_dmoe.networks.build_attribute_network`, with a dMoE after every encoder stage
+(attribute_mode "dmoe") vs without ("none"). Patch 64^3, batch 2, CPU. Times forward+backward in train mode
+(loss = sum of the deep-supervision outputs' means) and eval forward under no_grad, interleaved, medians.
+With ``--profile`` it also times the dMoE layer alone at each encoder stage's shape and breaks the largest one
+down by operator (torch.profiler, forward and backward). Not a test; run by hand:
+
+    .venv/bin/python benchmarks/bench_resenc_m.py [--repeats 9] [--patch 64] [-b 2] [--profile]
+
+Target: dMoE/plain <= 1.30x for forward+backward on the 2-core CPU.
+"""
+import argparse
+import statistics
+
+import torch
+
+from nnunet_dmoe.benchmark import resenc_m_configuration, build_pair, count_parameters, time_interleaved
+from nnunet_dmoe.dmoe import DistributionAwareMoE
+
+# operator name -> part of the dMoE layer it belongs to (forward and backward ops alike)
+OP_GROUPS = {
+    "routing (bmm, softplus, randn, topk, softmax)": ("aten::bmm", "aten::softplus", "aten::softplus_backward",
+                                                      "aten::normal_", "aten::randn_like", "aten::topk",
+                                                      "aten::_softmax", "aten::_softmax_backward_data",
+                                                      "aten::value_selecting_reduction_backward", "aten::scatter"),
+    "sort / searchsorted": ("aten::sort", "aten::searchsorted"),
+    "gather rows (index)": ("aten::index", "aten::index_select"),
+    "grouped_mm (fwd+bwd)": ("aten::_grouped_mm", "aten::grouped_mm", "aten::mm", "aten::bmm_out"),
+    "dropout (rand, compare, mul)": ("aten::uniform_", "aten::rand_like", "aten::ge", "aten::rand"),
+    "index_add / index backward": ("aten::index_add_", "aten::index_put_", "aten::_index_put_impl_",
+                                   "aten::index_add"),
+    "copies (cat, pad, copy_, clone, contiguous)": ("aten::cat", "aten::copy_", "aten::clone", "aten::constant_pad_nd",
+                                                    "aten::contiguous", "aten::_to_copy"),
+}
+
+
+def layer_profile(net, patch, batch, repeats):
+    """Time each stage's dMoE layer alone (fwd+bwd, train) at its feature-map shape; operator table of stage 0."""
+    size = patch
+    shapes = []
+    for stride, moe in zip(net.unet.encoder.strides, net.moe):
+        size = size // stride[0]
+        shapes.append((moe, size))
+    fns = {}
+    r = torch.arange(batch) % net.config.num_routers
+    for s, (moe, size) in enumerate(shapes):
+        x = torch.randn(batch, moe.dim, size, size, size, requires_grad=True)
+
+        def run(moe=moe, x=x):
+            moe(x, r).sum().backward()
+        fns[f"stage {s}: C={moe.dim:3d}, {size:2d}^3"] = run
+    times = time_interleaved(fns, repeats=repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = sum(med.values())
+    print(f"\ndMoE layer alone per encoder stage (fwd+bwd, train, batch {batch}), median of {repeats}:")
+    for k, v in med.items():
+        print(f"  {k}: {v * 1e3:7.1f} ms  ({100 * v / total:4.1f} %)")
+    print(f"  sum: {total * 1e3:.1f} ms")
+
+    moe, size = shapes[0]
+    x = torch.randn(batch, moe.dim, size, size, size, requires_grad=True)
+    moe(x, r).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            moe(x, r).sum().backward()
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events)
+    grouped = {g: 0.0 for g in OP_GROUPS}
+    other = {}
+    for e in events:
+        for g, names in OP_GROUPS.items():
+            if e.key in names:
+                grouped[g] += e.self_cpu_time_total
+                break
+        else:
+            other[e.key] = e.self_cpu_time_total
+    print(f"\nstage-0 dMoE layer by operator (self CPU time, fwd+bwd, 3 steps, torch.profiler):")
+    for g, t in sorted(grouped.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:45s} {t / 3e3:7.1f} ms/step  {100 * t / total_self:4.1f} %")
+    rest = sum(other.values())
+    top = ", ".join(f"{k} {v / 3e3:.0f}" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:6])
+    print(f"  {'other':45s} {rest / 3e3:7.1f} ms/step  {100 * rest / total_self:4.1f} %   ({top} ms)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("-b", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--skip_network", action="store_true", help="only the --profile part")
+    args = parser.parse_args()
+    base, dmoe = build_pair(resenc_m_configuration(3), num_levels=4, deep_supervision=True)
+    x = torch.randn(args.b, 2, *([args.patch] * 3))
+    x[:, 1] = torch.arange(args.b)[:, None, None, None] % 4 + 1  # attribute channel: levels 1..4
+    print(f"ResEnc-M 3D, patch {args.patch}^3, batch {args.b}, CPU, {torch.get_num_threads()} threads")
+    print(f"parameters: plain {count_parameters(base) / 1e6:.2f} M, dMoE {count_parameters(dmoe) / 1e6:.2f} M")
+    if not args.skip_network:
+        def train_step(net):
+            def run():
+                out = net(x)
+                loss = sum(o.float().mean() for o in out)
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+            return run
+
+        def eval_step(net):
+            def run():
+                with torch.no_grad():
+                    net(x)
+            return run
+
+        base.train(), dmoe.train()
+        t = time_interleaved({"plain": train_step(base), "dmoe": train_step(dmoe)}, repeats=args.repeats)
+        base.eval(), dmoe.eval()
+        e = time_interleaved({"plain": eval_step(base), "dmoe": eval_step(dmoe)}, repeats=args.repeats)
+        for name, times in (("forward+backward (train)", t), ("eval forward (no_grad)", e)):
+            mp, md = statistics.median(times["plain"]), statistics.median(times["dmoe"])
+            print(f"{name}: plain {mp:.3f} s, dMoE {md:.3f} s, ratio {md / mp:.3f}   (median of {args.repeats}; "
+                  f"runs plain {' '.join(f'{v:.2f}' for v in times['plain'])} | "
+                  f"dMoE {' '.join(f'{v:.2f}' for v in times['dmoe'])})")
+    if args.profile:
+        dmoe.train()
+        layer_profile(dmoe, args.patch, args.b, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

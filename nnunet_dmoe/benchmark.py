@@ -1,0 +1,378 @@
+"""Cost report of the distribution-aware MoE (the paper's Table 7): parameters, GFLOPs, time and peak memory.
+
+For a configuration from the plans (``-d DATASET -c CONFIG [-p PLANS]``) or a built-in preset (``-preset``), the
+network is built twice through :func:`nnunet_dmoe.networks.build_attribute_network`: without dMoE (attribute mode
+``none``, the plans' U-Net) and with it (``dmoe``, or ``moe``). Reported:
+
+- parameters (all trainable tensors);
+- GFLOPs of one inference forward pass at a large input (default: the paper's 3D 384x384x128, 2D 224x224),
+  counted with :class:`torch.utils.flop_counter.FlopCounterMode` on the meta device (nothing is run). Convention
+  of that counter: 2 FLOPs per multiply-add of convolutions and matrix products; normalisation, activations and
+  elementwise ops are not counted (``thop``/``fvcore``-style counts report multiply-adds, half these numbers).
+  The counter has no formula for ``aten::_grouped_mm``; :func:`grouped_mm_flops` supplies one, so the dMoE part is
+  the sparse top-k computation that is executed: routers for every token plus ``k`` of ``E`` expert MLPs per
+  token (the layer-1 bias is folded into the matrix product as an extra input column, padded to 8);
+- measured time of eval forward (no_grad) and train forward+backward at a small patch (``-patch``, ``-b``),
+  runs interleaved, medians;
+- peak memory of forward+backward: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest sum of live
+  tensor allocations seen by ``torch.profiler`` (``profile_memory``) during the step, plus the parameters.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+from copy import deepcopy
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["PRESETS", "preset_configuration", "resenc_m_configuration", "build_pair", "count_parameters",
+           "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
+           "peak_memory_bytes", "cost_report", "format_table", "benchmark_entry_point"]
+
+_IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+# name: (dim, features, blocks per encoder stage, input size for the GFLOPs, default patch)
+PRESETS = {
+    # nnU-Net's ResEnc-M 3D (nnUNetPlannerResEncM) at its six-stage depth
+    "resenc_m_3d": (3, (32, 64, 128, 256, 320, 320), (1, 3, 4, 6, 6, 6), (384, 384, 128), (32, 32, 32)),
+    # the same ResEnc-M blocks in 2D (nnU-Net's 2D feature cap is 512)
+    "2d": (2, (32, 64, 128, 256, 512, 512), (1, 3, 4, 6, 6, 6), (224, 224), (128, 128)),
+    # small enough for tests
+    "tiny_3d": (3, (8, 16, 32), (1, 2, 2), (32, 32, 32), (16, 16, 16)),
+}
+
+_NO_SOURCE = "give either -d DATASET -c CONFIGURATION (plans from $nnUNet_preprocessed) or -preset {presets}"
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 9, warmup: int = 1,
+                     device="cpu") -> Dict[str, List[float]]:
+    """Seconds per call of each function, runs interleaved (a, b, a, b, ...) so that machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------- networks
+def resenc_m_configuration(dim: int = 3, features: Sequence[int] = (32, 64, 128, 256, 320, 320),
+                           blocks: Sequence[int] = (1, 3, 4, 6, 6, 6)):
+    """nnU-Net ``ConfigurationManager`` of a ResidualEncoderUNet with ResEnc-M settings (kernel 3, first stride 1,
+    then 2, InstanceNorm affine, LeakyReLU, conv bias, one conv per decoder stage)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    n = len(features)
+    kw = {"n_stages": n, "features_per_stage": list(features),
+          "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": [[3] * dim] * n,
+          "strides": [[1] * dim] + [[2] * dim] * (n - 1), "n_blocks_per_stage": list(blocks),
+          "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
+          "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+          "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+          "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    return ConfigurationManager({"architecture": {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+        "arch_kwargs": kw, "_kw_requires_import": _IMPORTS}})
+
+
+def preset_configuration(name: str):
+    if name not in PRESETS:
+        raise ValueError(f"-preset must be one of {sorted(PRESETS)}, got {name!r}")
+    dim, features, blocks, _, _ = PRESETS[name]
+    return resenc_m_configuration(dim, features, blocks)
+
+
+def _with_dmoe_settings(configuration_manager, **dmoe):
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    cfg = deepcopy(configuration_manager.configuration)
+    cfg["architecture"]["arch_kwargs"].update({f"dmoe_{k}": v for k, v in dmoe.items()})
+    return ConfigurationManager(cfg)
+
+
+def build_pair(configuration_manager, num_levels: int = 4, deep_supervision: bool = False,
+               num_input_channels: int = 2, num_outputs: int = 2, attribute_channel: Optional[int] = None,
+               mode: str = "dmoe", seed: int = 0):
+    """(baseline, (d)MoE) networks of one configuration; the baseline is the plans' U-Net (attribute stripped)."""
+    from nnunet_dmoe.networks import build_attribute_network
+
+    if attribute_channel is None:
+        attribute_channel = num_input_channels - 1
+    cm = configuration_manager
+    if "dmoe_attribute_channel" not in cm.network_arch_init_kwargs:
+        cm = _with_dmoe_settings(cm, num_levels=num_levels, attribute_channel=attribute_channel)
+    nets = []
+    for m in ("none", mode):
+        torch.manual_seed(seed)
+        nets.append(build_attribute_network(None, cm, num_input_channels, num_outputs, deep_supervision, m))
+    return tuple(nets)
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def dmoe_parameters(channels: Sequence[int], num_experts: int = 8, ratio: int = 4, num_routers: int = 5,
+                    noisy: bool = True) -> int:
+    """Analytic parameter count of the (d)MoE blocks after encoder stages with ``channels``: per block
+    ``E (C*rC + rC + rC*C + C)`` expert weights and ``R C E`` router weights (twice with the noise router)."""
+    total = 0
+    for c in channels:
+        h = ratio * c
+        total += num_experts * (2 * c * h + h + c) + (2 if noisy else 1) * num_routers * c * num_experts
+    return total
+
+
+def dmoe_flops(channels: Sequence[int], tokens: Sequence[int], num_experts: int = 8, top_k: int = 2,
+               ratio: int = 4) -> int:
+    """Analytic inference FLOPs (2 per multiply-add) of the (d)MoE blocks: per token the router ``2 C E`` and
+    ``k`` expert MLPs ``2 (ceil8(C+1) rC + rC C)`` (layer-1 bias as an extra input column, padded to 8)."""
+    total = 0
+    for c, n in zip(channels, tokens):
+        h, c_in = ratio * c, -(-(c + 1) // 8) * 8
+        total += n * (2 * c * num_experts + top_k * 2 * (c_in * h + h * c))
+    return total
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode formula for ``aten::_grouped_mm``: 2 per multiply-add over all groups."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (M, K) x (E, K, N), rows grouped
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (M, K) x (K, N), K grouped -> (E, M, N)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]  # (M, K) groups x (K, N)
+
+
+def count_flops(net: torch.nn.Module, input_size: Sequence[int], num_input_channels: int,
+                batch: int = 1) -> Dict[str, int]:
+    """FLOPs of one eval forward pass at ``input_size`` on the meta device (nothing is computed).
+
+    Returns ``{"total": ..., "dmoe": ...}``, the latter being the FLOPs inside the (d)MoE blocks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunet_dmoe.dmoe import DistributionAwareMoE
+
+    meta = deepcopy(net).to("meta", torch.bfloat16).eval()  # the grouped-mm meta kernel is bf16-only
+    x = torch.zeros(batch, num_input_channels, *input_size, device="meta", dtype=torch.bfloat16)
+    kwargs = {}
+    if getattr(meta, "moe", None) is not None:
+        kwargs["attribute"] = torch.zeros(batch, dtype=torch.long, device="meta")
+    mapping = {torch.ops.aten._grouped_mm: grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        with torch.no_grad():
+            meta(x, **kwargs)
+    per_module = counter.get_flop_counts()
+    dmoe = 0
+    for name, module in meta.named_modules():
+        if isinstance(module, DistributionAwareMoE):
+            key = f"{type(meta).__name__}.{name}"
+            dmoe += sum(per_module.get(key, {}).values())
+    return {"total": counter.get_total_flops(), "dmoe": dmoe}
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+def peak_memory_bytes(step: Callable[[], None], device) -> int:
+    """Peak bytes allocated during ``step`` above what was allocated before it (activations, gradients, ...)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    return max(itertools.accumulate((n for _, n in events), initial=0))
+
+
+def _inputs(batch: int, num_input_channels: int, attribute_channel: int, patch: Sequence[int], num_levels: int,
+            device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, num_input_channels, *patch, generator=g)
+    x[:, attribute_channel] = (torch.arange(batch) % num_levels + 1).view(-1, *([1] * len(patch))).float()
+    return x.to(device)
+
+
+def cost_report(configuration_manager, *, num_levels: int, num_input_channels: int, num_outputs: int,
+                attribute_channel: int, flops_size: Sequence[int], patch: Sequence[int], batch: int = 2,
+                device="cpu", repeats: int = 9, mode: str = "dmoe", measure: bool = True) -> dict:
+    """Everything the table shows, as numbers (see the module docstring for how each is obtained)."""
+    device = torch.device(device)
+    base, moe = build_pair(configuration_manager, num_levels, deep_supervision=True,
+                           num_input_channels=num_input_channels, num_outputs=num_outputs,
+                           attribute_channel=attribute_channel, mode=mode)
+    rows = {"parameters": (count_parameters(base), count_parameters(moe))}
+    fb, fm = (count_flops(n, flops_size, num_input_channels) for n in (base, moe))
+    rows["flops"] = (fb["total"], fm["total"])
+    report = {"rows": rows, "dmoe_flops": fm["dmoe"], "flops_size": tuple(flops_size), "patch": tuple(patch),
+              "batch": batch, "device": str(device), "repeats": repeats, "mode": mode,
+              "threads": torch.get_num_threads()}
+    if not measure:
+        return report
+    x = _inputs(batch, num_input_channels, attribute_channel, patch, num_levels, device)
+    base.to(device), moe.to(device)
+
+    def forward(net):
+        def run():
+            with torch.no_grad():
+                net(x)
+        return run
+
+    def train_step(net):
+        def run():
+            out = net(x)
+            sum(o.float().mean() for o in out).backward()
+            net.zero_grad(set_to_none=True)
+        return run
+
+    base.eval(), moe.eval()
+    t = time_interleaved({"base": forward(base), "moe": forward(moe)}, repeats, device=device)
+    rows["forward_s"] = (statistics.median(t["base"]), statistics.median(t["moe"]))
+    base.train(), moe.train()
+    t = time_interleaved({"base": train_step(base), "moe": train_step(moe)}, repeats, device=device)
+    rows["train_s"] = (statistics.median(t["base"]), statistics.median(t["moe"]))
+    param_bytes = [sum(p.numel() * p.element_size() for p in n.parameters()) for n in (base, moe)]
+    rows["peak_bytes"] = tuple(pb + peak_memory_bytes(train_step(n), device) for pb, n in zip(param_bytes,
+                                                                                                (base, moe)))
+    return report
+
+
+def format_table(report: dict, title: str) -> str:
+    """Markdown table: metric | without dMoE | with dMoE | ratio."""
+    name = "dMoE" if report["mode"] == "dmoe" else "MoE"
+    size = "x".join(map(str, report["flops_size"]))
+    patch = "x".join(map(str, report["patch"]))
+    fmt = {
+        "parameters": ("Parameters (M)", lambda v: f"{v / 1e6:.2f}"),
+        "flops": (f"GFLOPs, forward at {size}", lambda v: f"{v / 1e9:.0f}" if v >= 1e11 else f"{v / 1e9:.2f}"),
+        "forward_s": (f"Forward time (ms), {patch} x {report['batch']}", lambda v: f"{v * 1e3:.1f}"),
+        "train_s": (f"Forward+backward time (ms), {patch} x {report['batch']}", lambda v: f"{v * 1e3:.1f}"),
+        "peak_bytes": (f"Peak memory forward+backward (MiB), {patch} x {report['batch']}",
+                       lambda v: f"{v / 2 ** 20:.0f}"),
+    }
+    lines = [f"**{title}**", "", f"| | without {name} | with {name} | ratio |", "|---|---:|---:|---:|"]
+    for key, (label, f) in fmt.items():
+        if key in report["rows"]:
+            a, b = report["rows"][key]
+            lines.append(f"| {label} | {f(a)} | {f(b)} | {b / a:.2f}x |")
+    lines.append("")
+    lines.append(f"{name} blocks: {report['dmoe_flops'] / 1e9:.1f} GFLOPs of the forward at {size} (routers + top-k "
+                 f"experts). FLOPs: 2 per multiply-add (FlopCounterMode); times: median of {report['repeats']} "
+                 f"interleaved runs on {report['device']} ({report['threads']} threads); peak memory includes the "
+                 f"parameters.")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+def _from_plans(dataset: str, configuration: str, plans_identifier: str):
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_dmoe.attribute import AttributeSpec
+
+    if nnUNet_preprocessed is None:
+        raise RuntimeError("nnUNet_preprocessed is not set; set it to the folder nnUNetv2_plan_and_preprocess wrote, "
+                           "or use -preset")
+    folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
+    plans_file = os.path.join(folder, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise ValueError(f"no plans {plans_file} (-d {dataset} -p {plans_identifier}); run "
+                         f"nnUNetv2_plan_and_preprocess first or check -p")
+    with open(plans_file) as f:
+        plans = PlansManager(json.load(f))
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    if configuration not in plans.available_configurations:
+        raise ValueError(f"-c {configuration!r} is not in {plans_file}; it has {plans.available_configurations}")
+    spec = AttributeSpec.from_dataset_json(dataset_json, os.path.join(folder, "dataset.json"))
+    cm = plans.get_configuration(configuration)
+    num_outputs = plans.get_label_manager(dataset_json).num_segmentation_heads
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality")))
+    return cm, spec.num_levels, channels, num_outputs, spec.channel, tuple(cm.patch_size)
+
+
+def benchmark_entry_point():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Cost of the distribution-aware MoE vs the plain U-Net: "
+                                                 "parameters, GFLOPs, time, peak memory (the paper's Table 7).")
+    parser.add_argument("-d", type=str, default=None,
+                        help="[OPTIONAL] dataset name or id whose plans to use (needs -c); or use -preset")
+    parser.add_argument("-c", type=str, default=None, help="[OPTIONAL] configuration in the plans, e.g. 3d_fullres")
+    parser.add_argument("-p", type=str, default="nnUNetPlans", help="[OPTIONAL] plans identifier. Default: nnUNetPlans")
+    parser.add_argument("-preset", "--preset", type=str, default=None,
+                        help=f"[OPTIONAL] built-in architecture instead of plans: {', '.join(PRESETS)}")
+    parser.add_argument("-num_levels", type=int, default=4,
+                        help="[OPTIONAL] attribute levels for a preset (plans: from dataset.json). Default: 4")
+    parser.add_argument("-mode", type=str, default="dmoe", choices=("dmoe", "moe"),
+                        help="[OPTIONAL] dmoe (router per level) or moe (one router). Default: dmoe")
+    parser.add_argument("-flops_size", type=int, nargs="+", default=None,
+                        help="[OPTIONAL] input size for the GFLOPs. Default: 384 384 128 (3D), 224 224 (2D)")
+    parser.add_argument("-patch", type=int, nargs="+", default=None,
+                        help="[OPTIONAL] patch size for the timings. Default: the preset's small patch, or the plans' "
+                             "patch halved per axis")
+    parser.add_argument("-b", type=int, default=2, help="[OPTIONAL] batch size for the timings. Default: 2")
+    parser.add_argument("-device", type=str, default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
+    parser.add_argument("-repeats", type=int, default=9,
+                        help="[OPTIONAL] timed runs per network (interleaved; median reported). Default: 9")
+    parser.add_argument("-o", type=str, default=None, help="[OPTIONAL] also write the table to this markdown file")
+    parser.add_argument("--no_timing", action="store_true", help="[OPTIONAL] parameters and GFLOPs only")
+    args = parser.parse_args()
+
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"-device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("-device cuda was given but torch sees no CUDA device")
+    if (args.preset is None) == (args.d is None):
+        raise ValueError(_NO_SOURCE.format(presets=", ".join(PRESETS)) + f" (got -d {args.d}, -preset {args.preset})")
+    if args.preset is not None:
+        cm = preset_configuration(args.preset)
+        dim, _, _, flops_size, patch = PRESETS[args.preset]
+        num_levels, channels, outputs, attribute_channel = args.num_levels, 2, 2, 1
+        title = f"preset {args.preset}"
+    else:
+        if args.c is None:
+            raise ValueError(f"-d {args.d} needs -c CONFIGURATION")
+        cm, num_levels, channels, outputs, attribute_channel, plans_patch = _from_plans(args.d, args.c, args.p)
+        dim = len(plans_patch)
+        flops_size = (384, 384, 128) if dim == 3 else (224, 224)
+        patch = tuple(max(8, p // 2) for p in plans_patch)
+        title = f"dataset {args.d}, configuration {args.c}, plans {args.p}"
+    flops_size = tuple(args.flops_size) if args.flops_size else flops_size
+    patch = tuple(args.patch) if args.patch else patch
+    for flag, value in (("-flops_size", flops_size), ("-patch", patch)):
+        if len(value) != dim:
+            raise ValueError(f"{flag} needs {dim} numbers for this {dim}D network, got {list(value)}")
+    report = cost_report(cm, num_levels=num_levels, num_input_channels=channels, num_outputs=outputs,
+                         attribute_channel=attribute_channel, flops_size=flops_size, patch=patch, batch=args.b,
+                         device=args.device, repeats=args.repeats, mode=args.mode, measure=not args.no_timing)
+    table = format_table(report, title)
+    print(table)
+    if args.o:
+        with open(args.o, "w") as f:
+            f.write(table)
+        print(f"written to {args.o}")

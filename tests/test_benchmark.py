@@ -1,0 +1,105 @@
+"""Cost report: parameter and FLOP counts against independent formulas, peak memory, the CLI."""
+import math
+
+import pytest
+import torch
+
+from conftest import nnunet_env, run
+from nnunet_dmoe import benchmark
+from nnunet_dmoe.benchmark import (build_pair, count_flops, count_parameters, dmoe_flops, dmoe_parameters,
+                                   grouped_mm_flops, peak_memory_bytes, preset_configuration)
+from nnunet_dmoe.dmoe import DistributionAwareMoE
+
+TINY_CHANNELS = (8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    return build_pair(preset_configuration("tiny_3d"), num_levels=4, deep_supervision=True)
+
+
+def test_parameters_added_by_dmoe_equal_the_formula(tiny_pair):
+    base, moe = tiny_pair
+    blocks = [m for m in moe.modules() if isinstance(m, DistributionAwareMoE)]
+    assert [b.dim for b in blocks] == list(TINY_CHANNELS)
+    by_hand = sum(p.numel() for b in blocks for p in list(b.experts.parameters()) + list(b.router.parameters()))
+    formula = dmoe_parameters(TINY_CHANNELS, num_experts=8, ratio=4, num_routers=5, noisy=True)
+    assert by_hand == formula
+    assert count_parameters(moe) - count_parameters(base) == formula
+    assert count_parameters(moe.unet) == count_parameters(base.unet)
+
+
+def test_flops_of_the_dmoe_part_equal_the_formula(tiny_pair):
+    base, moe = tiny_pair
+    size = (32, 24, 16)
+    fb, fm = count_flops(base, size, 2), count_flops(moe, size, 2)
+    tokens = [math.prod(s // 2 ** i for s in size) for i in range(3)]
+    assert fm["dmoe"] == dmoe_flops(TINY_CHANNELS, tokens, num_experts=8, top_k=2, ratio=4) > 0
+    assert fm["total"] - fb["total"] == fm["dmoe"] and fb["dmoe"] == 0
+    # the U-Net part: at least the convolutions' multiply-adds of the first stage's first conv
+    assert fb["total"] > 2 * 8 * 1 * 27 * math.prod(size)
+
+
+def test_grouped_mm_formula_counts_every_group():
+    a, b = torch.randn(10, 16, dtype=torch.bfloat16), torch.randn(3, 16, 8, dtype=torch.bfloat16)
+    offs = torch.tensor([2, 7, 10], dtype=torch.int32)
+    assert torch._grouped_mm(a, b, offs=offs).shape == (10, 8)
+    assert grouped_mm_flops(a.shape, b.shape) == 2 * 10 * 16 * 8
+
+
+def test_peak_memory_sees_the_largest_live_set():
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)
+        del a, b
+        c = torch.ones(1 << 19)
+        del c
+
+    peak = peak_memory_bytes(step, "cpu")
+    assert 8 << 20 <= peak < 9 << 20
+
+
+def test_cli_preset_writes_markdown(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "table.md"
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", "-preset", "tiny_3d", "-patch", "8", "8", "8",
+                                     "-b", "1", "-repeats", "1", "-flops_size", "16", "16", "16", "-o", str(out)])
+    benchmark.benchmark_entry_point()
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(k.split(" (")[0].split(",")[0] for k in rows) >= {
+        "Parameters", "GFLOPs", "Forward time", "Forward+backward time", "Peak memory forward+backward"}
+    base, moe = build_pair(preset_configuration("tiny_3d"), num_levels=4)
+    assert f"| {count_parameters(base) / 1e6:.2f} | {count_parameters(moe) / 1e6:.2f} |" in rows["Parameters (M)"]
+
+
+@pytest.mark.parametrize("argv,message", [([], "-preset"), (["-preset", "nope"], "nope"),
+                                          (["-preset", "tiny_3d", "-patch", "8", "8"], "-patch"),
+                                          (["-preset", "tiny_3d", "-device", "tpu"], "tpu")])
+def test_cli_bad_arguments(monkeypatch, argv, message):
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", *argv])
+    with pytest.raises(ValueError, match=message):
+        benchmark.benchmark_entry_point()
+
+
+def test_cli_from_plans(preprocessed_3d, tmp_path):
+    out = tmp_path / "plans.md"
+    text = run(["nnUNetv2_dmoe_benchmark", "-d", "991", "-c", "3d_fullres", "--no_timing", "-flops_size", "32", "32",
+                "32", "-o", str(out)], nnunet_env(preprocessed_3d))
+    assert "dataset 991, configuration 3d_fullres" in text and "GFLOPs" in out.read_text()
+
+
+def test_cpu_dropout_mask_keeps_one_minus_p():
+    # the layer's CPU fast path for Dropout(p) (32-bit thresholds from 64-bit draws), optimised with these benchmarks
+    from nnunet_dmoe.dmoe import _keep_mask
+
+    torch.manual_seed(0)
+    like = torch.empty(1000, 999)
+    for p in (0.1, 0.5):
+        keep = _keep_mask(like, p)
+        assert keep.shape == like.shape and keep.dtype == torch.bool
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / like.numel())
+    torch.manual_seed(1)
+    a = _keep_mask(like, 0.1)
+    torch.manual_seed(1)
+    assert torch.equal(a, _keep_mask(like, 0.1))  # follows torch.manual_seed
