@@ -1,0 +1,168 @@
+"""nnU-Net's real CLIs on a tiny synthetic 2D (PNG) dataset: plan/preprocess, train the dMoE trainer, predict with
+nnUNetv2_predict; then the user's loop for new cases (image only -> nnUNetv2_dmoe_attach_attribute from a table ->
+nnUNetv2_predict), which must give exactly the prediction of the same image with the generator's attribute channel.
+Also the ResEnc-M planner with the dMoE trainer, and the attribute channel under nnU-Net's 2D resampling."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import nnunet_env, run
+
+DATASET = "Dataset992_SyntheticFairness"
+TRAINER = "nnUNetTrainerDMoE_1epochs_5iters"
+SIZE = (48, 48)
+
+
+def _env(root, **extra):
+    """nnU-Net's variables for this root. OpenMP threads sleep instead of spinning while they wait: nnU-Net sets torch
+    to all cores on CPU, and with spinning threads a step on this small CPU slows down ~50x whenever another
+    process is busy (measured: 7.7 s vs 0.15 s for a 40x40 forward+backward); results are the same."""
+    return nnunet_env(root, OMP_WAIT_POLICY="PASSIVE", **extra)
+
+
+@pytest.fixture(scope="module")
+def dataset_2d(tmp_path_factory):
+    """Synthetic 2D dataset 992 (10 train / 4 test, 48x48 PNG), planned and preprocessed for 2d by nnU-Net."""
+    root = tmp_path_factory.mktemp("nnunet2d")
+    env = _env(root)
+    run(["nnUNetv2_dmoe_make_synthetic", "-d", "992", "-dim", "2", "-num_train", "10", "-num_test", "4",
+         "-size", *map(str, SIZE), "-seed", "2"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "2d", "-np", "1", "-npfp", "1"], env)
+    return root
+
+
+def _dataset_json(root):
+    return json.loads((root / "raw" / DATASET / "dataset.json").read_text())
+
+
+def _predict(env, src, out, plans="nnUNetPlans"):
+    run(["nnUNetv2_predict", "-i", str(src), "-o", str(out), "-d", "992", "-c", "2d", "-tr", TRAINER, "-p", plans,
+         "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar", "--save_probabilities"], env)
+
+
+def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
+    root = dataset_2d
+    env = _env(root)
+    log = run(["nnUNetv2_train", "992", "2d", "0", "-tr", TRAINER, "-device", "cpu"],
+              _env(root, nnUNet_n_proc_DA="0"))
+    # the trainer's start check: every preprocessed (cropped, normalised) case decodes to its dataset.json level
+    assert "dataset.json and the attribute channel agree for all 10 cases" in log
+    model = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__2d"
+    arch = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["architecture"]
+    assert arch["network_class_name"].endswith("PlainConvUNet")
+    assert arch["arch_kwargs"]["dmoe_num_levels"] == 4 and arch["arch_kwargs"]["dmoe_attribute_channel"] == 1
+    ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
+    assert (model / "fold_0" / "validation" / "summary.json").is_file()
+
+    # New cases: the test images without their attribute channel, under new names, plus one of unknown attribute.
+    # nnUNetv2_dmoe_attach_attribute writes the channel from a CSV table into the prediction folder (-o), next to
+    # the original test cases with the generator's channel; one nnUNetv2_predict call predicts all of them.
+    dj = _dataset_json(root)
+    test_levels = dj["attribute"]["test_cases"]
+    images_ts = root / "raw" / DATASET / "imagesTs"
+    cases = sorted(p.name[: -len("_0000.png")] for p in images_ts.glob("*_0000.png"))
+    assert cases == sorted(test_levels) and len(cases) == 4
+    new = tmp_path / "new"
+    new.mkdir()
+    for case in cases:
+        shutil.copy(images_ts / f"{case}_0000.png", new / f"new_{case}_0000.png")
+    shutil.copy(images_ts / f"{cases[0]}_0000.png", new / "unknown_case_0000.png")
+    table = tmp_path / "levels.csv"
+    table.write_text("patient,tstage\n" + "".join(f"new_{c},{test_levels[c]}\n" for c in cases) + "unknown_case,\n")
+    pred_in = tmp_path / "pred_in"
+    shutil.copytree(images_ts, pred_in)
+    out = run(["nnUNetv2_dmoe_attach_attribute", "-i", str(new), "-t", str(table), "--id-column", "patient",
+               "--attribute-column", "tstage", "-d", "992", "-o", str(pred_in)], env)
+    assert "unknown_case: unknown" in out
+    for case in cases:  # the tool writes the channel the generator wrote
+        np.testing.assert_array_equal(np.asarray(Image.open(pred_in / f"new_{case}_0001.png")),
+                                      np.asarray(Image.open(images_ts / f"{case}_0001.png")))
+    assert not np.asarray(Image.open(pred_in / "unknown_case_0001.png")).any()
+
+    pred = tmp_path / "pred"
+    _predict(env, pred_in, pred)
+    assert sorted(p.name for p in pred.glob("*.png")) == sorted(
+        [f"{c}.png" for c in cases] + [f"new_{c}.png" for c in cases] + ["unknown_case.png"])
+    for f in pred.glob("*.png"):
+        seg = np.asarray(Image.open(f))
+        assert seg.shape == SIZE and set(np.unique(seg)) <= {0, 1}
+    for case in cases:
+        a, b = (np.asarray(Image.open(pred / f"{c}.png")) for c in (case, f"new_{case}"))
+        np.testing.assert_array_equal(a, b)
+        pa, pb = (np.load(pred / f"{c}.npz")["probabilities"] for c in (case, f"new_{case}"))
+        assert pa.shape == (2, 1, *SIZE)
+        np.testing.assert_array_equal(pa, pb)  # same model, deterministic eval: identical, not merely close
+
+
+def test_resenc_planner_and_dmoe_trainer(dataset_2d, tmp_path):
+    """nnUNetPlannerResEncM plans the 2D dataset; the dMoE trainer builds ResidualEncoderUNet + dMoE from it, passes
+    its start check, trains, validates, and nnUNetv2_predict runs with the ResEnc model."""
+    root = dataset_2d
+    env = _env(root)
+    # ResEnc-M's 2d configuration preprocesses exactly as the default plans (same data identifier, spacing and
+    # normalisation), so the fixture's preprocessed data serve it and --no_pp saves the time of writing them again
+    run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "2d", "-pl", "nnUNetPlannerResEncM", "--no_pp"], env)
+    plans_file = root / "preprocessed" / DATASET / "nnUNetResEncUNetMPlans.json"
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"]["2d"]
+    default = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())["configurations"]["2d"]
+    for key in ("data_identifier", "spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data"):
+        assert cfg[key] == default[key], key
+    assert cfg["architecture"]["network_class_name"].endswith("ResidualEncoderUNet") and cfg["batch_size"] >= 2
+    log = run(["nnUNetv2_train", "992", "2d", "0", "-tr", TRAINER, "-p", "nnUNetResEncUNetMPlans", "-device", "cpu"],
+              _env(root, nnUNet_n_proc_DA="0"))
+    assert "dataset.json and the attribute channel agree for all 10 cases" in log
+    model = root / "results" / DATASET / f"{TRAINER}__nnUNetResEncUNetMPlans__2d"
+    arch = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["architecture"]
+    assert arch["network_class_name"].endswith("ResidualEncoderUNet")
+    assert arch["arch_kwargs"]["dmoe_num_levels"] == 4
+    ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
+    assert any("stages.0.blocks" in k for k in ckpt["network_weights"])  # residual encoder blocks
+    summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
+    assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+    images_ts = root / "raw" / DATASET / "imagesTs"
+    _predict(env, images_ts, tmp_path / "pred", plans="nnUNetResEncUNetMPlans")
+    cases = sorted(p.name[: -len("_0000.png")] for p in images_ts.glob("*_0000.png"))
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == [f"{c}.png" for c in cases]
+    for case in cases:
+        seg = np.asarray(Image.open(tmp_path / "pred" / f"{case}.png"))
+        assert seg.shape == SIZE and set(np.unique(seg)) <= {0, 1}
+        probs = np.load(tmp_path / "pred" / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(seg, probs.argmax(0)[0])
+
+
+@pytest.mark.parametrize("spacing", [[0.6, 0.6], [1.7, 1.3]])
+def test_nnunet_2d_resampling_keeps_the_attribute(dataset_2d, spacing, monkeypatch):
+    """PNG cases have spacing 1, so the 2d plans never resample them; force nnU-Net's preprocessor to resample to
+    another spacing (up and down, order-3 for data) and decode the attribute channel of every test case."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_dmoe.attribute import decode_attribute_channel
+
+    root = dataset_2d
+    for k, v in nnunet_env(root).items():
+        monkeypatch.setenv(k, v)
+    dj = _dataset_json(root)
+    plans = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    plans["configurations"]["2d"]["spacing"] = spacing
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("2d")
+    images_ts = root / "raw" / DATASET / "imagesTs"
+    levels = dj["attribute"]["levels"]
+    for case, level in sorted(dj["attribute"]["test_cases"].items()):
+        files = [str(images_ts / f"{case}_{i:04d}.png") for i in range(2)]
+        data, _, props = DefaultPreprocessor(verbose=False).run_case(files, None, pm, cm, dj)
+        expected_shape = np.round(np.array(props["shape_after_cropping_and_before_resampling"][1:])
+                                  / np.array(spacing)).astype(int)
+        assert data.shape[0] == 2 and tuple(data.shape[2:]) == tuple(expected_shape)
+        assert decode_attribute_channel(data[1], len(levels), case) == levels.index(level)
+        # the channel still holds the level's code nearly everywhere inside the footprint
+        codes = np.rint(data[1][data[1] > 0.5])
+        assert np.mean(codes == levels.index(level) + 1) > 0.9
