@@ -93,6 +93,8 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     env = dict(os.environ, nnUNet_raw=os.path.join(output, "nnUNet_raw"),
                nnUNet_preprocessed=os.path.join(output, "nnUNet_preprocessed"),
                nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_def_n_proc="1")
+    # nnU-Net's background workers share the cores with training: spinning OpenMP threads slow it down badly
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     configuration = "3d_fullres" if dim == 3 else "2d"
     name = f"Dataset{dataset_id:03d}_SyntheticFairness"
     raw = os.path.join(env["nnUNet_raw"], name)

@@ -104,6 +104,9 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
     if not (len(levels) == len(proportions) == len(margins)):
         raise ValueError(f"levels ({len(levels)}), proportions ({len(proportions)}) and margins ({len(margins)}) "
                          f"must have the same length")
+    for what, n in (("num_train", num_train), ("num_test", num_test)):
+        if n < len(levels):
+            raise ValueError(f"{what} = {n}: need at least one case per level ({len(levels)} levels)")
     size = tuple(size) if size is not None else ((40, 40, 40) if dim == 3 else (96, 96))
     if len(size) != dim:
         raise ValueError(f"size {size} does not have {dim} dimensions")

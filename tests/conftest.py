@@ -11,6 +11,8 @@ def nnunet_env(root, **extra):
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1", PYTHONHASHSEED="0",
+               # nnU-Net's worker processes share 2 cores: spinning OpenMP threads would slow everything ~50x
+               OMP_WAIT_POLICY="PASSIVE",
                PATH=VENV_BIN + os.pathsep + env.get("PATH", ""))
     env.update(extra)
     return env
