@@ -11,6 +11,10 @@ down by operator (torch.profiler, forward and backward). Not a test; run by hand
     .venv/bin/python benchmarks/bench_resenc_m.py [--repeats 9] [--patch 64] [-b 2] [--profile]
 
 Target: dMoE/plain <= 1.30x for forward+backward on the 2-core CPU.
+
+Large activations here are fresh ``mmap`` allocations that glibc returns after each op, and first-touch page faults
+are expensive in this VM: with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` (keep freed memory) both
+networks run faster and the dMoE, which allocates more large temporaries, gains most. Say which setting you used.
 """
 import argparse
 import statistics
@@ -27,13 +31,16 @@ OP_GROUPS = {
                                                       "aten::_softmax", "aten::_softmax_backward_data",
                                                       "aten::value_selecting_reduction_backward", "aten::scatter"),
     "sort / searchsorted": ("aten::sort", "aten::searchsorted"),
-    "gather rows (index)": ("aten::index", "aten::index_select"),
+    "gather rows (index_select, index)": ("aten::index", "aten::index_select"),
     "grouped_mm (fwd+bwd)": ("aten::_grouped_mm", "aten::grouped_mm", "aten::mm", "aten::bmm_out"),
-    "dropout (rand, compare, mul)": ("aten::uniform_", "aten::rand_like", "aten::ge", "aten::rand"),
+    "relu + relu backward": ("aten::relu_", "aten::clamp_min_", "aten::threshold_backward"),
+    "dropout + gates (random_, ge, where, mul)": ("aten::uniform_", "aten::rand_like", "aten::ge", "aten::rand",
+                                                  "aten::random_", "aten::where", "aten::mul", "aten::sum"),
+    "adds (bias, residual, grad accumulation)": ("aten::add", "aten::add_"),
     "index_add / index backward": ("aten::index_add_", "aten::index_put_", "aten::_index_put_impl_",
-                                   "aten::index_add"),
-    "copies (cat, pad, copy_, clone, contiguous)": ("aten::cat", "aten::copy_", "aten::clone", "aten::constant_pad_nd",
-                                                    "aten::contiguous", "aten::_to_copy"),
+                                   "aten::index_add", "aten::scatter_add_"),
+    "copies, fills (cat, pad, copy_, zeros)": ("aten::cat", "aten::copy_", "aten::clone", "aten::constant_pad_nd",
+                                               "aten::contiguous", "aten::_to_copy", "aten::fill_", "aten::zero_"),
 }
 
 

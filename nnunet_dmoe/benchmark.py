@@ -279,10 +279,12 @@ def format_table(report: dict, title: str) -> str:
             a, b = report["rows"][key]
             lines.append(f"| {label} | {f(a)} | {f(b)} | {b / a:.2f}x |")
     lines.append("")
-    lines.append(f"{name} blocks: {report['dmoe_flops'] / 1e9:.1f} GFLOPs of the forward at {size} (routers + top-k "
-                 f"experts). FLOPs: 2 per multiply-add (FlopCounterMode); times: median of {report['repeats']} "
-                 f"interleaved runs on {report['device']} ({report['threads']} threads); peak memory includes the "
-                 f"parameters.")
+    note = (f"{name} blocks: {report['dmoe_flops'] / 1e9:.1f} GFLOPs of the forward at {size} (routers + top-k "
+            f"experts). FLOPs: 2 per multiply-add (FlopCounterMode).")
+    if "train_s" in report["rows"]:
+        note += (f" Times: median of {report['repeats']} interleaved runs on {report['device']} "
+                 f"({report['threads']} threads); peak memory includes the parameters.")
+    lines.append(note)
     return "\n".join(lines) + "\n"
 
 
