@@ -39,7 +39,7 @@ _IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 # name: (dim, features, blocks per encoder stage, input size for the GFLOPs, default patch)
 PRESETS = {
     # nnU-Net's ResEnc-M 3D (nnUNetPlannerResEncM) at its six-stage depth
-    "resenc_m_3d": (3, (32, 64, 128, 256, 320, 320), (1, 3, 4, 6, 6, 6), (384, 384, 128), (32, 32, 32)),
+    "resenc_m_3d": (3, (32, 64, 128, 256, 320, 320), (1, 3, 4, 6, 6, 6), (384, 384, 128), (64, 64, 64)),
     # the same ResEnc-M blocks in 2D (nnU-Net's 2D feature cap is 512)
     "2d": (2, (32, 64, 128, 256, 512, 512), (1, 3, 4, 6, 6, 6), (224, 224), (128, 128)),
     # small enough for tests
@@ -336,7 +336,7 @@ def benchmark_entry_point():
                         help="[OPTIONAL] input size for the GFLOPs. Default: 384 384 128 (3D), 224 224 (2D)")
     parser.add_argument("-patch", type=int, nargs="+", default=None,
                         help="[OPTIONAL] patch size for the timings. Default: the preset's small patch, or the plans' "
-                             "patch halved per axis")
+                             "patch")
     parser.add_argument("-b", type=int, default=2, help="[OPTIONAL] batch size for the timings. Default: 2")
     parser.add_argument("-device", type=str, default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
     parser.add_argument("-repeats", type=int, default=9,
@@ -362,13 +362,17 @@ def benchmark_entry_point():
         cm, num_levels, channels, outputs, attribute_channel, plans_patch = _from_plans(args.d, args.c, args.p)
         dim = len(plans_patch)
         flops_size = (384, 384, 128) if dim == 3 else (224, 224)
-        patch = tuple(max(8, p // 2) for p in plans_patch)
+        patch = plans_patch
         title = f"dataset {args.d}, configuration {args.c}, plans {args.p}"
     flops_size = tuple(args.flops_size) if args.flops_size else flops_size
     patch = tuple(args.patch) if args.patch else patch
     for flag, value in (("-flops_size", flops_size), ("-patch", patch)):
         if len(value) != dim:
             raise ValueError(f"{flag} needs {dim} numbers for this {dim}D network, got {list(value)}")
+    strides = np.prod(np.array(cm.network_arch_init_kwargs["strides"], dtype=np.int64), axis=0)
+    if not args.no_timing and any(p < 2 * st for p, st in zip(patch, strides)):
+        raise ValueError(f"-patch {list(patch)} is too small for this network: instance norm needs at least 2 voxels "
+                         f"per axis at the bottleneck, so at least {[int(2 * st) for st in strides]}")
     report = cost_report(cm, num_levels=num_levels, num_input_channels=channels, num_outputs=outputs,
                          attribute_channel=attribute_channel, flops_size=flops_size, patch=patch, batch=args.b,
                          device=args.device, repeats=args.repeats, mode=args.mode, measure=not args.no_timing)

@@ -75,6 +75,7 @@ def test_cli_preset_writes_markdown(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,message", [([], "-preset"), (["-preset", "nope"], "nope"),
                                           (["-preset", "tiny_3d", "-patch", "8", "8"], "-patch"),
+                                          (["-preset", "tiny_3d", "-patch", "4", "8", "8"], "too small"),
                                           (["-preset", "tiny_3d", "-device", "tpu"], "tpu")])
 def test_cli_bad_arguments(monkeypatch, argv, message):
     monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", *argv])
