@@ -142,8 +142,7 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
 
     stage("5/5 fairness report")
     report = os.path.join(output, "report")
-    with open(os.path.join(raw, "dataset.json")) as f:
-        attributes = attributes_from_dataset_json(json.load(f))
+    attributes = attributes_from_dataset_json(os.path.join(raw, "dataset.json"))
     result = compare_methods(predictions, os.path.join(raw, "labelsTs"), [1], attributes, report, n_boot=n_boot)
     summaries = result["methods"]
     if replicates > 1:
