@@ -53,19 +53,21 @@ class Problems:
 
 
 def prepare_dataset_folder(dataset_id: int, dataset_name: str, overwrite: bool = False,
-                           extra_files: Sequence[str] = ()) -> str:
-    """Create ``$nnUNet_raw/DatasetXXX_Name`` (empty) and return its path.
+                           extra_files: Sequence[str] = (), raw_folder: Optional[str] = None) -> str:
+    """Create ``raw_folder/DatasetXXX_Name`` (default ``$nnUNet_raw``; empty) and return its path.
 
     Refuses (``RuntimeError``) when any ``DatasetXXX_*`` folder with the same id exists in ``nnUNet_raw`` or a file
     in ``extra_files`` exists, unless ``overwrite``; with ``overwrite`` those are removed first.
     """
-    from nnunetv2.paths import nnUNet_raw
+    if raw_folder is None:
+        from nnunetv2.paths import nnUNet_raw
+        raw_folder = nnUNet_raw
 
     if not 0 < int(dataset_id) < 1000:
         raise ValueError(f"-d: the dataset id must be an integer from 1 to 999, got {dataset_id!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", dataset_name):
         raise ValueError(f"-n: the dataset name may hold letters, digits, '_' and '-', got {dataset_name!r}")
-    raw = os.fspath(nnUNet_raw)
+    raw = os.fspath(raw_folder)
     os.makedirs(raw, exist_ok=True)
     prefix = f"Dataset{int(dataset_id):03d}_"
     existing = sorted(os.path.join(raw, d) for d in os.listdir(raw)

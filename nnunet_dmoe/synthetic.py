@@ -19,12 +19,11 @@ Written as an nnU-Net raw dataset: image ``_0000`` + attribute channel ``_0001``
 from __future__ import annotations
 
 import os
-import shutil
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.attribute import encode_attribute_channel
 
 __all__ = ["make_synthetic_dataset", "allocate_levels", "DEFAULT_LEVELS", "DEFAULT_PROPORTIONS", "DEFAULT_MARGINS"]
 
@@ -95,9 +94,9 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
                            size: Optional[Sequence[int]] = None, seed: int = 0,
                            levels: Sequence[str] = DEFAULT_LEVELS, proportions: Sequence[float] = DEFAULT_PROPORTIONS,
                            margins: Sequence[int] = DEFAULT_MARGINS, name: str = "SyntheticFairness",
-                           raw_folder: Optional[str] = None, overwrite: bool = False, verbose: bool = True) -> str:
+                           raw_folder: Optional[str] = None, overwrite: bool = False) -> str:
     """Write ``Dataset{id:03d}_{name}`` into ``raw_folder`` (default ``$nnUNet_raw``) and return its path."""
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+    from nnunet_dmoe.dataset_conversion.common import attribute_block, finish, prepare_dataset_folder
 
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
@@ -110,52 +109,25 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
     size = tuple(size) if size is not None else ((40, 40, 40) if dim == 3 else (96, 96))
     if len(size) != dim:
         raise ValueError(f"size {size} does not have {dim} dimensions")
-    if raw_folder is None:
-        from nnunetv2.paths import nnUNet_raw
-        raw_folder = nnUNet_raw.require() if hasattr(nnUNet_raw, "require") else nnUNet_raw
-    existing = [d for d in (os.listdir(raw_folder) if os.path.isdir(raw_folder) else [])
-                if d.startswith(f"Dataset{dataset_id:03d}_")]
-    if existing and not overwrite:
-        raise FileExistsError(f"{os.path.join(raw_folder, existing[0])} exists. Choose another dataset id (-d) or "
-                              f"pass --overwrite to replace it.")
-    for d in existing:
-        shutil.rmtree(os.path.join(raw_folder, d))
-    out = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{name}")
-    dirs = {k: os.path.join(out, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-    for d in dirs.values():
-        os.makedirs(d)
+    out = prepare_dataset_folder(dataset_id, name, overwrite, raw_folder=raw_folder)
 
     rng = np.random.default_rng(seed)
-    split_levels = {"Tr": allocate_levels(num_train, proportions, rng),
-                    "Ts": allocate_levels(num_test, proportions, rng)}
-    cases = {"Tr": {}, "Ts": {}}
-    for split, lv in split_levels.items():
-        for i, level in enumerate(lv):
-            case = f"{'syn' if split == 'Tr' else 'synts'}_{i:04d}"
+    split_levels = {"train": allocate_levels(num_train, proportions, rng),  # both first: fixed draw order
+                    "test": allocate_levels(num_test, proportions, rng)}
+    values, split = {}, {}
+    for part, prefix, suffix in (("train", "syn", "Tr"), ("test", "synts", "Ts")):
+        img_dir, lab_dir = os.path.join(out, "images" + suffix), os.path.join(out, "labels" + suffix)
+        for i, level in enumerate(split_levels[part]):
+            case = f"{prefix}_{i:04d}"
             image, label = _make_case(size, int(level), margins, rng)
-            attr = encode_attribute_channel(image[None], int(level))
-            _write(image, attr, label, dirs[f"images{split}"], dirs[f"labels{split}"], case, dim)
-            cases[split][case] = levels[int(level)]
+            _write(image, encode_attribute_channel(image[None], int(level)), label, img_dir, lab_dir, case, dim)
+            values[case], split[case] = levels[int(level)], part
 
-    spec = AttributeSpec(name="tstage", levels=list(levels), channel=1, cases=cases["Tr"])
-    block = dict(spec.to_block(), test_cases=cases["Ts"])
-    generate_dataset_json(out, {0: "MR" if dim == 3 else "gray", 1: "noNorm"}, {"background": 0, "target": 1},
-                          num_train, ".nii.gz" if dim == 3 else ".png", dataset_name=f"Dataset{dataset_id:03d}_{name}",
-                          description="nnunet_dmoe synthetic fairness dataset: CTV = GTV + level-dependent margin",
-                          attribute=block, synthetic={"seed": seed, "proportions": list(proportions),
-                                                      "margins": list(margins), "size": list(size)})
-    if verbose:
-        print(f"Wrote {out}")
-        print(level_table(levels, cases))
+    finish(out, {0: "MR" if dim == 3 else "gray", 1: "noNorm"}, {"background": 0, "target": 1},
+           ".nii.gz" if dim == 3 else ".png", attribute_block("tstage", levels, 1, values, split),
+           description="nnunet_dmoe synthetic fairness dataset: CTV = GTV + level-dependent margin",
+           synthetic={"seed": seed, "proportions": list(proportions), "margins": list(margins), "size": list(size)})
     return out
-
-
-def level_table(levels: Sequence[str], cases: dict) -> str:
-    rows: List[str] = [f"{'level':<10}{'train':>8}{'test':>8}"]
-    for lv in levels:
-        rows.append(f"{lv:<10}{sum(v == lv for v in cases['Tr'].values()):>8}"
-                    f"{sum(v == lv for v in cases['Ts'].values()):>8}")
-    return "\n".join(rows)
 
 
 def make_synthetic_entry_point():
