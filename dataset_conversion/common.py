@@ -94,10 +94,7 @@ def attribute_block(name: str, levels: Sequence[str], channel: int, values: Mapp
     """
     cases = {c: v for c, v in values.items() if split[c] == "train"}
     test_cases = {c: v for c, v in values.items() if split[c] == "test"}
-    block = AttributeSpec(name=name, levels=list(levels), channel=channel, cases=cases).to_block()
-    AttributeSpec(name=name, levels=list(levels), channel=channel, cases=test_cases)
-    block["test_cases"] = test_cases
-    return block
+    return AttributeSpec(name=name, levels=list(levels), channel=channel, cases=cases, test_cases=test_cases).to_block()
 
 
 def write_dataset_json(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,

@@ -50,12 +50,15 @@ class AttributeSpec:
         Index of the attribute channel among the dataset's ``channel_names``.
     cases : dict
         Training case id -> level name. ``None`` marks a case whose attribute is unknown.
+    test_cases : dict
+        The same for the ``imagesTs`` cases (project convention, used by the fairness report; training ignores it).
     """
 
     name: str
     levels: List[str]
     channel: int
     cases: Dict[str, Optional[str]] = field(default_factory=dict)
+    test_cases: Dict[str, Optional[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -68,12 +71,17 @@ class AttributeSpec:
         if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)) or self.channel < 0:
             raise ValueError(f"attribute.channel must be a channel index (int >= 0), got {self.channel!r}")
         self.channel = int(self.channel)
-        bad = sorted(f"{c} ({lv!r})" for c, lv in self.cases.items() if lv is not None and lv not in self.levels)
-        if bad:
-            raise ValueError(
-                f"attribute.cases has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
-                f"Add the level to 'levels' or correct the case."
-            )
+        for key, table in (("cases", self.cases), ("test_cases", self.test_cases)):
+            bad = sorted(f"{c} ({lv!r})" for c, lv in table.items() if lv is not None and lv not in self.levels)
+            if bad:
+                raise ValueError(
+                    f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
+                    f"Add the level to 'levels' or correct the case."
+                )
+        clash = sorted(c for c, lv in self.test_cases.items() if c in self.cases and self.cases[c] != lv)
+        if clash:
+            raise ValueError(f"these cases are in both attribute.cases and attribute.test_cases with different "
+                             f"levels: {_fmt_cases(clash)}. Keep one entry per case.")
 
     @property
     def num_levels(self) -> int:
@@ -93,8 +101,14 @@ class AttributeSpec:
             raise KeyError(case_id)
         return self.level_index(self.cases[case_id])
 
+    @property
+    def all_cases(self) -> Dict[str, Optional[str]]:
+        """``cases`` and ``test_cases`` together."""
+        return {**self.cases, **self.test_cases}
+
     def to_block(self) -> dict:
-        return {"name": self.name, "levels": list(self.levels), "channel": self.channel, "cases": dict(self.cases)}
+        return {"name": self.name, "levels": list(self.levels), "channel": self.channel, "cases": dict(self.cases),
+                "test_cases": dict(self.test_cases)}
 
     @classmethod
     def from_dataset_json(cls, dataset_json: Mapping, where: str = "dataset.json") -> "AttributeSpec":
@@ -106,8 +120,10 @@ class AttributeSpec:
         if missing:
             raise ValueError(f"{where}: the attribute block lacks {missing}. Expected keys: name, levels, channel, cases.")
         try:
+            # test_cases levels read as text (a JSON number 2 names level "2")
+            test_cases = {c: None if lv is None else str(lv) for c, lv in (block.get("test_cases") or {}).items()}
             spec = cls(name=block["name"], levels=block["levels"], channel=block["channel"],
-                       cases=dict(block.get("cases", {})))
+                       cases=dict(block.get("cases", {})), test_cases=test_cases)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))

@@ -34,10 +34,6 @@ _NO_ATTRIBUTE = ("{n} case(s) have no attribute in {source}: {cases}. Add them t
                  "'unknown' for an unknown attribute), or remove them from the reference folder.")
 _UNKNOWN_IS_LEVEL = ("{source}: a level is named {unknown!r}, which the report uses for cases whose attribute is "
                      "unknown. Rename the level.")
-_TEST_CASE_LEVEL = ("{source}: attribute.test_cases has levels that are not in attribute.levels {levels}: {cases}. "
-                    "Add the level to 'levels' or correct the case.")
-_CONFLICT = ("{source}: these cases are in both attribute.cases and attribute.test_cases with different levels: "
-             "{cases}. Keep one entry per case.")
 
 
 def fmt_cases(items: Sequence[str], limit: int = 20) -> str:
@@ -110,16 +106,7 @@ def attributes_from_dataset_json(path: str) -> CaseAttributes:
     with open(path) as f:
         dataset_json = json.load(f)
     spec = AttributeSpec.from_dataset_json(dataset_json, where=path)
-    test_cases = dict(dataset_json["attribute"].get("test_cases") or {})
-    bad = sorted(f"{c} ({lv!r})" for c, lv in test_cases.items() if lv is not None and str(lv) not in spec.levels)
-    if bad:
-        raise ValueError(_TEST_CASE_LEVEL.format(source=path, levels=spec.levels, cases=fmt_cases(bad)))
-    clash = sorted(c for c, lv in test_cases.items() if c in spec.cases and spec.cases[c] != lv)
-    if clash:
-        raise ValueError(_CONFLICT.format(source=path, cases=fmt_cases(clash)))
-    cases = dict(spec.cases)
-    cases.update({c: (None if lv is None else str(lv)) for c, lv in test_cases.items()})
-    return CaseAttributes(spec.name, spec.levels, cases, source=path)
+    return CaseAttributes(spec.name, spec.levels, spec.all_cases, source=path)
 
 
 def attributes_from_table(path: str, id_column: Optional[str] = None, attribute_column: Optional[str] = None,
