@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from nnunet_dmoe.attach import attach_attribute
-from nnunet_dmoe.demo import METHODS, PLANS
+from nnunet_dmoe.demo import METHODS, PLANS, demo_env, trainer_name
 from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
 
 
@@ -43,13 +43,10 @@ def main():
     cases = {f[: -len("_0000" + fe)]: None for f in os.listdir(unknown_in)}
     attach_attribute(unknown_in, cases, dataset_json, verbose=False)
 
-    env = dict(os.environ, nnUNet_raw=os.path.join(out, "nnUNet_raw"),
-               nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
-               nnUNet_results=os.path.join(out, "nnUNet_results"), nnUNet_def_n_proc="1", OMP_WAIT_POLICY="PASSIVE")
-    suffix = f"{settings['epochs']}epochs" + (f"_{settings['iters']}iters" if settings["iters"] else "")
+    env = demo_env(out)
     folders = {}
     for method, trainer in METHODS.items():
-        tr = f"{trainer}_{suffix}"
+        tr = trainer_name(trainer, settings["epochs"], settings["iters"])
         known = os.path.join(out, "predictions", f"{tr}_fold{a.fold}")
         unknown = os.path.join(out, "unknown_attribute", "predictions", f"{tr}_fold{a.fold}")
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict"), "-i", unknown_in, "-o",

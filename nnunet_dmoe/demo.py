@@ -62,6 +62,16 @@ def trainer_name(base: str, epochs: int, iters) -> str:
     return f"{base}_{epochs}epochs" + (f"_{iters}iters" if iters else "")
 
 
+def demo_env(output: str) -> Dict[str, str]:
+    """Environment for nnU-Net's CLIs on a demo folder: its own nnUNet_raw/preprocessed/results."""
+    env = dict(os.environ, nnUNet_raw=os.path.join(output, "nnUNet_raw"),
+               nnUNet_preprocessed=os.path.join(output, "nnUNet_preprocessed"),
+               nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_def_n_proc="1")
+    # nnU-Net's background workers share the cores with training: spinning OpenMP threads slow it down badly
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, num_train: int = 60,
              num_test: int = 40, size: Sequence[int] = None, data_seed: int = 0, epochs: int = 10, iters=50,
              replicates: int = 1, methods: Sequence[str] = tuple(METHODS), device: str = "cpu", n_boot: int = 1000,
@@ -90,11 +100,7 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     with open(settings_file, "w") as f:
         json.dump(settings, f, indent=1)
 
-    env = dict(os.environ, nnUNet_raw=os.path.join(output, "nnUNet_raw"),
-               nnUNet_preprocessed=os.path.join(output, "nnUNet_preprocessed"),
-               nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_def_n_proc="1")
-    # nnU-Net's background workers share the cores with training: spinning OpenMP threads slow it down badly
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = demo_env(output)
     configuration = "3d_fullres" if dim == 3 else "2d"
     name = f"Dataset{dataset_id:03d}_SyntheticFairness"
     raw = os.path.join(env["nnUNet_raw"], name)
