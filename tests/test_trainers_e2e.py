@@ -124,8 +124,9 @@ def test_start_check_rejects_out_of_range_codes(preprocessed_3d, monkeypatch):
     dj = _load(preprocessed_3d, "dataset.json")
     # pretend the dataset had only two levels: cases coded 3 or 4 decode out of range
     dj["attribute"]["levels"] = dj["attribute"]["levels"][:2]
-    dj["attribute"]["cases"] = {k: (v if v in dj["attribute"]["levels"] else None)
-                                for k, v in dj["attribute"]["cases"].items()}
+    for key in ("cases", "test_cases"):
+        dj["attribute"][key] = {k: (v if v in dj["attribute"]["levels"] else None)
+                                for k, v in dj["attribute"][key].items()}
     t = _trainer(preprocessed_3d, monkeypatch, dj)
     t.initialize()
     with pytest.raises(ValueError, match="decodes to code [34].*only 2 levels"):
