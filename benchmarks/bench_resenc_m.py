@@ -3,7 +3,7 @@
 ResidualEncoderUNet with nnU-Net's ResEnc-M settings (features 32-64-128-256-320-320, blocks 1-3-4-6-6-6, one conv
 per decoder stage, kernel 3, strides 1,2,2,2,2,2, InstanceNorm3d affine, LeakyReLU, conv bias, deep supervision),
 built through :func:`nnunet_dmoe.networks.build_attribute_network`, with a dMoE after every encoder stage
-(attribute_mode "dmoe") vs without ("none"). Patch 64^3, batch 2, CPU. Times forward+backward in train mode
+(routing "dmoe") vs without (None). Patch 64^3, batch 2, CPU. Times forward+backward in train mode
 (loss = sum of the deep-supervision outputs' means) and eval forward under no_grad, interleaved, medians.
 With ``--profile`` it also times the dMoE layer alone at each encoder stage's shape and breaks the largest one
 down by operator (torch.profiler, forward and backward). Not a test; run by hand:

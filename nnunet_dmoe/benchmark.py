@@ -100,9 +100,10 @@ def preset_configuration(name: str):
 
 def _with_dmoe_settings(configuration_manager, **dmoe):
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    from nnunet_dmoe.networks import PLANS_KEY
 
     cfg = deepcopy(configuration_manager.configuration)
-    cfg["architecture"]["arch_kwargs"].update({f"dmoe_{k}": v for k, v in dmoe.items()})
+    cfg[PLANS_KEY] = {**(cfg.get(PLANS_KEY) or {}), **dmoe}
     return ConfigurationManager(cfg)
 
 
@@ -110,17 +111,18 @@ def build_pair(configuration_manager, num_levels: int = 4, deep_supervision: boo
                num_input_channels: int = 2, num_outputs: int = 2, attribute_channel: Optional[int] = None,
                mode: str = "dmoe", seed: int = 0):
     """(baseline, (d)MoE) networks of one configuration; the baseline is the plans' U-Net (attribute stripped)."""
-    from nnunet_dmoe.networks import build_attribute_network
+    from nnunet_dmoe.networks import build_attribute_network, dmoe_settings
 
     if attribute_channel is None:
         attribute_channel = num_input_channels - 1
     cm = configuration_manager
-    if "dmoe_attribute_channel" not in cm.network_arch_init_kwargs:
+    if "dmoe_attribute_channel" not in dmoe_settings(cm)[0]:
         cm = _with_dmoe_settings(cm, num_levels=num_levels, attribute_channel=attribute_channel)
     nets = []
-    for m in ("none", mode):
+    for routing in (None, mode):
         torch.manual_seed(seed)
-        nets.append(build_attribute_network(None, cm, num_input_channels, num_outputs, deep_supervision, m))
+        nets.append(build_attribute_network(None, cm, num_input_channels, num_outputs, deep_supervision,
+                                            routing=routing))
     return tuple(nets)
 
 

@@ -16,21 +16,35 @@ from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
-__all__ = ["AttributeUNet", "decode_levels", "build_attribute_network", "ATTRIBUTE_MODES"]
+__all__ = ["AttributeUNet", "decode_levels", "build_attribute_network", "dmoe_settings", "ROUTINGS", "PLANS_KEY"]
 
-# how a trainer uses the attribute
-ATTRIBUTE_MODES = ("none", "channel", "moe", "dmoe")
+# routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
+ROUTINGS = ("dmoe", "moe")
+# the configuration's key in the plans that holds the dMoE settings (kept out of ``arch_kwargs``, so that nnU-Net's
+# own trainers can build the plans' U-Net from the same plans)
+PLANS_KEY = "dmoe"
 
 _BAD_CODE = ("The attribute channel of sample {sample} in this batch decodes to code {code}, but the model knows "
              "{n} levels (codes 1..{n}, 0 = unknown). Write the channel with nnUNetv2_dmoe_attach_attribute using the "
              "levels of the model's dataset.json.")
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile too (a graph break at inference), so it cannot be skipped
+def check_levels(levels: torch.Tensor, channel: torch.Tensor, num_levels: int) -> None:
+    """Raise ``ValueError`` (naming the sample and the code) if a sample's channel decodes to a code above
+    ``num_levels``. One host synchronisation; used at inference only."""
+    bad = (levels >= num_levels).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raw = torch.round(channel[i].float()).long().flatten()
+        raise ValueError(_BAD_CODE.format(sample=i, code=int(raw[raw > 0].mode().values), n=num_levels))
+
+
 def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) -> torch.Tensor:
     """Level index per sample from the attribute channel (b, 1, *spatial) or (b, *spatial); -1 = unknown.
 
     The most frequent rounded positive value wins, so resampling blur at the footprint border does not matter.
-    With ``check`` (eager mode only) a code above ``num_levels`` raises ``ValueError``.
+    With ``check`` a code above ``num_levels`` raises ``ValueError`` (also under ``torch.compile``).
     """
     b = channel.shape[0]
     codes = torch.round(channel.reshape(b, -1).float()).clamp_(0, num_levels + 1).long()
@@ -39,12 +53,8 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
     positive = counts[:, 1:]
     code = positive.argmax(1) + 1
     level = torch.where(positive.sum(1) > 0, code - 1, torch.full_like(code, -1))
-    if check and not torch.compiler.is_compiling():
-        bad = (level == num_levels).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raw = torch.round(channel[i].float()).long().flatten()
-            raise ValueError(_BAD_CODE.format(sample=i, code=int(raw[raw > 0].mode().values), n=num_levels))
+    if check:
+        check_levels(level, channel, num_levels)
     return level
 
 
@@ -109,7 +119,9 @@ class AttributeUNet(nn.Module):
         cfg = self.config
         if attribute is None:
             # trainers write clean codes; check (one host sync per forward, not per block) only at inference
-            attribute = decode_levels(channel, cfg.num_levels, check=not self.training)
+            attribute = decode_levels(channel, cfg.num_levels, check=False)
+            if not self.training:
+                check_levels(attribute, channel, cfg.num_levels)
         router_index = route_index_for_levels(attribute.to(x.device).long(), cfg.num_levels, cfg.mode)
         encoder = self.unet.encoder
         if getattr(encoder, "stem", None) is not None:
@@ -133,32 +145,59 @@ class AttributeUNet(nn.Module):
         return total
 
 
-def build_attribute_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
-                            enable_deep_supervision: bool, attribute_mode: str) -> nn.Module:
-    """Build the network for a trainer's ``attribute_mode`` from the plans (see ``ATTRIBUTE_MODES``).
+def dmoe_settings(configuration_manager) -> tuple:
+    """The dMoE settings of a configuration and its ``arch_kwargs`` without them.
 
-    The ``dmoe_*`` settings are read from (and removed from a copy of) the configuration's ``arch_kwargs``; missing
-    ones take :class:`DMoEConfig` defaults. ``dmoe_num_levels`` and ``dmoe_attribute_channel`` are written into the
-    plans by the trainer, so a model folder rebuilds the same network at prediction time.
+    Settings live in the configuration's ``"dmoe"`` block of the plans (keys without prefix, e.g.
+    ``{"num_experts": 8, "num_levels": 4, "attribute_channel": 1}``). Plans written by nnunet_dmoe 0.1 kept them
+    in ``arch_kwargs`` with the prefix ``dmoe_``: those are read too, and removed from the returned kwargs.
+    Returns ``(settings with the dmoe_ prefix, arch_kwargs)``, ready for :meth:`DMoEConfig.pop_from_arch_kwargs`.
+    """
+    arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
+    settings = {k: arch_kwargs.pop(k) for k in list(arch_kwargs) if k.startswith("dmoe_")}
+    block = configuration_manager.configuration.get(PLANS_KEY) or {}
+    settings.update({f"dmoe_{k}": v for k, v in block.items()})
+    return settings, arch_kwargs
+
+
+def build_attribute_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                            enable_deep_supervision: bool = True, *, routing: Optional[str] = None,
+                            keep_attribute_channel: bool = False) -> nn.Module:
+    """Build a trainer's network from the plans.
+
+    Parameters
+    ----------
+    routing : "dmoe", "moe" or None
+        ``None``: no (d)MoE blocks. ``"dmoe"``: a distribution-aware MoE after the encoder stages, one router per
+        attribute level plus one for unknown; ``"moe"``: the same blocks with one router for everyone. The other
+        settings come from the configuration's ``"dmoe"`` block (:func:`dmoe_settings`), defaults where absent.
+    keep_attribute_channel : bool
+        ``True``: the plans' U-Net over all input channels, the attribute channel being an ordinary input (only
+        without routing). ``False``: the channel is stripped before the U-Net (and decoded for routing).
+
+    ``num_levels`` and ``attribute_channel`` are written into the plans by the trainers, so a model folder
+    rebuilds the same network at prediction time.
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    if attribute_mode not in ATTRIBUTE_MODES:
-        raise ValueError(f"attribute_mode must be one of {ATTRIBUTE_MODES}, got {attribute_mode!r}")
-    arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
-    config = DMoEConfig.pop_from_arch_kwargs(arch_kwargs, **({"mode": attribute_mode}
-                                                             if attribute_mode in ("moe", "dmoe") else {}))
+    if routing is not None and routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS} or None, got {routing!r}")
+    if routing is not None and keep_attribute_channel:
+        raise ValueError("a (d)MoE network decodes the attribute channel and strips it: keep_attribute_channel must "
+                         "be False with routing")
+    settings, arch_kwargs = dmoe_settings(configuration_manager)
+    config = DMoEConfig.pop_from_arch_kwargs(settings, **({"mode": routing} if routing else {}))
 
     def unet(in_channels):
         return get_network_from_plans(configuration_manager.network_arch_class_name, arch_kwargs,
                                       configuration_manager.network_arch_init_kwargs_req_import, in_channels,
                                       num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
 
-    if attribute_mode == "channel":
+    if keep_attribute_channel:
         return unet(num_input_channels)
     if config.attribute_channel < 0:
-        raise RuntimeError("The plans lack dmoe_attribute_channel. nnunet_dmoe trainers write it (with "
-                           "dmoe_num_levels) into the plans from dataset.json's attribute block; retrain with one "
-                           "of them or add the keys to the configuration's arch_kwargs.")
+        raise RuntimeError("The plans lack the attribute channel (\"dmoe\": {\"attribute_channel\": ...} in the "
+                           "configuration). nnunet_dmoe trainers write it (with num_levels) into the plans from "
+                           "dataset.json's attribute block; train with one of them (nnUNetv2_dmoe_list_trainers).")
     return AttributeUNet(unet(num_input_channels - 1), num_input_channels, config.attribute_channel,
-                         config if attribute_mode in ("moe", "dmoe") else None)
+                         config if routing else None)

@@ -13,7 +13,8 @@ def build(mode, dim=3, residual=False, ds=False, seed=0, **dmoe):
     torch.manual_seed(seed)
     dmoe.setdefault("num_levels", 4)
     dmoe.setdefault("attribute_channel", 1)
-    return build_attribute_network(None, configuration(dim, residual, **dmoe), 2, 3, ds, mode)
+    kwargs = {"keep_attribute_channel": True} if mode == "channel" else {"routing": None if mode == "none" else mode}
+    return build_attribute_network(None, configuration(dim, residual, **dmoe), 2, 3, ds, **kwargs)
 
 
 def with_channel(image, codes):
@@ -101,6 +102,42 @@ def test_bad_channel_code_and_wrong_channel_count():
         dmoe(with_channel(torch.randn(1, 1, 16, 16, 16), [7]))
     with pytest.raises(ValueError, match="expects 2 input channels"):
         dmoe(torch.randn(1, 1, 16, 16, 16))
+
+
+def test_bad_channel_code_is_an_error_under_torch_compile_too():
+    dmoe = build("dmoe").eval()
+    compiled = torch.compile(dmoe, backend="eager")  # dynamo decides what runs: the check must not be traced away
+    good = with_channel(torch.randn(1, 1, 16, 16, 16), [2])
+    # grouped_mm under compile is bf16-only: nnU-Net compiles on CUDA, always under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert compiled(good).isfinite().all()
+        with pytest.raises(ValueError, match="decodes to code 6.*4 levels"):
+            compiled(with_channel(torch.randn(1, 1, 16, 16, 16), [6]))
+
+
+def test_builder_arguments_and_settings_block():
+    from helpers import configuration as cfg
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    with pytest.raises(ValueError, match="keep_attribute_channel must be False"):
+        build_attribute_network(None, cfg(num_levels=4, attribute_channel=1), 2, 3, False, routing="dmoe",
+                                keep_attribute_channel=True)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        build_attribute_network(None, cfg(num_levels=4, attribute_channel=1), 2, 3, False, routing="DMoE")
+    # the plans' "dmoe" block (current) and dmoe_* arch_kwargs (plans of version 0.1) build the same network
+    legacy = cfg(num_levels=3, attribute_channel=0, num_experts=4, top_k=1)
+    current = legacy.configuration
+    kw = current["architecture"]["arch_kwargs"]
+    current["dmoe"] = {k[5:]: kw.pop(k) for k in list(kw) if k.startswith("dmoe_")}
+    nets = []
+    for c in (cfg(num_levels=3, attribute_channel=0, num_experts=4, top_k=1), ConfigurationManager(current)):
+        torch.manual_seed(0)
+        nets.append(build_attribute_network(None, c, 2, 3, False, routing="dmoe"))
+    assert nets[0].moe[0].router.w_gate.shape == (4, 8, 4) and nets[0].config.top_k == 1
+    assert nets[0].attribute_channel == nets[1].attribute_channel == 0
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="lack the attribute channel"):
+        build_attribute_network(None, cfg(), 2, 3, False, routing="dmoe")
 
 
 def test_decode_levels_majority_and_unknown():
