@@ -14,11 +14,13 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_dmoe.attribute import AttributeSpec
 from nnunet_dmoe.dmoe import DMoEConfig
-from nnunet_dmoe.networks import AttributeUNet
+from nnunet_dmoe.networks import PLANS_KEY, AttributeUNet
 
 
 class DMoEPlannerMixin:
-    """Counts the dMoE blocks in the VRAM estimate and writes ``dmoe_*`` settings into each configuration."""
+    """Counts the dMoE blocks in the VRAM estimate and writes the dMoE settings into each configuration's ``"dmoe"``
+    block (beside ``architecture``, not in its ``arch_kwargs``: nnU-Net's own trainers build the plain U-Net from
+    the same plans)."""
 
     # Some hyperparameters for you to fiddle with (written into the plans; the trainer decides dmoe vs moe routing)
     dmoe_defaults = DMoEConfig()
@@ -39,9 +41,9 @@ class DMoEPlannerMixin:
 
     def get_plans_for_configuration(self, *args, **kwargs) -> dict:
         plan = super().get_plans_for_configuration(*args, **kwargs)
-        settings = self._dmoe_config().to_arch_kwargs()
-        settings.pop("dmoe_mode")  # chosen by the trainer (nnUNetTrainerMoE / nnUNetTrainerDMoE)
-        plan["architecture"]["arch_kwargs"].update(settings)
+        settings = {k[len("dmoe_"):]: v for k, v in self._dmoe_config().to_arch_kwargs().items()}
+        settings.pop("mode")  # chosen by the trainer (nnUNetTrainerMoE / nnUNetTrainerDMoE)
+        plan[PLANS_KEY] = settings
         return plan
 
 

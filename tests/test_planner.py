@@ -32,10 +32,11 @@ def test_dmoe_planner_leaves_room_for_experts(env, resenc):
     base, dmoe = _plan(base_cls, shape), _plan(dmoe_cls, shape)
     voxels = lambda p: np.prod(p["patch_size"]) * p["batch_size"]
     assert voxels(dmoe) < voxels(base)  # the experts' activations cost memory
-    kw = dmoe["architecture"]["arch_kwargs"]
-    assert kw["dmoe_num_experts"] == 8 and kw["dmoe_top_k"] == 2 and kw["dmoe_num_levels"] == 4
-    assert "dmoe_mode" not in kw
-    assert not any(k.startswith("dmoe_") for k in base["architecture"]["arch_kwargs"])
+    block = dmoe["dmoe"]
+    assert block["num_experts"] == 8 and block["top_k"] == 2 and block["num_levels"] == 4
+    assert "mode" not in block and "dmoe" not in base
+    # nothing of the dMoE in arch_kwargs: nnU-Net's own trainers can build the plans' U-Net
+    assert not any(k.startswith("dmoe") for k in dmoe["architecture"]["arch_kwargs"])
     # the estimate is the network's own count: U-Net + dMoE activations
     planner = dmoe_cls(991)
     arch = base["architecture"]
@@ -53,7 +54,8 @@ def test_plan_and_preprocess_command_and_trainer_reads_settings(env):
     plans = json.loads((folder / "nnUNetDMoEPlans.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]
     assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"  # preprocessing reused
-    assert cfg["architecture"]["arch_kwargs"]["dmoe_expert_ratio"] == 4
+    assert cfg["dmoe"]["expert_ratio"] == 4
+    assert not any(k.startswith("dmoe") for k in cfg["architecture"]["arch_kwargs"])
 
 
 def test_plan_and_preprocess_checks_attribute_first(env, tmp_path):
