@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 from nnunet_dmoe.attach import attach_attribute
-from nnunet_dmoe.demo import METHODS, PLANS, demo_env, trainer_name
+from nnunet_dmoe.demo import METHODS, PLANS, demo_env
+from nnunet_dmoe.trainers.training_length import variant_name
 from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
 
 
@@ -46,7 +47,7 @@ def main():
     env = demo_env(out)
     folders = {}
     for method, trainer in METHODS.items():
-        tr = trainer_name(trainer, settings["epochs"], settings["iters"])
+        tr = variant_name(trainer, settings["epochs"], settings["iters"])
         known = os.path.join(out, "predictions", f"{tr}_fold{a.fold}")
         unknown = os.path.join(out, "unknown_attribute", "predictions", f"{tr}_fold{a.fold}")
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict"), "-i", unknown_in, "-o",

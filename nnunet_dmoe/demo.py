@@ -53,15 +53,6 @@ def _run(cmd: List[str], env: Dict[str, str], log_path: str, show: bool = True) 
             raise RuntimeError(f"{cmd[0]} failed with exit code {p.returncode}; see {log_path}")
 
 
-def trainer_name(base: str, epochs: int, iters) -> str:
-    from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS
-    if epochs not in EPOCHS:
-        raise ValueError(f"-epochs {epochs}: choose one of {EPOCHS} (trainer variants are class names)")
-    if iters is not None and iters not in ITERATIONS:
-        raise ValueError(f"-iters {iters}: choose one of {ITERATIONS}, or leave it out for nnU-Net's 250")
-    return f"{base}_{epochs}epochs" + (f"_{iters}iters" if iters else "")
-
-
 def demo_env(output: str) -> Dict[str, str]:
     """Environment for nnU-Net's CLIs on a demo folder: its own nnUNet_raw/preprocessed/results."""
     env = dict(os.environ, nnUNet_raw=os.path.join(output, "nnUNet_raw"),
@@ -79,11 +70,16 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
     from nnunet_dmoe.evaluation._api import print_summary
     from nnunet_dmoe.synthetic import make_synthetic_dataset
+    from nnunet_dmoe.trainers.training_length import variant_name
 
     t_start = time.time()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"-methods {unknown}: choose from {list(METHODS)}")
+    try:
+        trainers = {m: variant_name(METHODS[m], epochs, iters) for m in methods}
+    except ValueError as e:
+        raise ValueError(f"-epochs {epochs} / -iters {iters}: {e}") from None
     settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
                     size=list(size) if size else None, data_seed=data_seed, epochs=epochs, iters=iters)
     output = os.path.abspath(output)
@@ -126,7 +122,7 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     predictions: Dict[str, str] = {}
     for r in range(replicates):
         for method in methods:
-            trainer = trainer_name(METHODS[method], epochs, iters)
+            trainer = trainers[method]
             label = method if replicates == 1 else f"{method} r{r}"
             model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{PLANS}__{configuration}", f"fold_{r}")
             stage(f"3/5 train {method} ({trainer}, replicate {r} = fold {r})")

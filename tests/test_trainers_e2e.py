@@ -46,8 +46,8 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
     model = root / "results" / "Dataset991_SyntheticFairness" / f"{TRAINER}__nnUNetPlans__3d_fullres"
     plans = json.loads((model / "plans.json").read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    assert arch["dmoe_num_levels"] == 4 and arch["dmoe_attribute_channel"] == 1  # the model folder is self-contained
+    block = plans["configurations"]["3d_fullres"]["dmoe"]
+    assert block["num_levels"] == 4 and block["attribute_channel"] == 1  # the model folder is self-contained
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
@@ -76,18 +76,72 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
 
 def test_trainer_records_levels_in_plans_before_init(preprocessed_3d, monkeypatch):
     t = _trainer(preprocessed_3d, monkeypatch)
-    kw = t.configuration_manager.network_arch_init_kwargs
-    assert kw["dmoe_num_levels"] == 4 and kw["dmoe_attribute_channel"] == 1
-    assert t.my_init_kwargs["plans"]["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"][
-        "dmoe_num_levels"] == 4
-    # the batch's case keys give the levels; hidden ones become unknown (0)
+    block = t.configuration_manager.configuration["dmoe"]
+    assert block["num_levels"] == 4 and block["attribute_channel"] == 1
+    assert t.my_init_kwargs["plans"]["configurations"]["3d_fullres"]["dmoe"]["num_levels"] == 4
+    assert not any(k.startswith("dmoe") for k in t.configuration_manager.network_arch_init_kwargs)
+
+
+def test_batch_hook_writes_clean_codes_inside_the_footprint(preprocessed_3d, monkeypatch):
+    t = _trainer(preprocessed_3d, monkeypatch)
     cases = list(t.attribute.cases)[:4]
-    data = torch.zeros(4, 2, 3, 3, 3)
-    data = t.write_attribute_channel(data, cases, hide_rate=0.0)
     expected = [t.attribute.levels.index(t.attribute.cases[c]) + 1 for c in cases]
-    assert data[:, 1, 0, 0, 0].tolist() == expected and (data[:, 1] == data[:, 1, :1, :1, :1]).all()
-    hidden = t.write_attribute_channel(torch.zeros(200, 2, 1, 1, 1), [cases[0]] * 200, hide_rate=0.25)
-    assert 20 < int((hidden[:, 1] == 0).sum()) < 80
+    # an augmented channel: footprint in the first half (blurred, noisy values), background in the second
+    data = torch.zeros(4, 2, 4, 3, 3)
+    data[:, 1, :2] = torch.tensor([0.7, 1.9, 3.3, 2.2]).view(4, 1, 1, 1)
+    data[:, 1, 2:] = 0.3
+    batch = t.prepare_attribute({"data": data, "keys": cases}, train=False)
+    assert batch["attribute"].tolist() == [e - 1 for e in expected]
+    assert (batch["data"][:, 1, :2] == torch.tensor(expected, dtype=torch.float).view(4, 1, 1, 1)).all()
+    assert (batch["data"][:, 1, 2:] == 0).all()
+    # in training a share of the samples is shown as unknown (channel 0), their level stays in batch["attribute"]
+    data = torch.ones(200, 2, 1, 1, 1)
+    batch = t.prepare_attribute({"data": data, "keys": [cases[0]] * 200}, train=True)
+    hidden = int((batch["data"][:, 1] == 0).sum())
+    assert 5 < hidden < 40 and (batch["attribute"] == expected[0] - 1).all()
+    assert t.prepare_attribute({"data": torch.ones(200, 2, 1, 1, 1), "keys": [cases[0]] * 200},
+                               train=False)["data"][:, 1].eq(expected[0]).all()
+
+
+def test_intensity_augmentation_leaves_the_attribute_channel_alone(preprocessed_3d, monkeypatch):
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    t = _trainer(preprocessed_3d, monkeypatch, cls="nnUNetTrainerAttributeChannel")
+    t.initialize()
+    rot, dummy_2d, initial_patch, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    pipeline = t.get_training_transforms(t.configuration_manager.patch_size, rot, None, mirror, dummy_2d,
+                                         use_mask_for_norm=t.configuration_manager.use_mask_for_norm,
+                                         is_cascaded=False, foreground_labels=t.label_manager.foreground_labels,
+                                         regions=None, ignore_label=None)
+    names = [type(getattr(x, "transform", x)).__name__ for x in pipeline.transforms]
+    assert names.index("StashChannel") < names.index("GaussianNoiseTransform") < names.index("GammaTransform") \
+        < names.index("RestoreChannel")
+    # strong noise on every channel: the image changes, the attribute channel does not
+    torch.manual_seed(0)
+    image = torch.zeros(2, 8, 8, 8)
+    image[1, 2:6, 2:6, 2:6] = 3.0
+    i, j = names.index("StashChannel"), names.index("RestoreChannel")
+    noise = GaussianNoiseTransform(noise_variance=(1.0, 1.0), p_per_channel=1.0)
+    out = pipeline.transforms[i](image=image.clone())
+    out = noise(**out)
+    out = pipeline.transforms[j](**out)
+    assert out["image"][0].abs().sum() > 0 and torch.equal(out["image"][1], image[1])
+
+
+def test_plain_nnunet_trainer_builds_a_working_baseline_from_dmoe_plans(preprocessed_3d, monkeypatch):
+    """nnU-Net's own nnUNetTrainer on nnUNetDMoEPlans: the plans' U-Net over all channels (attribute as input)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_dmoe.planners import nnUNetPlannerDMoE
+    for k, v in nnunet_env(preprocessed_3d).items():
+        monkeypatch.setenv(k, v)
+    planner = nnUNetPlannerDMoE(991)
+    planner.plan_experiment()
+    plans = _load(preprocessed_3d, "nnUNetDMoEPlans.json")
+    assert plans["configurations"]["3d_fullres"]["dmoe"]["num_experts"] == 8
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    net = nnUNetTrainer.build_network_architecture(PlansManager(plans), cm, 2, 2, False)
+    assert type(net).__name__ == "PlainConvUNet"
+    assert net(torch.zeros(1, 2, *cm.patch_size)).shape == (1, 2, *cm.patch_size)
 
 
 @pytest.mark.parametrize("edit,message", [

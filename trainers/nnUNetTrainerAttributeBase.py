@@ -1,8 +1,23 @@
-"""Common base of the attribute-aware trainers: reads dataset.json's ``attribute`` block, records the settings the
-network needs in the plans, hands each training sample its level from ``attribute.cases`` (through the batch's case
-keys) and checks at start that dataset.json and the preprocessed attribute channel agree.
+"""The seam every attribute-aware trainer builds on.
+
+``nnUNetTrainerAttributeBase`` is nnU-Net's trainer plus four small pieces, each in one place:
+
+1. **dataset.json -> plans** (``__init__``): reads and validates the ``attribute`` block and writes ``num_levels``
+   and ``attribute_channel`` into the configuration's ``"dmoe"`` block of the plans, so that a model folder
+   rebuilds the same network at prediction time.
+2. **seeding** (:mod:`nnunet_dmoe.trainers.seeding`): every fold a replicate with its own seed.
+3. **the attribute of a batch** (:meth:`prepare_attribute`, the one batch hook): each sample's level from
+   dataset.json through the batch's case keys; the channel holds the clean code (intensity augmentation is kept off
+   it: :mod:`nnunet_dmoe.trainers.attribute_augmentation`); a share of training samples is shown as "unknown".
+4. **the start-up check** (:mod:`nnunet_dmoe.trainers.attribute_checks`): dataset.json and the preprocessed channel
+   agree for every case.
+
+A trainer of the plugin is one short subclass overriding one hook. The network:
+:meth:`build_network_architecture` calling :func:`nnunet_dmoe.networks.build_attribute_network` with explicit
+arguments (this base: the attribute-blind baseline, channel stripped). The loss or the use of the levels:
+:meth:`prepare_attribute` or nnU-Net's own hooks (``train_step``, ``_build_loss``, ...), reading
+``batch["attribute"]``.
 """
-import random
 from copy import deepcopy
 from typing import List
 
@@ -10,38 +25,37 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network
+from nnunet_dmoe.trainers.attribute_augmentation import protect_attribute_channel
+from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
+from nnunet_dmoe.trainers.seeding import fold_seed, seed_everything
 
-_CASES_DISAGREE = (
-    "dataset.json's attribute block and the preprocessed attribute channel (channel {channel}) disagree for "
-    "{n} case(s):\n{lines}\nFix the attribute block or rewrite the channel (nnUNetv2_dmoe_attach_attribute), then "
-    "run nnUNetv2_plan_and_preprocess again."
-)
+__all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
 
 
 def with_attribute_settings(plans: dict, configuration: str, spec: AttributeSpec) -> dict:
-    """A copy of ``plans`` whose configuration's ``arch_kwargs`` hold ``dmoe_num_levels`` and
-    ``dmoe_attribute_channel``, so that a model folder rebuilds the same network at prediction time."""
+    """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel``
+    (other settings kept, inherited ones included)."""
     plans = deepcopy(plans)
     configs = plans["configurations"]
     if configuration not in configs:
         raise ValueError(f"configuration {configuration!r} is not in the plans; it has {sorted(configs)}")
-    cfg, name = configs[configuration], configuration
-    while "architecture" not in configs[name]:  # inherited: give this configuration its own copy
-        name = configs[name]["inherits_from"]
-    if name != configuration:
-        cfg["architecture"] = deepcopy(configs[name]["architecture"])
-    arch_kwargs = cfg["architecture"]["arch_kwargs"]
-    arch_kwargs["dmoe_num_levels"] = spec.num_levels
-    arch_kwargs["dmoe_attribute_channel"] = spec.channel
+    block, name = {}, configuration
+    chain = []
+    while name is not None:  # nnU-Net's inheritance: the child's keys win
+        chain.append(configs[name])
+        name = configs[name].get("inherits_from")
+    for cfg in reversed(chain):
+        block.update(cfg.get(PLANS_KEY) or {})
+    block.update(num_levels=spec.num_levels, attribute_channel=spec.channel)
+    configs[configuration][PLANS_KEY] = block
     return plans
 
 
 class nnUNetTrainerAttributeBase(nnUNetTrainer):
-    """Subclasses set ``attribute_mode`` (see ``nnunet_dmoe.networks.ATTRIBUTE_MODES``)."""
-
-    attribute_mode = "none"
+    """Attribute-blind baseline and base of every attribute-aware trainer: the plans' U-Net, the attribute channel
+    stripped from its input."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -50,22 +64,19 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
         plans = with_attribute_settings(plans, configuration, self.attribute)
         super().__init__(plans, configuration, fold, dataset_json, device)
         # Some hyperparameters for you to fiddle with
-        # share of training samples whose attribute is hidden, so that the "unknown" router of the dMoE is trained
+        # share of training samples whose attribute is shown as unknown (trains the dMoE's "unknown" router, and
+        # teaches the attribute-channel comparator the same fallback)
         self.unknown_attribute_rate = 0.1
-        # every fold is a replicate with its own seed (network init, augmentation in this process, attribute hiding);
-        # DDP ranks differ in their data (DDP broadcasts rank 0's initial weights)
-        self.random_seed = 12345 + (fold if isinstance(fold, int) else 99) + 1000 * self.local_rank
-        random.seed(self.random_seed)
-        np.random.seed(self.random_seed)
-        torch.manual_seed(self.random_seed)
-        self._attribute_rng = np.random.default_rng(self.random_seed)
+        self.random_seed = fold_seed(fold, self.local_rank)
+        self._attribute_rng = seed_everything(self.random_seed)
 
-    @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
-                                   num_output_channels, enable_deep_supervision: bool = True) -> torch.nn.Module:
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
         return build_attribute_network(plans_manager, configuration_manager, num_input_channels,
-                                       num_output_channels, enable_deep_supervision, cls.attribute_mode)
+                                       num_output_channels, enable_deep_supervision)
 
+    # --- the attribute of a batch ---------------------------------------------------------------------------------
     def attribute_levels(self, keys: List[str]) -> np.ndarray:
         """Level index per case key (-1 = unknown) from dataset.json's ``attribute.cases``."""
         missing = [k for k in keys if k not in self.attribute.cases]
@@ -73,50 +84,38 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
             raise ValueError(f"cases {missing} are not in dataset.json's attribute.cases; add them")
         return np.array([-1 if (i := self.attribute.case_level_index(k)) is None else i for k in keys])
 
-    def write_attribute_channel(self, data: torch.Tensor, keys: List[str], hide_rate: float) -> torch.Tensor:
-        """Overwrite the (possibly augmented) attribute channel with the clean code of each sample's level, hiding
-        the level (code 0, "unknown") of a ``hide_rate`` share of the samples."""
-        codes = self.attribute_levels(keys) + 1
-        if hide_rate > 0:
-            codes[self._attribute_rng.random(len(codes)) < hide_rate] = 0
-        codes = torch.as_tensor(codes, dtype=data.dtype, device=data.device)
-        data[:, self.attribute.channel] = codes.view(-1, *([1] * (data.ndim - 2)))
-        return data
+    def prepare_attribute(self, batch: dict, train: bool) -> dict:
+        """The batch hook. Sets ``batch["attribute"]`` (long tensor, level index per sample from dataset.json, -1 =
+        unknown) and writes the attribute channel as it is at prediction time: the sample's code (level + 1) inside
+        the image footprint (where the channel, moved along by the spatial augmentation, is above 0.5), 0 outside.
+        In training a share ``unknown_attribute_rate`` of the samples is shown as unknown (channel 0);
+        ``batch["attribute"]`` keeps their true level."""
+        levels = self.attribute_levels(batch["keys"])
+        codes = levels + 1
+        if train and self.unknown_attribute_rate > 0:
+            codes[self._attribute_rng.random(len(codes)) < self.unknown_attribute_rate] = 0
+        data = batch["data"]
+        channel = data[:, self.attribute.channel]
+        codes = torch.as_tensor(codes, dtype=data.dtype, device=data.device).view(-1, *([1] * (channel.ndim - 1)))
+        data[:, self.attribute.channel] = torch.where(channel > 0.5, codes, torch.zeros_like(channel))
+        batch["attribute"] = torch.as_tensor(levels, dtype=torch.long)
+        return batch
 
     def train_step(self, batch: dict) -> dict:
-        if self.attribute_mode in ("moe", "dmoe"):
-            batch['data'] = self.write_attribute_channel(batch['data'], batch['keys'], self.unknown_attribute_rate)
-        return super().train_step(batch)
+        return super().train_step(self.prepare_attribute(batch, train=True))
 
     def validation_step(self, batch: dict) -> dict:
-        if self.attribute_mode in ("moe", "dmoe"):
-            batch['data'] = self.write_attribute_channel(batch['data'], batch['keys'], 0.0)
-        return super().validation_step(batch)
+        return super().validation_step(self.prepare_attribute(batch, train=False))
 
+    def get_training_transforms(self, *args, **kwargs):
+        # nnU-Net defines it as a staticmethod but calls it through the instance
+        return protect_attribute_channel(super().get_training_transforms(*args, **kwargs), self.attribute.channel)
+
+    # --- start-up check -------------------------------------------------------------------------------------------
     def check_attribute_channel(self):
-        """Compare dataset.json's level of every preprocessed case with what its attribute channel decodes to."""
-        dataset = self.dataset_class(self.preprocessed_dataset_folder)
-        problems = []
-        for key in dataset.identifiers:
-            if key not in self.attribute.cases:
-                problems.append(f"  {key}: missing from attribute.cases")
-                continue
-            data = dataset.load_case(key)[0]
-            try:
-                found = decode_attribute_channel(np.asarray(data[self.attribute.channel]), self.attribute.num_levels,
-                                                 case=key)
-            except ValueError as e:
-                problems.append(f"  {key}: {e}")
-                continue
-            expected = self.attribute.case_level_index(key)
-            if found != expected:
-                name = (lambda i: "unknown" if i is None else self.attribute.levels[i])
-                problems.append(f"  {key}: dataset.json says {name(expected)}, the channel holds {name(found)}")
-        if problems:
-            raise ValueError(_CASES_DISAGREE.format(channel=self.attribute.channel, n=len(problems),
-                                                    lines="\n".join(problems)))
+        n = check_preprocessed_attribute(self.dataset_class(self.preprocessed_dataset_folder), self.attribute)
         self.print_to_log_file(f"Attribute '{self.attribute.name}': dataset.json and the attribute channel agree "
-                               f"for all {len(dataset.identifiers)} cases.")
+                               f"for all {n} cases.")
 
     def on_train_start(self):
         if not self.was_initialized:

@@ -3,5 +3,3 @@ from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttribu
 
 class nnUNetTrainerNoAttribute(nnUNetTrainerAttributeBase):
     """Attribute-blind baseline: the plans' U-Net; the attribute channel is stripped from the input."""
-
-    attribute_mode = "none"
