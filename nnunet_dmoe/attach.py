@@ -54,15 +54,16 @@ def _cases_in(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
     return cases
 
 
-def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dataset_json: dict,
-                     output_folder: Optional[str] = None, overwrite: bool = False, verbose: bool = True) -> Dict[str, Optional[str]]:
+def attach_attribute(input_folder: str, case_levels: Mapping[str, Optional[str]], dataset_json: dict,
+                     output_folder: Optional[str] = None, overwrite: bool = False,
+                     verbose: bool = True) -> Dict[str, Optional[str]]:
     """Write the attribute channel for every case of ``input_folder``.
 
     Parameters
     ----------
     input_folder : str
         nnU-Net-named image files of new cases.
-    levels : mapping
+    case_levels : mapping
         Case id -> level name (``None`` = unknown), e.g. from :func:`nnunet_dmoe.read_attribute_table`.
     dataset_json : dict
         The model's dataset.json (levels, attribute channel, file ending, channel count).
@@ -91,12 +92,12 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
         expected = ", ".join(f"CASE_{i:04d}{file_ending}" for i in image_channels)
         raise ValueError(_MISSING_CHANNELS.format(n=len(incomplete), folder=input_folder,
                                                   cases=", ".join(incomplete), expected=expected))
-    not_in_table = sorted(c for c in cases if c not in levels)
+    not_in_table = sorted(c for c in cases if c not in case_levels)
     if not_in_table:
         raise ValueError(_MISSING_IN_TABLE.format(n=len(not_in_table), folder=input_folder,
                                                   cases=", ".join(not_in_table)))
-    unknown = sorted(f"{c} ({levels[c]!r})" for c in cases
-                     if levels[c] is not None and str(levels[c]) not in spec.levels)
+    unknown = sorted(f"{c} ({case_levels[c]!r})" for c in cases
+                     if case_levels[c] is not None and str(case_levels[c]) not in spec.levels)
     if unknown:
         raise ValueError(_UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels, cases=", ".join(unknown)))
 
@@ -120,7 +121,7 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
     for case, files in cases.items():
         image_files = [files[i] for i in image_channels]
         images, properties = rw.read_images(image_files)
-        channel = encode_attribute_channel(images, spec.level_index(levels[case]))
+        channel = encode_attribute_channel(images, spec.level_index(case_levels[case]))
         if copy_images:
             for f in image_files:
                 shutil.copy2(f, output_folder)
@@ -128,8 +129,8 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
             os.remove(targets[case])
         rw.write_seg(channel, targets[case], properties)
         if verbose:
-            print(f"{case}: {levels[case] or 'unknown'} -> {targets[case]}")
-    return {c: levels[c] for c in cases}
+            print(f"{case}: {case_levels[case] or 'unknown'} -> {targets[case]}")
+    return {c: case_levels[c] for c in cases}
 
 
 def attach_attribute_entry_point():
@@ -152,9 +153,9 @@ def attach_attribute_entry_point():
     args = parser.parse_args()
     try:
         dataset_json = load_model_dataset_json(args.dataset_json, args.d)
-        levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins,
-                                      strip_suffix=dataset_json.get("file_ending"))
-        attach_attribute(args.i, levels, dataset_json, args.o, args.overwrite)
+        case_levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins,
+                                           strip_suffix=dataset_json.get("file_ending"))
+        attach_attribute(args.i, case_levels, dataset_json, args.o, args.overwrite)
     except (ValueError, FileExistsError, RuntimeError) as e:
         # bad input: one clear message instead of a traceback
         sys.exit(f"nnUNetv2_dmoe_attach_attribute: error: {e}")

@@ -116,8 +116,8 @@ def test_nifti_values_and_exact_geometry(tmp_path):
 
 def test_png_values(tmp_path):
     fps = _png_folder(tmp_path / "in", ["p1", "p2", "p3"])
-    attach_attribute(str(tmp_path / "in"), {"p1": "T1", "p2": "T3", "p3": "T4"},
-                     PNG_JSON, verbose=False)
+    attach_attribute(str(tmp_path / "in"), case_levels={"p1": "T1", "p2": "T3", "p3": "T4"},
+                     dataset_json=PNG_JSON, verbose=False)
     for case, code in (("p1", 1), ("p2", 3), ("p3", 4)):
         arr = np.asarray(Image.open(tmp_path / "in" / f"{case}_0001.png"))
         assert arr.shape == SHAPE2 and arr.dtype == np.uint8
