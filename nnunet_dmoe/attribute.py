@@ -146,12 +146,20 @@ class AttributeSpec:
 def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> np.ndarray:
     """Attribute channel for a case.
 
-    ``images`` is (c, *spatial) or (*spatial); the result has the spatial shape, ``level_index + 1`` where any image
-    channel is non-zero and 0 elsewhere (0 everywhere for an unknown attribute).
+    ``images`` holds the case's image channels, channels first: ``(c, x, y)`` for a 2D case, ``(c, x, y, z)`` for a
+    3D case (nnU-Net's readers return ``(c, 1, x, y)`` for 2D; that works as well). A single-channel image needs
+    its channel axis (``image[None]``): a bare 3D volume would be read as 2D channels.
+
+    Returns an ``uint8`` array of the spatial shape ``images.shape[1:]``: ``level_index + 1`` where any image
+    channel is non-zero, :data:`UNKNOWN_CODE` (0) elsewhere, and 0 everywhere for an unknown attribute
+    (``level_index=None``).
     """
     images = np.asarray(images)
-    footprint = np.any(images != 0, axis=0) if images.ndim >= 3 else images != 0
-    out = np.zeros(footprint.shape, dtype=np.uint8)
+    if images.ndim not in (3, 4):
+        raise ValueError(f"encode_attribute_channel expects the image channels first, (c, x, y) or (c, x, y, z), "
+                         f"got an array of shape {images.shape}. Add the channel axis of a single image: image[None].")
+    footprint = np.any(images != 0, axis=0)
+    out = np.full(footprint.shape, UNKNOWN_CODE, dtype=np.uint8)
     if level_index is not None:
         if level_index < 0 or level_index > 253:
             raise ValueError(f"level index {level_index} out of range 0..253")

@@ -1,7 +1,8 @@
 """The attribute block: training and test cases in one validated AttributeSpec."""
+import numpy as np
 import pytest
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec, encode_attribute_channel
 
 
 def _dj(**attribute):
@@ -25,3 +26,36 @@ def test_test_cases_round_trip_and_merge():
 def test_bad_test_cases(test_cases, message):
     with pytest.raises(ValueError, match=message):
         AttributeSpec.from_dataset_json(_dj(test_cases=test_cases), where="x.json")
+
+
+# ------------------------------------------------------------------------------------------- channel encoding
+
+
+def test_encode_2d_channels_first():
+    images = np.zeros((2, 3, 4), dtype=np.float32)  # (c, x, y)
+    images[0, 0, 1] = 0.5
+    images[1, 2, 3] = -1.0  # any channel non-zero counts, negative values too
+    out = encode_attribute_channel(images, 2)
+    assert out.dtype == np.uint8 and out.shape == (3, 4)
+    expected = np.zeros((3, 4), dtype=np.uint8)
+    expected[0, 1] = expected[2, 3] = 3
+    np.testing.assert_array_equal(out, expected)
+    # nnU-Net's 2D layout (c, 1, x, y) gives the same channel with its singleton axis
+    np.testing.assert_array_equal(encode_attribute_channel(images[:, None], 2), expected[None])
+
+
+def test_encode_3d_channels_first_and_unknown():
+    volume = np.zeros((2, 3, 4), dtype=np.int16)
+    volume[1, 2, :2] = 7
+    out = encode_attribute_channel(volume[None], 0)  # (1, x, y, z): one image channel
+    assert out.shape == (2, 3, 4)
+    assert np.argwhere(out).tolist() == [[1, 2, 0], [1, 2, 1]] and set(out[out > 0].tolist()) == {1}
+    unknown = encode_attribute_channel(volume[None], None)
+    assert unknown.shape == (2, 3, 4) and unknown.dtype == np.uint8 and not unknown.any()
+    assert UNKNOWN_CODE == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (1, 2, 3, 4, 5)])
+def test_encode_refuses_arrays_without_channel_axis(shape):
+    with pytest.raises(ValueError, match=r"channels first, \(c, x, y\) or \(c, x, y, z\).*image\[None\]"):
+        encode_attribute_channel(np.ones(shape), 1)
