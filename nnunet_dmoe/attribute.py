@@ -36,6 +36,20 @@ def _fmt_cases(items: Sequence[str], limit: int = 50) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+_NOT_A_NAME = object()
+_LEVEL_NAME_RULE = 'Level names are text; a JSON integer n names the level "n" (write other numbers as text).'
+
+
+def _level_name(value):
+    """The one rule for level names in ``levels``, ``cases`` and ``test_cases``: text as it is, an integer ``n`` as
+    ``"n"``, ``None`` (unknown) as ``None``; anything else (a float, a bool, a list) is not a level name."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return _NOT_A_NAME
+
+
 @dataclass
 class AttributeSpec:
     """The ``attribute`` block of a dataset.json, validated.
@@ -46,6 +60,8 @@ class AttributeSpec:
         What the attribute is (``"tstage"``, ``"age"``, ``"race"``).
     levels : list of str
         Ordered level names. ``levels[i]`` is routed by router ``i`` and written as ``i + 1`` in the channel.
+        Level names are text; an integer ``n`` (in ``levels``, ``cases`` or ``test_cases`` alike) names the
+        level ``"n"``. Other values (floats, bools) are refused.
     channel : int
         Index of the attribute channel among the dataset's ``channel_names``.
     cases : dict
@@ -65,19 +81,29 @@ class AttributeSpec:
             raise ValueError(f"attribute.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.levels, (list, tuple)) or len(self.levels) == 0:
             raise ValueError(f"attribute.levels must be a non-empty list of level names, got {self.levels!r}")
-        self.levels = [str(lv) for lv in self.levels]
+        names = [_level_name(lv) for lv in self.levels]
+        if any(n is None or n is _NOT_A_NAME for n in names):
+            raise ValueError(f"attribute.levels must be level names, got {self.levels!r}. {_LEVEL_NAME_RULE}")
+        self.levels = names
         if len(set(self.levels)) != len(self.levels):
             raise ValueError(f"attribute.levels has duplicates: {self.levels}")
         if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)) or self.channel < 0:
             raise ValueError(f"attribute.channel must be a channel index (int >= 0), got {self.channel!r}")
         self.channel = int(self.channel)
-        for key, table in (("cases", self.cases), ("test_cases", self.test_cases)):
+        for key in ("cases", "test_cases"):
+            given = getattr(self, key)
+            table = {c: _level_name(lv) for c, lv in given.items()}  # a copy: the caller's dict stays as it is
+            bad = sorted(f"{c} ({given[c]!r})" for c, lv in table.items() if lv is _NOT_A_NAME)
+            if bad:
+                raise ValueError(f"attribute.{key} has values that are not level names: {_fmt_cases(bad)}. "
+                                 f"{_LEVEL_NAME_RULE} Use null for an unknown attribute.")
             bad = sorted(f"{c} ({lv!r})" for c, lv in table.items() if lv is not None and lv not in self.levels)
             if bad:
                 raise ValueError(
                     f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
                     f"Add the level to 'levels' or correct the case."
                 )
+            setattr(self, key, table)
         clash = sorted(c for c, lv in self.test_cases.items() if c in self.cases and self.cases[c] != lv)
         if clash:
             raise ValueError(f"these cases are in both attribute.cases and attribute.test_cases with different "
@@ -92,7 +118,7 @@ class AttributeSpec:
         if level is None:
             return None
         try:
-            return self.levels.index(str(level))
+            return self.levels.index(_level_name(level))
         except ValueError:
             raise ValueError(f"level {level!r} is not one of attribute.levels {self.levels}") from None
 
@@ -120,10 +146,8 @@ class AttributeSpec:
         if missing:
             raise ValueError(f"{where}: the attribute block lacks {missing}. Expected keys: name, levels, channel, cases.")
         try:
-            # test_cases levels read as text (a JSON number 2 names level "2")
-            test_cases = {c: None if lv is None else str(lv) for c, lv in (block.get("test_cases") or {}).items()}
             spec = cls(name=block["name"], levels=block["levels"], channel=block["channel"],
-                       cases=dict(block.get("cases", {})), test_cases=test_cases)
+                       cases=dict(block.get("cases") or {}), test_cases=dict(block.get("test_cases") or {}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))

@@ -1,4 +1,6 @@
 """The attribute block: training and test cases in one validated AttributeSpec."""
+import re
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,34 @@ def test_test_cases_round_trip_and_merge():
 def test_bad_test_cases(test_cases, message):
     with pytest.raises(ValueError, match=message):
         AttributeSpec.from_dataset_json(_dj(test_cases=test_cases), where="x.json")
+
+
+@pytest.mark.parametrize("key", ["cases", "test_cases"])
+def test_integer_levels_name_text_levels_in_cases_and_test_cases_alike(key):
+    table = {"c": 2, "d": np.int64(1), "e": None}
+    spec = AttributeSpec(name="grade", levels=[1, "2"], channel=0, **{key: table})
+    assert spec.levels == ["1", "2"]
+    assert getattr(spec, key) == {"c": "2", "d": "1", "e": None}
+    assert table == {"c": 2, "d": np.int64(1), "e": None}  # the caller's dict is left as it is
+    assert [spec.level_index(v) for v in (2, "2", 1, None)] == [1, 1, 0, None]
+    # the same through dataset.json
+    dj = _dj(**{"levels": ["T1", "2"], "cases": {"a": "T1"}, key: {"c": 2}})
+    assert getattr(AttributeSpec.from_dataset_json(dj), key)["c"] == "2"
+
+
+@pytest.mark.parametrize("key", ["cases", "test_cases"])
+@pytest.mark.parametrize("value", [2.0, True, ["T1"]])
+def test_other_values_are_not_level_names_in_cases_and_test_cases_alike(key, value):
+    expected = f"x.json: attribute.{key} has values that are not level names: z ({value!r}). Level names are text"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        AttributeSpec.from_dataset_json(_dj(**{"levels": ["T1", "2"], "cases": {"a": "T1"}, key: {"z": value}}),
+                                        where="x.json")
+
+
+@pytest.mark.parametrize("levels", [["T1", 2.5], ["T1", None], [True, "T2"]])
+def test_other_values_are_not_level_names_in_levels(levels):
+    with pytest.raises(ValueError, match=r"attribute.levels must be level names"):
+        AttributeSpec(name="x", levels=levels, channel=0)
 
 
 # ------------------------------------------------------------------------------------------- channel encoding
