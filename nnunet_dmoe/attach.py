@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
 
 __all__ = ["attach_attribute", "load_model_dataset_json"]
 
@@ -111,9 +111,8 @@ def attach_attribute(input_folder: str, case_levels: Mapping[str, Optional[str]]
     existing = sorted(p for p in writes if os.path.lexists(p))
     if existing and not overwrite:
         raise FileExistsError(f"{len(existing)} file(s) exist already in {output_folder}: "
-                              f"{', '.join(os.path.basename(p) for p in existing[:20])}"
-                              + (f" ... ({len(existing) - 20} more)" if len(existing) > 20 else "")
-                              + ". Pass --overwrite (overwrite=True) to replace them.")
+                              f"{fmt_cases(os.path.basename(p) for p in existing)}. "
+                              f"Pass --overwrite (overwrite=True) to replace them.")
     os.makedirs(output_folder, exist_ok=True)
 
     example = cases[next(iter(cases))][image_channels[0]]

@@ -30,10 +30,10 @@ _MISSING_BLOCK = (
 )
 
 
-def _fmt_cases(items: Sequence[str], limit: int = 50) -> str:
+def fmt_cases(items: Sequence[str], limit: int = 20, sep: str = ", ") -> str:
+    """The first ``limit`` items of an error message's list, then how many more: ``a, b, ... (3 more)``."""
     items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return sep.join(items[:limit]) + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 _NOT_A_NAME = object()
@@ -95,19 +95,19 @@ class AttributeSpec:
             table = {c: _level_name(lv) for c, lv in given.items()}  # a copy: the caller's dict stays as it is
             bad = sorted(f"{c} ({given[c]!r})" for c, lv in table.items() if lv is _NOT_A_NAME)
             if bad:
-                raise ValueError(f"attribute.{key} has values that are not level names: {_fmt_cases(bad)}. "
+                raise ValueError(f"attribute.{key} has values that are not level names: {fmt_cases(bad)}. "
                                  f"{_LEVEL_NAME_RULE} Use null for an unknown attribute.")
             bad = sorted(f"{c} ({lv!r})" for c, lv in table.items() if lv is not None and lv not in self.levels)
             if bad:
                 raise ValueError(
-                    f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
+                    f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {fmt_cases(bad)}. "
                     f"Add the level to 'levels' or correct the case."
                 )
             setattr(self, key, table)
         clash = sorted(c for c, lv in self.test_cases.items() if c in self.cases and self.cases[c] != lv)
         if clash:
             raise ValueError(f"these cases are in both attribute.cases and attribute.test_cases with different "
-                             f"levels: {_fmt_cases(clash)}. Keep one entry per case.")
+                             f"levels: {fmt_cases(clash)}. Keep one entry per case.")
 
     @property
     def num_levels(self) -> int:

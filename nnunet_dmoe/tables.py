@@ -14,6 +14,8 @@ import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from nnunet_dmoe.attribute import fmt_cases
+
 DEFAULT_MISSING = ("", "nan", "na", "n/a", "none", "null", "unknown")
 
 
@@ -117,8 +119,8 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
                 text = str(int(raw))
             out[case] = text
     if dup:
-        raise ValueError(f"{path}: case ids listed more than once: {', '.join(sorted(set(dup))[:20])}")
+        raise ValueError(f"{path}: case ids listed more than once: {fmt_cases(sorted(set(dup)))}")
     if bad:
         raise ValueError(f"{path}: column {attribute_column!r} is binned with edges {list(bins)} but these values "
-                         f"are not numbers: {'; '.join(bad[:20])}" + (f" ... ({len(bad) - 20} more)" if len(bad) > 20 else ""))
+                         f"are not numbers: {fmt_cases(bad, sep='; ')}")
     return out

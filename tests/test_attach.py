@@ -321,3 +321,14 @@ def test_round_trip_through_nnunet_reader(tmp_path, kind):
         np.testing.assert_array_equal(data[1] > 0, footprint if expected is not None else np.zeros_like(footprint))
         if kind == "nifti":
             assert np.allclose(props["spacing"], SPACING[::-1])
+
+
+def test_table_errors_list_twenty_rows_then_the_count(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("case,value\n" + "".join(f"c{i:02d},old\n" for i in range(22)))
+    with pytest.raises(ValueError, match=r"are not numbers: row 2 \(c00\): 'old'; .*; row 21 \(c19\): 'old'; "
+                                         r"\.\.\. \(2 more\)$"):
+        read_attribute_table(str(table), bins=[40, 60])
+    table.write_text("case,value\n" + "".join(f"c{i:02d},T1\nc{i:02d},T2\n" for i in range(21)))
+    with pytest.raises(ValueError, match=r"listed more than once: c00, c01, .*, c19, \.\.\. \(1 more\)$"):
+        read_attribute_table(str(table))

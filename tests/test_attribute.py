@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec, encode_attribute_channel, fmt_cases
 
 
 def _dj(**attribute):
@@ -89,3 +89,19 @@ def test_encode_3d_channels_first_and_unknown():
 def test_encode_refuses_arrays_without_channel_axis(shape):
     with pytest.raises(ValueError, match=r"channels first, \(c, x, y\) or \(c, x, y, z\).*image\[None\]"):
         encode_attribute_channel(np.ones(shape), 1)
+
+
+# ---------------------------------------------------------------------------------------------- error lists
+
+
+def test_fmt_cases_lists_at_most_limit_items():
+    assert fmt_cases(["a", "b"]) == "a, b"
+    assert fmt_cases((f"c{i}" for i in range(5)), limit=3) == "c0, c1, c2, ... (2 more)"
+    assert fmt_cases(["x", "y", "z"], limit=2, sep="; ") == "x; y; ... (1 more)"
+
+
+def test_spec_error_lists_twenty_cases_then_the_count():
+    cases = {f"case{i:02d}": "T9" for i in range(25)}
+    with pytest.raises(ValueError) as e:
+        AttributeSpec(name="tstage", levels=["T1"], channel=0, cases=cases)
+    assert "case19 ('T9'), ... (5 more). Add the level" in str(e.value) and "case20" not in str(e.value)
