@@ -22,6 +22,8 @@ import numpy as np
 
 UNKNOWN_CODE = 0
 
+_BAD_CODE = ("The attribute channel of {found}, but there are only {n} levels (codes 1..{n}, 0 = unknown). Write "
+             "the channel with nnUNetv2_dmoe_attach_attribute using the levels of the model's dataset.json.")
 _MISSING_BLOCK = (
     "{where} has no 'attribute' block. nnunet_dmoe needs one: "
     '"attribute": {{"name": ..., "levels": [...], "channel": <index of the noNorm attribute channel>, '
@@ -191,20 +193,62 @@ def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> 
     return out
 
 
-def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "this case") -> Optional[int]:
-    """Level index stored in an attribute channel (most frequent rounded positive value), ``None`` if unknown.
+def decode_attribute_levels(channel, num_levels: int, check: bool = True,
+                            names: Optional[Sequence[str]] = None):
+    """Level index per sample of a batch of attribute channels (torch); -1 = unknown.
 
-    Raises ``ValueError`` if that value does not name one of ``num_levels`` levels.
+    The one decoding rule, used by the networks (:func:`nnunet_dmoe.networks.decode_levels`) and by
+    :func:`decode_attribute_channel`: the most frequent rounded positive value is the code (ties: the smaller
+    code), so resampling blur at the footprint border does not matter; no positive value means unknown
+    (:data:`UNKNOWN_CODE`); level index = code - 1. Codes above ``num_levels`` name no level: they are counted
+    together, and a sample where they are the most frequent is an error.
+
+    Parameters
+    ----------
+    channel : torch.Tensor
+        ``(b, *spatial)`` or ``(b, 1, *spatial)``, any dtype.
+    num_levels : int
+        Levels of the attribute (codes ``1..num_levels``).
+    check : bool
+        Raise ``ValueError`` for a sample whose code is above ``num_levels``. This synchronises with the device
+        once; without it (and while ``torch.compile`` traces) such a sample decodes to ``num_levels``, which the
+        dMoE routes as unknown. The rest runs without host synchronisation and traces under ``torch.compile``.
+    names : sequence of str, optional
+        What to call each sample in the error (default: ``sample i of this batch``).
+
+    Returns a ``torch.long`` tensor of shape ``(b,)``.
     """
-    values = np.rint(np.asarray(channel, dtype=np.float32)).astype(np.int64).ravel()
-    values = values[values > 0]
-    if values.size == 0:
-        return None
-    counts = np.bincount(values)
-    code = int(np.argmax(counts))
-    if code > num_levels:
-        raise ValueError(
-            f"The attribute channel of {case} decodes to code {code} (level index {code - 1}), but the dataset has "
-            f"only {num_levels} levels (codes 1..{num_levels}). Rewrite the channel with nnUNetv2_dmoe_attach_attribute."
-        )
-    return code - 1
+    import torch
+
+    b = channel.shape[0]
+    codes = torch.round(channel.reshape(b, -1).float()).clamp_(UNKNOWN_CODE, num_levels + 1).long()
+    counts = torch.zeros(b, num_levels + 2, device=channel.device, dtype=torch.long)
+    counts.scatter_add_(1, codes, torch.ones((1, 1), device=channel.device, dtype=torch.long).expand_as(codes))
+    positive = counts[:, 1:]  # codes 1..num_levels, then "above num_levels"
+    level = torch.where(positive.sum(1) > 0, positive.argmax(1), torch.full((b,), -1, device=channel.device))
+    if check and not torch.compiler.is_compiling():
+        bad = (level == num_levels).nonzero().flatten().tolist()
+        if bad:
+            found = []
+            for i in bad:
+                raw = torch.round(channel[i].float()).long().flatten()
+                code = int(raw[raw > num_levels].mode().values)
+                found.append(f"{names[i] if names is not None else f'sample {i} of this batch'} decodes to code "
+                             f"{code} (level index {code - 1})")
+            raise ValueError(_BAD_CODE.format(found=fmt_cases(found, sep="; "), n=num_levels))
+    return level
+
+
+def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "this case") -> Optional[int]:
+    """Level index stored in one case's attribute channel (any shape), ``None`` if unknown.
+
+    The rule of :func:`decode_attribute_levels` (most frequent rounded positive value). Raises ``ValueError``
+    naming ``case`` if that value does not name one of ``num_levels`` levels.
+    """
+    import torch
+
+    values = np.ascontiguousarray(channel, dtype=np.float32)
+    if not values.flags.writeable:  # a read-only memmap; torch tensors want writable memory
+        values = values.copy()
+    level = int(decode_attribute_levels(torch.from_numpy(values).reshape(1, -1), num_levels, names=[case])[0])
+    return None if level < 0 else level

@@ -32,20 +32,8 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
     The most frequent rounded positive value wins, so resampling blur at the footprint border does not matter.
     With ``check`` (eager mode only) a code above ``num_levels`` raises ``ValueError``.
     """
-    b = channel.shape[0]
-    codes = torch.round(channel.reshape(b, -1).float()).clamp_(0, num_levels + 1).long()
-    counts = torch.zeros(b, num_levels + 2, device=channel.device, dtype=torch.long)
-    counts.scatter_add_(1, codes, torch.ones_like(codes))
-    positive = counts[:, 1:]
-    code = positive.argmax(1) + 1
-    level = torch.where(positive.sum(1) > 0, code - 1, torch.full_like(code, -1))
-    if check and not torch.compiler.is_compiling():
-        bad = (level == num_levels).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raw = torch.round(channel[i].float()).long().flatten()
-            raise ValueError(_BAD_CODE.format(sample=i, code=int(raw[raw > 0].mode().values), n=num_levels))
-    return level
+    from nnunet_dmoe.attribute import decode_attribute_levels  # the one decoding rule, shared with the numpy side
+    return decode_attribute_levels(channel, num_levels, check=check)
 
 
 class AttributeUNet(nn.Module):

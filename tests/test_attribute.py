@@ -4,7 +4,8 @@ import re
 import numpy as np
 import pytest
 
-from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.attribute import (UNKNOWN_CODE, AttributeSpec, decode_attribute_channel, decode_attribute_levels,
+                                   encode_attribute_channel, fmt_cases)
 
 
 def _dj(**attribute):
@@ -105,3 +106,82 @@ def test_spec_error_lists_twenty_cases_then_the_count():
     with pytest.raises(ValueError) as e:
         AttributeSpec(name="tstage", levels=["T1"], channel=0, cases=cases)
     assert "case19 ('T9'), ... (5 more). Add the level" in str(e.value) and "case20" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- channel decoding
+
+
+def _channel(shape, fill):
+    """A channel of ``shape`` filled from ``fill``: {value: number of voxels}, the rest 0."""
+    flat = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    i = 0
+    for value, n in fill.items():
+        flat[i:i + n] = value
+        i += n
+    return flat.reshape(shape)
+
+
+# (fill, level index): majority of rounded positive values, ties to the smaller code, blur and overshoot ignored
+DECODE_TABLE = [
+    ({2.0: 10, 1.4: 4}, 1),             # 1.4 rounds to code 1, the minority
+    ({3.2: 5, 2.6: 4, 0.4: 20}, 2),     # 0.4 rounds to 0: not counted
+    ({-0.7: 30, 1.0: 1}, 0),            # negative spline overshoot is not a code
+    ({1.0: 6, 4.0: 6}, 0),              # tie: the smaller code
+    ({}, None),                         # nothing positive: unknown
+    ({0.3: 30, -1.0: 5}, None),
+    ({4.0: 9, 5.0: 3, 6.0: 3}, 3),      # codes above 4 are a minority: ignored
+]
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (1, 6, 7), (3, 4, 5)])
+@pytest.mark.parametrize("fill,expected", DECODE_TABLE)
+def test_numpy_and_torch_decoding_share_one_rule(shape, fill, expected):
+    import torch
+
+    from nnunet_dmoe.networks import decode_levels
+    ch = _channel(shape, fill)
+    assert decode_attribute_channel(ch, 4) == expected
+    assert decode_attribute_channel(ch.astype(np.float16), 4) == expected
+    batch = torch.from_numpy(np.stack([ch, _channel(shape, {2.0: 3})]))
+    assert decode_levels(batch, 4).tolist() == [-1 if expected is None else expected, 1]
+    assert decode_attribute_levels(batch[:, None], 4).tolist() == [-1 if expected is None else expected, 1]
+
+
+def test_decoding_reads_read_only_and_integer_arrays():
+    ch = _channel((4, 5), {3: 7})
+    ro = ch.copy()
+    ro.flags.writeable = False
+    assert decode_attribute_channel(ro, 4) == 2
+    assert decode_attribute_channel(ch.astype(np.uint8), 4) == 2
+    assert decode_attribute_channel(ch.astype(np.int16)[:, ::-1], 4) == 2  # negative strides
+
+
+def test_code_above_levels_is_an_error_naming_the_case_or_sample():
+    import torch
+    with pytest.raises(ValueError, match=r"^The attribute channel of caseX decodes to code 7 \(level index 6\), but "
+                                         r"there are only 4 levels \(codes 1\.\.4, 0 = unknown\)\. Write the channel"):
+        decode_attribute_channel(_channel((3, 4, 5), {7.0: 8, 6.0: 3, 2.0: 5}), 4, "caseX")
+    # codes above num_levels count together: 5 and 6 outnumber the 2s
+    with pytest.raises(ValueError, match="caseY decodes to code 5"):
+        decode_attribute_channel(_channel((20,), {5.0: 4, 6.0: 3, 2.0: 5}), 4, "caseY")
+    batch = torch.from_numpy(np.stack([_channel((6, 6), f) for f in ({9.0: 3}, {1.0: 3}, {5.0: 4, 6.0: 1})]))
+    with pytest.raises(ValueError, match=r"of sample 0 of this batch decodes to code 9 \(level index 8\); sample 2 "
+                                         r"of this batch decodes to code 5 \(level index 4\), but there are only 4"):
+        decode_attribute_levels(batch, 4)
+    # without the check (training) nothing syncs and the bad sample decodes to num_levels (routed as unknown)
+    assert decode_attribute_levels(batch, 4, check=False).tolist() == [4, 0, 4]
+
+
+def test_torch_decoding_without_check_traces_in_one_graph():
+    """No host synchronisation in the training path: ``fullgraph=True`` fails on ``.item()``/``.tolist()``."""
+    import torch
+    import torch._dynamo as dynamo
+
+    from nnunet_dmoe.networks import decode_levels
+    dynamo.reset()
+    compiled = torch.compile(lambda ch: decode_levels(ch, 4, check=False), backend="aot_eager", fullgraph=True)
+    batch = torch.from_numpy(np.stack([_channel((2, 6, 6), f) for f in ({2.0: 9, 1.4: 2}, {}, {4.0: 5, 9.0: 6})]))
+    try:
+        assert compiled(batch).tolist() == [1, -1, 4]
+    finally:
+        dynamo.reset()
