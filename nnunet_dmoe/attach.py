@@ -134,16 +134,13 @@ def attach_attribute(input_folder: str, case_levels: Mapping[str, Optional[str]]
 
 def attach_attribute_entry_point():
     import argparse
-    from nnunet_dmoe.tables import read_attribute_table
+    from nnunet_dmoe.tables import add_attribute_table_arguments, read_attribute_table
     parser = argparse.ArgumentParser(
         description="Write the attribute channel for a folder of new cases (nnU-Net naming) from a table, so that "
                     "nnUNetv2_predict can run on it with a dMoE model.")
     parser.add_argument("-i", required=True, help="[REQUIRED] folder with the cases' image channels")
-    parser.add_argument("-t", required=True, help="[REQUIRED] attribute table (CSV, TSV or JSON)")
-    parser.add_argument("--id-column", default=None, help="[OPTIONAL] case id column. Default: 'case'")
-    parser.add_argument("--attribute-column", default=None, help="[OPTIONAL] level column. Default: 'value'")
-    parser.add_argument("--bins", type=float, nargs="+", default=None,
-                        help="[OPTIONAL] edges to bin a numeric column (e.g. 20 40 60 80 -> <20, 20-40, ...)")
+    add_attribute_table_arguments(parser, "-t", "[REQUIRED] attribute table (CSV, TSV or JSON): case id -> level; "
+                                                "empty cells / 'unknown' mean unknown", required=True)
     parser.add_argument("-dataset_json", default=None,
                         help="[OPTIONAL] the model's dataset.json (or its model folder). Either this or -d")
     parser.add_argument("-d", default=None, help="[OPTIONAL] dataset name or id in nnUNet_raw. Either this or -dataset_json")

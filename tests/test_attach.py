@@ -332,3 +332,25 @@ def test_table_errors_list_twenty_rows_then_the_count(tmp_path):
     table.write_text("case,value\n" + "".join(f"c{i:02d},T1\nc{i:02d},T2\n" for i in range(21)))
     with pytest.raises(ValueError, match=r"listed more than once: c00, c01, .*, c19, \.\.\. \(1 more\)$"):
         read_attribute_table(str(table))
+
+
+def test_attach_and_evaluate_share_the_table_flags(capsys):
+    import argparse
+
+    from nnunet_dmoe.evaluation import evaluate_entry_point
+    from nnunet_dmoe.tables import add_attribute_table_arguments
+    parser = argparse.ArgumentParser()
+    add_attribute_table_arguments(parser, "-t", "[REQUIRED] table", required=True)
+    args = parser.parse_args(["-t", "x.csv", "--id-column", "pid", "--attribute-column", "age", "--bins", "40", "60"])
+    assert vars(args) == {"t": "x.csv", "id_column": "pid", "attribute_column": "age", "bins": [40.0, 60.0]}
+    assert vars(parser.parse_args(["-t", "x.csv"])) == {"t": "x.csv", "id_column": None, "attribute_column": None,
+                                                        "bins": None}
+    attach_help = _cli("-h").stdout
+    with pytest.raises(SystemExit):
+        evaluate_entry_point(["-h"])
+    evaluate_help = capsys.readouterr().out
+    for flag, text in (("-t", attach_help), ("--attributes", evaluate_help)):
+        text = " ".join(text.split())  # argparse wraps at the terminal width
+        assert f"--id-column ID_COLUMN [OPTIONAL] column of {flag} with the case id. Default: 'case'" in text
+        assert f"--attribute-column ATTRIBUTE_COLUMN [OPTIONAL] column of {flag} with the attribute." in text
+        assert "--bins BINS [BINS ...] [OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70" in text
