@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import configuration
 from nnunet_dmoe.attribute import decode_attribute_channel, encode_attribute_channel
+from nnunet_dmoe.configuration import unet_configuration
 from nnunet_dmoe.dmoe import DistributionAwareMoE
 from nnunet_dmoe.networks import AttributeUNet, build_attribute_network, decode_levels
 
@@ -13,7 +13,8 @@ def build(mode, dim=3, residual=False, ds=False, seed=0, **dmoe):
     torch.manual_seed(seed)
     dmoe.setdefault("num_levels", 4)
     dmoe.setdefault("attribute_channel", 1)
-    return build_attribute_network(None, configuration(dim, residual, **dmoe), 2, 3, ds, mode)
+    cm = unet_configuration(dim, (8, 16, 32), [1, 2, 2] if residual else None, **dmoe)
+    return build_attribute_network(None, cm, 2, 3, ds, mode)
 
 
 def with_channel(image, codes):
