@@ -1,6 +1,7 @@
 """Attribute schema and attribute-channel codec.
 
-The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (see DESIGN.md):
+The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (README, "Where the attribute lives";
+documentation/explanation/dmoe.md, "How the attribute reaches the network"):
 
 1. the ``attribute`` block of an nnU-Net raw ``dataset.json``::
 
