@@ -116,3 +116,12 @@ def test_existing_dataset_folder_is_refused(env):
         convert_fairseg(str(root), 540, dataset_name="Other")
     out = convert_fairseg(str(root), 540, dataset_name="Other", overwrite=True)
     assert sorted(os.listdir(env / "raw")) == ["Dataset540_Other"] and os.path.basename(out) == "Dataset540_Other"
+
+
+def test_split_file_error_lists_twenty_values_then_the_count(tmp_path):
+    from nnunet_dmoe.dataset_conversion.common import read_split_file
+    split = tmp_path / "split.csv"
+    split.write_text("case,split\n" + "".join(f"c{i:02d},xyz\n" for i in range(23)))
+    with pytest.raises(ValueError, match=r"must be train or test; found c00 \('xyz'\), .*, c19 \('xyz'\), "
+                                         r"\.\.\. \(3 more\)\. "):
+        read_split_file(str(split))
