@@ -1,4 +1,5 @@
-"""Forward+backward time of one dMoE layer: sparse dispatch vs a dense reference (issue 2, "Numbers to report").
+"""Forward+backward time of one dMoE layer: sparse dispatch vs a dense reference (the figure in the
+README's "Cost (the paper's Table 7)" section).
 
 Sparse = :class:`nnunet_dmoe.dmoe.DistributionAwareMoE` (each token through its top-k experts only). Dense = the
 same math written the straightforward way: every token through all experts, then keep the routed k (same router,

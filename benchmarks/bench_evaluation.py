@@ -1,8 +1,8 @@
 """Times the fairness report on the 150 PI-CAI whole-gland cases with 1000 bootstrap resamples.
 
-Target (issue 4): within 60 s on the 2-core development machine. Not a test; run it by hand:
+Target: within 60 s on the 2-core development machine. Not a test; run it by hand:
 
-    .venv/bin/python benchmarks/bench_evaluation.py [--repeats 3] [-np 1] [--data /work/shared/data/picai_wholegland]
+    .venv/bin/python benchmarks/bench_evaluation.py [--repeats 3] [-np 1] [--data ../shared/data/picai_wholegland]
 
 Prints the time of each run (reading + scoring, bootstrap, writing the four files) and the median.
 """
@@ -12,14 +12,16 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from nnunet_dmoe.evaluation import attributes_from_table, evaluate_folders
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                       "picai_wholegland"))
+    # default: the shared data beside the checkout, ../shared/data
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+                                              / "picai_wholegland"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("-np", type=int, default=1)

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
 from nnunet_dmoe.tables import read_attribute_table
 
 UNKNOWN = "unknown"
@@ -166,7 +166,7 @@ def read_split_file(path: str) -> Dict[str, str]:
     split = {c: normalise_split(v) for c, v in raw.items()}
     bad = sorted(f"{c} ({raw[c]!r})" for c, s in split.items() if s is None)
     if bad:
-        raise ValueError(f"-split {path}: split values must be train or test; found {', '.join(bad[:20])}. "
+        raise ValueError(f"-split {path}: split values must be train or test; found {fmt_cases(bad)}. "
                          f"{_SPLIT_FILE_HELP}")
     return split
 
@@ -244,5 +244,5 @@ def split_from_file(cases: Sequence[str], split_file: str, problems: Problems) -
     extra = sorted(set(split) - set(cases))
     if extra:
         print(f"Note: {len(extra)} case(s) of the split file are not in the input and are ignored: "
-              f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+              f"{fmt_cases(extra, limit=10)}")
     return {c: split[c] for c in cases if c in split}

@@ -26,7 +26,9 @@ MASK_KEYS = ("disc_cup_mask", "disc_cup")
 MASK_TO_LABEL = {0: 0, -1: 1, -2: 2}
 LABELS = {"background": 0, "rim": 1, "cup": 2}
 CHANNEL_NAMES = {"0": "rgb_to_0_1", "1": "noNorm"}
-UNKNOWN_CODE = -1
+# FairSeg's raw code for a missing demographic value; written as the attribute channel's unknown code
+# (nnunet_dmoe.attribute.UNKNOWN_CODE, 0)
+FAIRSEG_MISSING_CODE = -1
 # code -> level, from the Harvard-FairSeg README; the level order is the router order
 CODEBOOKS: Dict[str, Dict[int, str]] = {
     "race": {0: "Asian", 1: "Black", 2: "White"},
@@ -55,14 +57,15 @@ def _level(data, attribute: str, age_bins: Sequence[float]):
     value = value.item()
     if isinstance(value, (bytes, str)) or value is None:
         return None, f"{key} = {value!r} is not a numeric code"
-    if value == UNKNOWN_CODE:
+    if value == FAIRSEG_MISSING_CODE:
         return None, None
     if attribute == "age":
         if not 0 <= value <= 130:
             return None, f"age = {value} is not an age in years"
         return bin_value(value, age_bins), None
     if value not in CODEBOOKS[attribute]:
-        return None, f"{key} = {value!r} is not one of the codes {CODEBOOKS[attribute]} (-1 = unknown)"
+        return None, (f"{key} = {value!r} is not one of the codes {CODEBOOKS[attribute]} "
+                      f"({FAIRSEG_MISSING_CODE} = unknown)")
     return CODEBOOKS[attribute][int(value)], None
 
 

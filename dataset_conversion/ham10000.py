@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from nnunet_dmoe.attribute import fmt_cases
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
                                                     add_split_and_age_arguments, finish, make_parser,
                                                     prepare_dataset_folder,
@@ -129,7 +130,7 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
                     & {lesion_of[c] for c in split if split[c] == "test"})
     if shared:
         print(f"Warning: the split file puts images of {len(shared)} lesion(s) into both train and test "
-              f"({', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}); test scores will be optimistic.")
+              f"({fmt_cases(shared, limit=10)}); test scores will be optimistic.")
     levels = bin_labels(bins) if bins else sorted({values[c] for c in known if values[c] is not None})
     if not levels:
         problems.add(metadata, f"no image has a known {attribute}", "Choose another attribute with -a.")

@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel
+from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
 
 __all__ = ["attach_attribute", "load_model_dataset_json"]
 
@@ -54,15 +54,16 @@ def _cases_in(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
     return cases
 
 
-def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dataset_json: dict,
-                     output_folder: Optional[str] = None, overwrite: bool = False, verbose: bool = True) -> Dict[str, Optional[str]]:
+def attach_attribute(input_folder: str, case_levels: Mapping[str, Optional[str]], dataset_json: dict,
+                     output_folder: Optional[str] = None, overwrite: bool = False,
+                     verbose: bool = True) -> Dict[str, Optional[str]]:
     """Write the attribute channel for every case of ``input_folder``.
 
     Parameters
     ----------
     input_folder : str
         nnU-Net-named image files of new cases.
-    levels : mapping
+    case_levels : mapping
         Case id -> level name (``None`` = unknown), e.g. from :func:`nnunet_dmoe.read_attribute_table`.
     dataset_json : dict
         The model's dataset.json (levels, attribute channel, file ending, channel count).
@@ -91,12 +92,12 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
         expected = ", ".join(f"CASE_{i:04d}{file_ending}" for i in image_channels)
         raise ValueError(_MISSING_CHANNELS.format(n=len(incomplete), folder=input_folder,
                                                   cases=", ".join(incomplete), expected=expected))
-    not_in_table = sorted(c for c in cases if c not in levels)
+    not_in_table = sorted(c for c in cases if c not in case_levels)
     if not_in_table:
         raise ValueError(_MISSING_IN_TABLE.format(n=len(not_in_table), folder=input_folder,
                                                   cases=", ".join(not_in_table)))
-    unknown = sorted(f"{c} ({levels[c]!r})" for c in cases
-                     if levels[c] is not None and str(levels[c]) not in spec.levels)
+    unknown = sorted(f"{c} ({case_levels[c]!r})" for c in cases
+                     if case_levels[c] is not None and str(case_levels[c]) not in spec.levels)
     if unknown:
         raise ValueError(_UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels, cases=", ".join(unknown)))
 
@@ -110,9 +111,8 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
     existing = sorted(p for p in writes if os.path.lexists(p))
     if existing and not overwrite:
         raise FileExistsError(f"{len(existing)} file(s) exist already in {output_folder}: "
-                              f"{', '.join(os.path.basename(p) for p in existing[:20])}"
-                              + (f" ... ({len(existing) - 20} more)" if len(existing) > 20 else "")
-                              + ". Pass --overwrite (overwrite=True) to replace them.")
+                              f"{fmt_cases(os.path.basename(p) for p in existing)}. "
+                              f"Pass --overwrite (overwrite=True) to replace them.")
     os.makedirs(output_folder, exist_ok=True)
 
     example = cases[next(iter(cases))][image_channels[0]]
@@ -120,7 +120,7 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
     for case, files in cases.items():
         image_files = [files[i] for i in image_channels]
         images, properties = rw.read_images(image_files)
-        channel = encode_attribute_channel(images, spec.level_index(levels[case]))
+        channel = encode_attribute_channel(images, spec.level_index(case_levels[case]))
         if copy_images:
             for f in image_files:
                 shutil.copy2(f, output_folder)
@@ -128,22 +128,19 @@ def attach_attribute(input_folder: str, levels: Mapping[str, Optional[str]], dat
             os.remove(targets[case])
         rw.write_seg(channel, targets[case], properties)
         if verbose:
-            print(f"{case}: {levels[case] or 'unknown'} -> {targets[case]}")
-    return {c: levels[c] for c in cases}
+            print(f"{case}: {case_levels[case] or 'unknown'} -> {targets[case]}")
+    return {c: case_levels[c] for c in cases}
 
 
 def attach_attribute_entry_point():
     import argparse
-    from nnunet_dmoe.tables import read_attribute_table
+    from nnunet_dmoe.tables import add_attribute_table_arguments, read_attribute_table
     parser = argparse.ArgumentParser(
         description="Write the attribute channel for a folder of new cases (nnU-Net naming) from a table, so that "
                     "nnUNetv2_predict can run on it with a dMoE model.")
     parser.add_argument("-i", required=True, help="[REQUIRED] folder with the cases' image channels")
-    parser.add_argument("-t", required=True, help="[REQUIRED] attribute table (CSV, TSV or JSON)")
-    parser.add_argument("--id-column", default=None, help="[OPTIONAL] case id column. Default: 'case'")
-    parser.add_argument("--attribute-column", default=None, help="[OPTIONAL] level column. Default: 'value'")
-    parser.add_argument("--bins", type=float, nargs="+", default=None,
-                        help="[OPTIONAL] edges to bin a numeric column (e.g. 20 40 60 80 -> <20, 20-40, ...)")
+    add_attribute_table_arguments(parser, "-t", "[REQUIRED] attribute table (CSV, TSV or JSON): case id -> level; "
+                                                "empty cells / 'unknown' mean unknown", required=True)
     parser.add_argument("-dataset_json", default=None,
                         help="[OPTIONAL] the model's dataset.json (or its model folder). Either this or -d")
     parser.add_argument("-d", default=None, help="[OPTIONAL] dataset name or id in nnUNet_raw. Either this or -dataset_json")
@@ -152,9 +149,9 @@ def attach_attribute_entry_point():
     args = parser.parse_args()
     try:
         dataset_json = load_model_dataset_json(args.dataset_json, args.d)
-        levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins,
-                                      strip_suffix=dataset_json.get("file_ending"))
-        attach_attribute(args.i, levels, dataset_json, args.o, args.overwrite)
+        case_levels = read_attribute_table(args.t, args.id_column, args.attribute_column, args.bins,
+                                           strip_suffix=dataset_json.get("file_ending"))
+        attach_attribute(args.i, case_levels, dataset_json, args.o, args.overwrite)
     except (ValueError, FileExistsError, RuntimeError) as e:
         # bad input: one clear message instead of a traceback
         sys.exit(f"nnUNetv2_dmoe_attach_attribute: error: {e}")

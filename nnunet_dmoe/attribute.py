@@ -1,6 +1,7 @@
 """Attribute schema and attribute-channel codec.
 
-The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (see DESIGN.md):
+The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (README, "Where the attribute lives";
+documentation/explanation/dmoe.md, "How the attribute reaches the network"):
 
 1. the ``attribute`` block of an nnU-Net raw ``dataset.json``::
 
@@ -22,6 +23,8 @@ import numpy as np
 
 UNKNOWN_CODE = 0
 
+_BAD_CODE = ("The attribute channel of {found}, but there are only {n} levels (codes 1..{n}, 0 = unknown). Write "
+             "the channel with nnUNetv2_dmoe_attach_attribute using the levels of the model's dataset.json.")
 _MISSING_BLOCK = (
     "{where} has no 'attribute' block. nnunet_dmoe needs one: "
     '"attribute": {{"name": ..., "levels": [...], "channel": <index of the noNorm attribute channel>, '
@@ -30,10 +33,24 @@ _MISSING_BLOCK = (
 )
 
 
-def _fmt_cases(items: Sequence[str], limit: int = 50) -> str:
+def fmt_cases(items: Sequence[str], limit: int = 20, sep: str = ", ") -> str:
+    """The first ``limit`` items of an error message's list, then how many more: ``a, b, ... (3 more)``."""
     items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return sep.join(items[:limit]) + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+_NOT_A_NAME = object()
+_LEVEL_NAME_RULE = 'Level names are text; a JSON integer n names the level "n" (write other numbers as text).'
+
+
+def _level_name(value):
+    """The one rule for level names in ``levels``, ``cases`` and ``test_cases``: text as it is, an integer ``n`` as
+    ``"n"``, ``None`` (unknown) as ``None``; anything else (a float, a bool, a list) is not a level name."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return _NOT_A_NAME
 
 
 @dataclass
@@ -46,6 +63,8 @@ class AttributeSpec:
         What the attribute is (``"tstage"``, ``"age"``, ``"race"``).
     levels : list of str
         Ordered level names. ``levels[i]`` is routed by router ``i`` and written as ``i + 1`` in the channel.
+        Level names are text; an integer ``n`` (in ``levels``, ``cases`` or ``test_cases`` alike) names the
+        level ``"n"``. Other values (floats, bools) are refused.
     channel : int
         Index of the attribute channel among the dataset's ``channel_names``.
     cases : dict
@@ -65,23 +84,33 @@ class AttributeSpec:
             raise ValueError(f"attribute.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.levels, (list, tuple)) or len(self.levels) == 0:
             raise ValueError(f"attribute.levels must be a non-empty list of level names, got {self.levels!r}")
-        self.levels = [str(lv) for lv in self.levels]
+        names = [_level_name(lv) for lv in self.levels]
+        if any(n is None or n is _NOT_A_NAME for n in names):
+            raise ValueError(f"attribute.levels must be level names, got {self.levels!r}. {_LEVEL_NAME_RULE}")
+        self.levels = names
         if len(set(self.levels)) != len(self.levels):
             raise ValueError(f"attribute.levels has duplicates: {self.levels}")
         if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)) or self.channel < 0:
             raise ValueError(f"attribute.channel must be a channel index (int >= 0), got {self.channel!r}")
         self.channel = int(self.channel)
-        for key, table in (("cases", self.cases), ("test_cases", self.test_cases)):
+        for key in ("cases", "test_cases"):
+            given = getattr(self, key)
+            table = {c: _level_name(lv) for c, lv in given.items()}  # a copy: the caller's dict stays as it is
+            bad = sorted(f"{c} ({given[c]!r})" for c, lv in table.items() if lv is _NOT_A_NAME)
+            if bad:
+                raise ValueError(f"attribute.{key} has values that are not level names: {fmt_cases(bad)}. "
+                                 f"{_LEVEL_NAME_RULE} Use null for an unknown attribute.")
             bad = sorted(f"{c} ({lv!r})" for c, lv in table.items() if lv is not None and lv not in self.levels)
             if bad:
                 raise ValueError(
-                    f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {_fmt_cases(bad)}. "
+                    f"attribute.{key} has levels that are not in attribute.levels {self.levels}: {fmt_cases(bad)}. "
                     f"Add the level to 'levels' or correct the case."
                 )
+            setattr(self, key, table)
         clash = sorted(c for c, lv in self.test_cases.items() if c in self.cases and self.cases[c] != lv)
         if clash:
             raise ValueError(f"these cases are in both attribute.cases and attribute.test_cases with different "
-                             f"levels: {_fmt_cases(clash)}. Keep one entry per case.")
+                             f"levels: {fmt_cases(clash)}. Keep one entry per case.")
 
     @property
     def num_levels(self) -> int:
@@ -92,7 +121,7 @@ class AttributeSpec:
         if level is None:
             return None
         try:
-            return self.levels.index(str(level))
+            return self.levels.index(_level_name(level))
         except ValueError:
             raise ValueError(f"level {level!r} is not one of attribute.levels {self.levels}") from None
 
@@ -120,10 +149,8 @@ class AttributeSpec:
         if missing:
             raise ValueError(f"{where}: the attribute block lacks {missing}. Expected keys: name, levels, channel, cases.")
         try:
-            # test_cases levels read as text (a JSON number 2 names level "2")
-            test_cases = {c: None if lv is None else str(lv) for c, lv in (block.get("test_cases") or {}).items()}
             spec = cls(name=block["name"], levels=block["levels"], channel=block["channel"],
-                       cases=dict(block.get("cases", {})), test_cases=test_cases)
+                       cases=dict(block.get("cases") or {}), test_cases=dict(block.get("test_cases") or {}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
@@ -146,12 +173,20 @@ class AttributeSpec:
 def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> np.ndarray:
     """Attribute channel for a case.
 
-    ``images`` is (c, *spatial) or (*spatial); the result has the spatial shape, ``level_index + 1`` where any image
-    channel is non-zero and 0 elsewhere (0 everywhere for an unknown attribute).
+    ``images`` holds the case's image channels, channels first: ``(c, x, y)`` for a 2D case, ``(c, x, y, z)`` for a
+    3D case (nnU-Net's readers return ``(c, 1, x, y)`` for 2D; that works as well). A single-channel image needs
+    its channel axis (``image[None]``): a bare 3D volume would be read as 2D channels.
+
+    Returns an ``uint8`` array of the spatial shape ``images.shape[1:]``: ``level_index + 1`` where any image
+    channel is non-zero, :data:`UNKNOWN_CODE` (0) elsewhere, and 0 everywhere for an unknown attribute
+    (``level_index=None``).
     """
     images = np.asarray(images)
-    footprint = np.any(images != 0, axis=0) if images.ndim >= 3 else images != 0
-    out = np.zeros(footprint.shape, dtype=np.uint8)
+    if images.ndim not in (3, 4):
+        raise ValueError(f"encode_attribute_channel expects the image channels first, (c, x, y) or (c, x, y, z), "
+                         f"got an array of shape {images.shape}. Add the channel axis of a single image: image[None].")
+    footprint = np.any(images != 0, axis=0)
+    out = np.full(footprint.shape, UNKNOWN_CODE, dtype=np.uint8)
     if level_index is not None:
         if level_index < 0 or level_index > 253:
             raise ValueError(f"level index {level_index} out of range 0..253")
@@ -159,20 +194,62 @@ def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> 
     return out
 
 
-def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "this case") -> Optional[int]:
-    """Level index stored in an attribute channel (most frequent rounded positive value), ``None`` if unknown.
+def decode_attribute_levels(channel, num_levels: int, check: bool = True,
+                            names: Optional[Sequence[str]] = None):
+    """Level index per sample of a batch of attribute channels (torch); -1 = unknown.
 
-    Raises ``ValueError`` if that value does not name one of ``num_levels`` levels.
+    The one decoding rule, used by the networks (:func:`nnunet_dmoe.networks.decode_levels`) and by
+    :func:`decode_attribute_channel`: the most frequent rounded positive value is the code (ties: the smaller
+    code), so resampling blur at the footprint border does not matter; no positive value means unknown
+    (:data:`UNKNOWN_CODE`); level index = code - 1. Codes above ``num_levels`` name no level: they are counted
+    together, and a sample where they are the most frequent is an error.
+
+    Parameters
+    ----------
+    channel : torch.Tensor
+        ``(b, *spatial)`` or ``(b, 1, *spatial)``, any dtype.
+    num_levels : int
+        Levels of the attribute (codes ``1..num_levels``).
+    check : bool
+        Raise ``ValueError`` for a sample whose code is above ``num_levels``. This synchronises with the device
+        once; without it (and while ``torch.compile`` traces) such a sample decodes to ``num_levels``, which the
+        dMoE routes as unknown. The rest runs without host synchronisation and traces under ``torch.compile``.
+    names : sequence of str, optional
+        What to call each sample in the error (default: ``sample i of this batch``).
+
+    Returns a ``torch.long`` tensor of shape ``(b,)``.
     """
-    values = np.rint(np.asarray(channel, dtype=np.float32)).astype(np.int64).ravel()
-    values = values[values > 0]
-    if values.size == 0:
-        return None
-    counts = np.bincount(values)
-    code = int(np.argmax(counts))
-    if code > num_levels:
-        raise ValueError(
-            f"The attribute channel of {case} decodes to code {code} (level index {code - 1}), but the dataset has "
-            f"only {num_levels} levels (codes 1..{num_levels}). Rewrite the channel with nnUNetv2_dmoe_attach_attribute."
-        )
-    return code - 1
+    import torch
+
+    b = channel.shape[0]
+    codes = torch.round(channel.reshape(b, -1).float()).clamp_(UNKNOWN_CODE, num_levels + 1).long()
+    counts = torch.zeros(b, num_levels + 2, device=channel.device, dtype=torch.long)
+    counts.scatter_add_(1, codes, torch.ones((1, 1), device=channel.device, dtype=torch.long).expand_as(codes))
+    positive = counts[:, 1:]  # codes 1..num_levels, then "above num_levels"
+    level = torch.where(positive.sum(1) > 0, positive.argmax(1), torch.full((b,), -1, device=channel.device))
+    if check and not torch.compiler.is_compiling():
+        bad = (level == num_levels).nonzero().flatten().tolist()
+        if bad:
+            found = []
+            for i in bad:
+                raw = torch.round(channel[i].float()).long().flatten()
+                code = int(raw[raw > num_levels].mode().values)
+                found.append(f"{names[i] if names is not None else f'sample {i} of this batch'} decodes to code "
+                             f"{code} (level index {code - 1})")
+            raise ValueError(_BAD_CODE.format(found=fmt_cases(found, sep="; "), n=num_levels))
+    return level
+
+
+def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "this case") -> Optional[int]:
+    """Level index stored in one case's attribute channel (any shape), ``None`` if unknown.
+
+    The rule of :func:`decode_attribute_levels` (most frequent rounded positive value). Raises ``ValueError``
+    naming ``case`` if that value does not name one of ``num_levels`` levels.
+    """
+    import torch
+
+    values = np.ascontiguousarray(channel, dtype=np.float32)
+    if not values.flags.writeable:  # a read-only memmap; torch tensors want writable memory
+        values = values.copy()
+    level = int(decode_attribute_levels(torch.from_numpy(values).reshape(1, -1), num_levels, names=[case])[0])
+    return None if level < 0 else level

@@ -34,8 +34,6 @@ __all__ = ["PRESETS", "preset_configuration", "resenc_m_configuration", "build_p
            "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
            "peak_memory_bytes", "cost_report", "format_table", "benchmark_entry_point"]
 
-_IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-
 # name: (dim, features, blocks per encoder stage, input size for the GFLOPs, default patch)
 PRESETS = {
     # nnU-Net's ResEnc-M 3D (nnUNetPlannerResEncM) at its six-stage depth
@@ -74,21 +72,11 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 9, warmu
 # ----------------------------------------------------------------------------------------------------- networks
 def resenc_m_configuration(dim: int = 3, features: Sequence[int] = (32, 64, 128, 256, 320, 320),
                            blocks: Sequence[int] = (1, 3, 4, 6, 6, 6)):
-    """nnU-Net ``ConfigurationManager`` of a ResidualEncoderUNet with ResEnc-M settings (kernel 3, first stride 1,
-    then 2, InstanceNorm affine, LeakyReLU, conv bias, one conv per decoder stage)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    """nnU-Net ``ConfigurationManager`` of a ResidualEncoderUNet with ResEnc-M settings
+    (:func:`nnunet_dmoe.configuration.unet_configuration`)."""
+    from nnunet_dmoe.configuration import unet_configuration
 
-    n = len(features)
-    kw = {"n_stages": n, "features_per_stage": list(features),
-          "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": [[3] * dim] * n,
-          "strides": [[1] * dim] + [[2] * dim] * (n - 1), "n_blocks_per_stage": list(blocks),
-          "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
-          "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-          "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-          "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    return ConfigurationManager({"architecture": {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-        "arch_kwargs": kw, "_kw_requires_import": _IMPORTS}})
+    return unet_configuration(dim, features, blocks)
 
 
 def preset_configuration(name: str):

@@ -24,20 +24,15 @@ ROUTINGS = ("dmoe", "moe")
 # own trainers can build the plans' U-Net from the same plans)
 PLANS_KEY = "dmoe"
 
-_BAD_CODE = ("The attribute channel of sample {sample} in this batch decodes to code {code}, but the model knows "
-             "{n} levels (codes 1..{n}, 0 = unknown). Write the channel with nnUNetv2_dmoe_attach_attribute using the "
-             "levels of the model's dataset.json.")
-
 
 @torch.compiler.disable  # runs eagerly under torch.compile too (a graph break at inference), so it cannot be skipped
 def check_levels(levels: torch.Tensor, channel: torch.Tensor, num_levels: int) -> None:
-    """Raise ``ValueError`` (naming the sample and the code) if a sample's channel decodes to a code above
-    ``num_levels``. One host synchronisation; used at inference only."""
-    bad = (levels >= num_levels).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raw = torch.round(channel[i].float()).long().flatten()
-        raise ValueError(_BAD_CODE.format(sample=i, code=int(raw[raw > 0].mode().values), n=num_levels))
+    """Raise ``ValueError`` naming the samples whose channel decodes to a code above ``num_levels``. One host
+    synchronisation; used at inference only."""
+    from nnunet_dmoe.attribute import decode_attribute_levels
+
+    if bool((levels >= num_levels).any()):
+        decode_attribute_levels(channel, num_levels, check=True)  # raises, with the samples and codes named
 
 
 def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) -> torch.Tensor:
@@ -46,13 +41,8 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
     The most frequent rounded positive value wins, so resampling blur at the footprint border does not matter.
     With ``check`` a code above ``num_levels`` raises ``ValueError`` (also under ``torch.compile``).
     """
-    b = channel.shape[0]
-    codes = torch.round(channel.reshape(b, -1).float()).clamp_(0, num_levels + 1).long()
-    counts = torch.zeros(b, num_levels + 2, device=channel.device, dtype=torch.long)
-    counts.scatter_add_(1, codes, torch.ones_like(codes))
-    positive = counts[:, 1:]
-    code = positive.argmax(1) + 1
-    level = torch.where(positive.sum(1) > 0, code - 1, torch.full_like(code, -1))
+    from nnunet_dmoe.attribute import decode_attribute_levels  # the one decoding rule, shared with the numpy side
+    level = decode_attribute_levels(channel, num_levels, check=False)
     if check:
         check_levels(level, channel, num_levels)
     return level

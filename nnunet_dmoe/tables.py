@@ -14,6 +14,8 @@ import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from nnunet_dmoe.attribute import fmt_cases
+
 DEFAULT_MISSING = ("", "nan", "na", "n/a", "none", "null", "unknown")
 
 
@@ -117,8 +119,21 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
                 text = str(int(raw))
             out[case] = text
     if dup:
-        raise ValueError(f"{path}: case ids listed more than once: {', '.join(sorted(set(dup))[:20])}")
+        raise ValueError(f"{path}: case ids listed more than once: {fmt_cases(sorted(set(dup)))}")
     if bad:
         raise ValueError(f"{path}: column {attribute_column!r} is binned with edges {list(bins)} but these values "
-                         f"are not numbers: {'; '.join(bad[:20])}" + (f" ... ({len(bad) - 20} more)" if len(bad) > 20 else ""))
+                         f"are not numbers: {fmt_cases(bad, sep='; ')}")
     return out
+
+
+def add_attribute_table_arguments(parser, table_flag: str, table_help: str, required: bool) -> None:
+    """The attribute-table flags of ``nnUNetv2_dmoe_attach_attribute`` and ``nnUNetv2_dmoe_evaluate``: the table
+    (``table_flag``), ``--id-column``, ``--attribute-column`` and ``--bins``, read by :func:`read_attribute_table`."""
+    parser.add_argument(table_flag, type=str, required=required, default=None, help=table_help)
+    parser.add_argument("--id-column", type=str, default=None,
+                        help=f"[OPTIONAL] column of {table_flag} with the case id. Default: 'case'")
+    parser.add_argument("--attribute-column", type=str, default=None,
+                        help=f"[OPTIONAL] column of {table_flag} with the attribute. Default: 'value'")
+    parser.add_argument("--bins", nargs="+", type=float, default=None,
+                        help="[OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70 gives the "
+                             "levels <60, 60-70, >=70 (left-closed). Default: no binning")

@@ -1,10 +1,18 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 VENV_BIN = os.path.dirname(sys.executable)
+# the project's shared, read-only data: ../shared/data beside the checkout
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(name: str) -> str:
+    """Path of the data set ``name`` in the shared data folder (``../shared/data/<name>`` beside the checkout)."""
+    return str(SHARED_DATA / name)
 
 
 def nnunet_env(root, **extra):

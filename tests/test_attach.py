@@ -116,8 +116,8 @@ def test_nifti_values_and_exact_geometry(tmp_path):
 
 def test_png_values(tmp_path):
     fps = _png_folder(tmp_path / "in", ["p1", "p2", "p3"])
-    attach_attribute(str(tmp_path / "in"), {"p1": "T1", "p2": "T3", "p3": "T4"},
-                     PNG_JSON, verbose=False)
+    attach_attribute(str(tmp_path / "in"), case_levels={"p1": "T1", "p2": "T3", "p3": "T4"},
+                     dataset_json=PNG_JSON, verbose=False)
     for case, code in (("p1", 1), ("p2", 3), ("p3", 4)):
         arr = np.asarray(Image.open(tmp_path / "in" / f"{case}_0001.png"))
         assert arr.shape == SHAPE2 and arr.dtype == np.uint8
@@ -321,3 +321,36 @@ def test_round_trip_through_nnunet_reader(tmp_path, kind):
         np.testing.assert_array_equal(data[1] > 0, footprint if expected is not None else np.zeros_like(footprint))
         if kind == "nifti":
             assert np.allclose(props["spacing"], SPACING[::-1])
+
+
+def test_table_errors_list_twenty_rows_then_the_count(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("case,value\n" + "".join(f"c{i:02d},old\n" for i in range(22)))
+    with pytest.raises(ValueError, match=r"are not numbers: row 2 \(c00\): 'old'; .*; row 21 \(c19\): 'old'; "
+                                         r"\.\.\. \(2 more\)$"):
+        read_attribute_table(str(table), bins=[40, 60])
+    table.write_text("case,value\n" + "".join(f"c{i:02d},T1\nc{i:02d},T2\n" for i in range(21)))
+    with pytest.raises(ValueError, match=r"listed more than once: c00, c01, .*, c19, \.\.\. \(1 more\)$"):
+        read_attribute_table(str(table))
+
+
+def test_attach_and_evaluate_share_the_table_flags(capsys):
+    import argparse
+
+    from nnunet_dmoe.evaluation import evaluate_entry_point
+    from nnunet_dmoe.tables import add_attribute_table_arguments
+    parser = argparse.ArgumentParser()
+    add_attribute_table_arguments(parser, "-t", "[REQUIRED] table", required=True)
+    args = parser.parse_args(["-t", "x.csv", "--id-column", "pid", "--attribute-column", "age", "--bins", "40", "60"])
+    assert vars(args) == {"t": "x.csv", "id_column": "pid", "attribute_column": "age", "bins": [40.0, 60.0]}
+    assert vars(parser.parse_args(["-t", "x.csv"])) == {"t": "x.csv", "id_column": None, "attribute_column": None,
+                                                        "bins": None}
+    attach_help = _cli("-h").stdout
+    with pytest.raises(SystemExit):
+        evaluate_entry_point(["-h"])
+    evaluate_help = capsys.readouterr().out
+    for flag, text in (("-t", attach_help), ("--attributes", evaluate_help)):
+        text = " ".join(text.split())  # argparse wraps at the terminal width
+        assert f"--id-column ID_COLUMN [OPTIONAL] column of {flag} with the case id. Default: 'case'" in text
+        assert f"--attribute-column ATTRIBUTE_COLUMN [OPTIONAL] column of {flag} with the attribute." in text
+        assert "--bins BINS [BINS ...] [OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70" in text

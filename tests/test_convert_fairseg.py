@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
 
 
@@ -36,7 +36,7 @@ def _npz(path, race=0, old_keys=False, mask_extra=None, **extra):
 def _official_layout(root):
     _npz(root / "Training" / "data_00001.npz", race=0)
     _npz(root / "Training" / "data_00002.npz", race=1, old_keys=True)
-    _npz(root / "Training" / "data_00003.npz", race=-1)
+    _npz(root / "Training" / "data_00003.npz", race=-1)  # FairSeg: -1 = missing
     _npz(root / "Test" / "data_00004.npz", race=2)
     return root
 
@@ -61,7 +61,7 @@ def test_official_split_labels_levels_and_channel(env):
     assert seg[0, 0, 7, 9] == 1 and seg[0, 0, 9, 11] == 2 and seg[0, 0, 0, 0] == 0
     assert np.bincount(seg.astype(int).ravel()).tolist() == [20 * 24 - 64, 64 - 16, 16]
     unknown, _ = io.read_images([os.path.join(out, "imagesTr", "data_00003_0001.png")])
-    assert unknown.max() == 0
+    assert unknown.max() == UNKNOWN_CODE == 0  # FairSeg's -1 becomes the channel's unknown code
     test, _ = io.read_images([os.path.join(out, "imagesTs", "data_00004_0001.png")])
     assert set(np.unique(test)) == {0, 3}
     assert os.path.isfile(os.path.join(out, "labelsTs", "data_00004.png"))
@@ -116,3 +116,12 @@ def test_existing_dataset_folder_is_refused(env):
         convert_fairseg(str(root), 540, dataset_name="Other")
     out = convert_fairseg(str(root), 540, dataset_name="Other", overwrite=True)
     assert sorted(os.listdir(env / "raw")) == ["Dataset540_Other"] and os.path.basename(out) == "Dataset540_Other"
+
+
+def test_split_file_error_lists_twenty_values_then_the_count(tmp_path):
+    from nnunet_dmoe.dataset_conversion.common import read_split_file
+    split = tmp_path / "split.csv"
+    split.write_text("case,split\n" + "".join(f"c{i:02d},xyz\n" for i in range(23)))
+    with pytest.raises(ValueError, match=r"must be train or test; found c00 \('xyz'\), .*, c19 \('xyz'\), "
+                                         r"\.\.\. \(3 more\)\. "):
+        read_split_file(str(split))

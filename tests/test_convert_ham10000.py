@@ -3,24 +3,30 @@ rows (to test the lesion-grouped split and missing ages)."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from PIL import Image
 
+from conftest import shared_data
 from nnunet_dmoe.attribute import AttributeSpec
 from nnunet_dmoe.dataset_conversion.ham10000 import (IMAGE_DIR, MASK_DIR, _lesion_split, convert_ham10000,
                                                      lesion_folds)
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ham10000_sample")
-if not os.path.isdir(SAMPLE):
-    SAMPLE = "/work/shared/data/ham10000_sample"
+SAMPLE = shared_data("ham10000_sample")
 METADATA = os.path.join(SAMPLE, "HAM10000_metadata.csv")
 AGES = {"ISIC_0024311": "60-80", "ISIC_0027001": "40-60", "ISIC_0027287": "40-60", "ISIC_0027533": "40-60",
         "ISIC_0027800": "60-80"}
 LEVELS = ["<20", "20-40", "40-60", "60-80", ">=80"]
+
+
+def test_shared_data_is_found_beside_the_checkout():
+    checkout = Path(__file__).resolve().parents[1]
+    assert Path(SAMPLE) == checkout.parent / "shared" / "data" / "ham10000_sample"
+    assert os.path.isfile(METADATA)
 
 
 @pytest.fixture

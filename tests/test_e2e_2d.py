@@ -52,9 +52,9 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
     # the trainer's start check: every preprocessed (cropped, normalised) case decodes to its dataset.json level
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
     model = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__2d"
-    arch = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["architecture"]
-    assert arch["network_class_name"].endswith("PlainConvUNet")
-    assert arch["arch_kwargs"]["dmoe_num_levels"] == 4 and arch["arch_kwargs"]["dmoe_attribute_channel"] == 1
+    cfg = json.loads((model / "plans.json").read_text())["configurations"]["2d"]
+    assert cfg["architecture"]["network_class_name"].endswith("PlainConvUNet")
+    assert cfg["dmoe"]["num_levels"] == 4 and cfg["dmoe"]["attribute_channel"] == 1
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
@@ -118,9 +118,9 @@ def test_resenc_planner_and_dmoe_trainer(dataset_2d, tmp_path):
               _env(root, nnUNet_n_proc_DA="0"))
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
     model = root / "results" / DATASET / f"{TRAINER}__nnUNetResEncUNetMPlans__2d"
-    arch = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["architecture"]
-    assert arch["network_class_name"].endswith("ResidualEncoderUNet")
-    assert arch["arch_kwargs"]["dmoe_num_levels"] == 4
+    cfg = json.loads((model / "plans.json").read_text())["configurations"]["2d"]
+    assert cfg["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
+    assert cfg["dmoe"]["num_levels"] == 4
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
     assert any("stages.0.blocks" in k for k in ckpt["network_weights"])  # residual encoder blocks

@@ -9,11 +9,10 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
+from conftest import shared_data
 from nnunet_dmoe.evaluation import attributes_from_table, evaluate_entry_point, evaluate_folders
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "picai_wholegland")
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data/picai_wholegland"
+DATA = shared_data("picai_wholegland")
 REF, AUTO = os.path.join(DATA, "reference"), os.path.join(DATA, "automatic")
 pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason="PI-CAI test data not found")
 

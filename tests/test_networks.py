@@ -1,10 +1,12 @@
 """Network builders: the plans' U-Nets with the attribute front end and (d)MoE blocks."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from helpers import configuration
 from nnunet_dmoe.attribute import decode_attribute_channel, encode_attribute_channel
+from nnunet_dmoe.configuration import unet_configuration
 from nnunet_dmoe.dmoe import DistributionAwareMoE
 from nnunet_dmoe.networks import AttributeUNet, build_attribute_network, decode_levels
 
@@ -13,8 +15,9 @@ def build(mode, dim=3, residual=False, ds=False, seed=0, **dmoe):
     torch.manual_seed(seed)
     dmoe.setdefault("num_levels", 4)
     dmoe.setdefault("attribute_channel", 1)
+    cm = unet_configuration(dim, (8, 16, 32), [1, 2, 2] if residual else None, **dmoe)
     kwargs = {"keep_attribute_channel": True} if mode == "channel" else {"routing": None if mode == "none" else mode}
-    return build_attribute_network(None, configuration(dim, residual, **dmoe), 2, 3, ds, **kwargs)
+    return build_attribute_network(None, cm, 2, 3, ds, **kwargs)
 
 
 def with_channel(image, codes):
@@ -111,25 +114,27 @@ def test_bad_channel_code_is_an_error_under_torch_compile_too():
     # grouped_mm under compile is bf16-only: nnU-Net compiles on CUDA, always under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert compiled(good).isfinite().all()
-        with pytest.raises(ValueError, match="decodes to code 6.*4 levels"):
+        with pytest.raises(ValueError, match="decodes to code 6.*only 4 levels"):
             compiled(with_channel(torch.randn(1, 1, 16, 16, 16), [6]))
 
 
 def test_builder_arguments_and_settings_block():
-    from helpers import configuration as cfg
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    def cfg(**dmoe):
+        return unet_configuration(3, (8, 16, 32), **dmoe)
+
     with pytest.raises(ValueError, match="keep_attribute_channel must be False"):
         build_attribute_network(None, cfg(num_levels=4, attribute_channel=1), 2, 3, False, routing="dmoe",
                                 keep_attribute_channel=True)
     with pytest.raises(ValueError, match="routing must be one of"):
         build_attribute_network(None, cfg(num_levels=4, attribute_channel=1), 2, 3, False, routing="DMoE")
     # the plans' "dmoe" block (current) and dmoe_* arch_kwargs (plans of version 0.1) build the same network
-    legacy = cfg(num_levels=3, attribute_channel=0, num_experts=4, top_k=1)
-    current = legacy.configuration
-    kw = current["architecture"]["arch_kwargs"]
-    current["dmoe"] = {k[5:]: kw.pop(k) for k in list(kw) if k.startswith("dmoe_")}
+    current = cfg(num_levels=3, attribute_channel=0, num_experts=4, top_k=1)
+    legacy = copy.deepcopy(current.configuration)
+    legacy["architecture"]["arch_kwargs"].update({f"dmoe_{k}": v for k, v in legacy.pop("dmoe").items()})
     nets = []
-    for c in (cfg(num_levels=3, attribute_channel=0, num_experts=4, top_k=1), ConfigurationManager(current)):
+    for c in (current, ConfigurationManager(legacy)):
         torch.manual_seed(0)
         nets.append(build_attribute_network(None, c, 2, 3, False, routing="dmoe"))
     assert nets[0].moe[0].router.w_gate.shape == (4, 8, 4) and nets[0].config.top_k == 1

@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import AttributeSpec, fmt_cases
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
 COMMON_FILE_ENDINGS = (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".tif", ".tiff", ".bmp", ".gipl")
@@ -34,11 +34,6 @@ _NO_ATTRIBUTE = ("{n} case(s) have no attribute in {source}: {cases}. Add them t
                  "'unknown' for an unknown attribute), or remove them from the reference folder.")
 _UNKNOWN_IS_LEVEL = ("{source}: a level is named {unknown!r}, which the report uses for cases whose attribute is "
                      "unknown. Rename the level.")
-
-
-def fmt_cases(items: Sequence[str], limit: int = 20) -> str:
-    items = list(items)
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 @dataclass

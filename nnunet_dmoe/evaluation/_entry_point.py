@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
 from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table, detect_file_ending
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
+from nnunet_dmoe.tables import add_attribute_table_arguments
 
 _BAD_COMPARE = ("--compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
                 "folder, e.g. --compare dMoE=preds/dmoe baseline=preds/base.")
@@ -51,16 +52,9 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
     parser.add_argument("-dataset_json", type=str, default=None,
                         help="[REQUIRED unless --attributes] dataset.json whose 'attribute' block gives the level of "
                              "each case ('cases' and 'test_cases' merged; levels in the block's order)")
-    parser.add_argument("--attributes", type=str, default=None,
-                        help="[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) with the attribute of each "
-                             "case; empty cells / 'unknown' mean unknown")
-    parser.add_argument("--id-column", type=str, default=None,
-                        help="[OPTIONAL] column of --attributes with the case id. Default: 'case'")
-    parser.add_argument("--attribute-column", type=str, default=None,
-                        help="[OPTIONAL] column of --attributes with the attribute. Default: 'value'")
-    parser.add_argument("--bins", nargs="+", type=float, default=None,
-                        help="[OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70 gives the "
-                             "levels <60, 60-70, >=70 (left-closed). Default: no binning")
+    add_attribute_table_arguments(parser, "--attributes", "[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) "
+                                  "with the attribute of each case; empty cells / 'unknown' mean unknown",
+                                  required=False)
     parser.add_argument("-fe", type=str, default=None,
                         help="[OPTIONAL] file ending of the segmentations, e.g. .nii.gz. Default: detected from -ref "
                              "(.nii.gz .nii .png .nrrd .mha .tif .tiff .bmp .gipl)")
