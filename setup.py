@@ -1,3 +1,5 @@
+"""What pyproject.toml cannot say: the .pth hook for nnU-Net's trainer search (wheel and editable install) and the
+package discovery under the checkout's four top-level folders, installed as ``nnunet_dmoe.*``."""
 import os
 
 from setuptools import find_packages, setup
