@@ -4,7 +4,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 # extra arguments for the demo, e.g. make demo DEMO_ARGS="-dim 3 -replicates 2"
 DEMO_ARGS ?=
-# extra arguments for pytest, e.g. make test PYTEST_ARGS="-k networks"
+# extra arguments for pytest, e.g. make test PYTEST_ARGS="-k networks"; PYTEST_ARGS="-m min_versions" runs the
+# wheel test with every dependency at its minimum version instead (CI runs both)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test clean
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 # torch 2.14.1 / torchvision 0.29.1 are the releases nnunetv2's dependencies resolve to here
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1

@@ -1,6 +1,8 @@
+"""What pyproject.toml cannot say: the .pth hook for nnU-Net's trainer search (wheel and editable install) and the
+package discovery under the checkout's four top-level folders, installed as ``nnunet_dmoe.*``."""
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -54,45 +56,24 @@ class EditableWheelWithPth(editable_wheel):
         return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
 
 
+# The checkout's top-level folders and the import names they are installed under. Every folder below them with an
+# __init__.py is a package of the wheel (tests/test_wheel_install.py checks that no package folder is left out).
+PACKAGE_ROOTS = {
+    "nnunet_dmoe": "nnunet_dmoe",
+    "nnunet_dmoe.trainers": "trainers",
+    "nnunet_dmoe.planners": "planners",
+    "nnunet_dmoe.dataset_conversion": "dataset_conversion",
+}
+
+
+def discover_packages(roots=PACKAGE_ROOTS):
+    return [name for root, folder in roots.items()
+            for name in [root] + [f"{root}.{sub}" for sub in find_packages(folder)]]
+
+
+# Everything else (name, version, dependencies, scripts) is in pyproject.toml.
 setup(
-    name="nnunet_dmoe",
-    version="0.1.0",
-    description="Distribution-aware Mixture of Experts (dMoE) for fair medical image segmentation, "
-                "as an nnU-Net v2 plugin",
-    python_requires=">=3.10",
-    packages=["nnunet_dmoe", "nnunet_dmoe.trainers", "nnunet_dmoe.planners", "nnunet_dmoe.dataset_conversion"],
-    package_dir={
-        "nnunet_dmoe": "nnunet_dmoe",
-        "nnunet_dmoe.trainers": "trainers",
-        "nnunet_dmoe.planners": "planners",
-        "nnunet_dmoe.dataset_conversion": "dataset_conversion",
-    },
-    package_data={"nnunet_dmoe": ["ext_trainers/*.py"]},
+    packages=discover_packages(),
+    package_dir=PACKAGE_ROOTS,
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
-    install_requires=[
-        "torch>=2.4",
-        "nnunetv2>=2.8",
-        "dynamic-network-architectures>=0.4",
-        "batchgenerators>=0.25",
-        "batchgeneratorsv2",
-        "SimpleITK",
-        "numpy",
-        "matplotlib",
-        "tqdm",
-        "Pillow",
-    ],
-    extras_require={"test": ["pytest"]},
-    entry_points={
-        "console_scripts": [
-            "nnUNetv2_dmoe_convert_fairseg=nnunet_dmoe.dataset_conversion.fairseg:convert_fairseg_entry_point",
-            "nnUNetv2_dmoe_convert_ham10000=nnunet_dmoe.dataset_conversion.ham10000:convert_ham10000_entry_point",
-            "nnUNetv2_dmoe_convert_rt=nnunet_dmoe.dataset_conversion.radiotherapy:convert_rt_entry_point",
-            "nnUNetv2_dmoe_attach_attribute=nnunet_dmoe.attach:attach_attribute_entry_point",
-            "nnUNetv2_dmoe_make_synthetic=nnunet_dmoe.synthetic:make_synthetic_entry_point",
-            "nnUNetv2_dmoe_evaluate=nnunet_dmoe.evaluation:evaluate_entry_point",
-            "nnUNetv2_dmoe_plan_and_preprocess=nnunet_dmoe.planners.entry_points:plan_and_preprocess_entry_point",
-            "nnUNetv2_dmoe_benchmark=nnunet_dmoe.benchmark:benchmark_entry_point",
-            "nnUNetv2_dmoe_demo=nnunet_dmoe.demo:demo_entry_point",
-        ]
-    },
 )
