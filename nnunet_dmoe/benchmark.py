@@ -9,9 +9,9 @@ network is built twice through :func:`nnunet_dmoe.networks.build_attribute_netwo
   counted with :class:`torch.utils.flop_counter.FlopCounterMode` on the meta device (nothing is run). Convention
   of that counter: 2 FLOPs per multiply-add of convolutions and matrix products; normalisation, activations and
   elementwise ops are not counted (``thop``/``fvcore``-style counts report multiply-adds, half these numbers).
-  The counter has no formula for ``aten::_grouped_mm``; :func:`grouped_mm_flops` supplies one, so the dMoE part is
-  the sparse top-k computation that is executed: routers for every token plus ``k`` of ``E`` expert MLPs per
-  token (the layer-1 bias is folded into the matrix product as an extra input column, padded to 8);
+  The experts are custom ops (``nnunet_dmoe::experts_torch``, ``nnunet_dmoe::experts_triton``) that register
+  their formulas, so the dMoE part is the sparse top-k computation that is executed: routers for every token
+  plus ``k`` of ``E`` expert MLPs per token;
 - measured time of eval forward (no_grad) and train forward+backward at a small patch (``-patch``, ``-b``),
   runs interleaved, medians;
 - peak memory of forward+backward: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest sum of live
@@ -142,11 +142,11 @@ def dmoe_parameters(channels: Sequence[int], num_experts: int = 8, ratio: int = 
 def dmoe_flops(channels: Sequence[int], tokens: Sequence[int], num_experts: int = 8, top_k: int = 2,
                ratio: int = 4) -> int:
     """Analytic inference FLOPs (2 per multiply-add) of the (d)MoE blocks: per token the router ``2 C E`` and
-    ``k`` expert MLPs ``2 (ceil8(C+1) rC + rC C)`` (layer-1 bias as an extra input column, padded to 8)."""
+    ``k`` expert MLPs ``2 (C rC + rC C)`` (biases and activations are not counted, as for convolutions)."""
     total = 0
     for c, n in zip(channels, tokens):
-        h, c_in = ratio * c, -(-(c + 1) // 8) * 8
-        total += n * (2 * c * num_experts + top_k * 2 * (c_in * h + h * c))
+        h = ratio * c
+        total += n * (2 * c * num_experts + top_k * 2 * (c * h + h * c))
     return total
 
 
