@@ -17,7 +17,7 @@ expert. Three kernels:
 
 Dropout masks come from Philox (``tl.rand``) keyed by a per-step seed and ``pair * C + channel``, so backward
 regenerates them instead of storing them. Compute in the tokens' dtype (fp16/bf16 under autocast, fp32 as tf32),
-accumulate in fp32; the weights are read in their own dtype and converted in registers.
+accumulate in fp32; the weights are cast to the compute dtype once per call (they are small).
 
 ``experts_triton`` is a ``torch.library.triton_op``: ``torch.compile`` sees the kernels (no graph break) and
 autograd uses ``experts_triton_backward``. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the
@@ -61,6 +61,19 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 -> compute dtype, rounding to nearest even. Triton's interpreter truncates fp32 -> bf16: with
+    ``EMULATE`` (interpreter and bf16) the rounding is done on the bits first."""
+    if dtype == tl.float32:
+        return x
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -119,14 +132,14 @@ def _forward_kernel(x_ptr, order_ptr, ends_ptr, gate_ptr, seed_ptr, w1_ptr, b1_p
         h = tl.maximum(_dot(x, w1, tl.zeros((BM, BH), dtype=tl.float32), UPCAST) + b1[None, :], 0.0)
         w2 = tl.load(w2_ptr + e * H * C + hid[:, None] * C + cols[None, :],
                      mask=hid_mask[:, None] & col_mask[None, :], other=0.0).to(x.dtype)
-        acc = _dot(h.to(x.dtype), w2, acc, UPCAST)
+        acc = _dot(_to(h, x.dtype, UPCAST), w2, acc, UPCAST)
     b2 = tl.load(b2_ptr + e * C + cols, mask=col_mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
     y = (acc + b2[None, :]) * gate[:, None]
     if DROPOUT:
         y = tl.where(_keep(seed_ptr, pair, cols, C, p), y * scale, 0.0)
     dest = (pair % K) * n_tokens + token  # slot-major (K, N, C)
-    tl.store(y_ptr + dest[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + dest[:, None] * C + cols[None, :], _to(y, y_ptr.dtype.element_ty, UPCAST),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -151,7 +164,7 @@ def _backward_data_kernel(x_ptr, dmix_ptr, order_ptr, ends_ptr, gate_ptr, seed_p
     gate = tl.load(gate_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
     b2 = tl.load(b2_ptr + e * C + cols, mask=col_mask, other=0.0).to(tl.float32)
     dgate = tl.sum(dy_raw * b2[None, :], axis=1)
-    dy_op = dy_raw.to(x.dtype)
+    dy_op = _to(dy_raw, x.dtype, UPCAST)
     dx = tl.zeros((BM, BC), dtype=tl.float32)
     for h0 in range(0, H, BH):
         hid = h0 + tl.arange(0, BH)
@@ -165,9 +178,9 @@ def _backward_data_kernel(x_ptr, dmix_ptr, order_ptr, ends_ptr, gate_ptr, seed_p
         g = _dot(dy_op, w2t, tl.zeros((BM, BH), dtype=tl.float32), UPCAST)  # dy_raw W2^T
         dgate += tl.sum(tl.maximum(h_pre, 0.0) * g, axis=1)
         dh = tl.where(h_pre > 0, g * gate[:, None], 0.0)
-        dx = _dot(dh.to(x.dtype), tl.trans(w1), dx, UPCAST)
+        dx = _dot(_to(dh, x.dtype, UPCAST), tl.trans(w1), dx, UPCAST)
     dest = (pair % K) * n_tokens + token
-    tl.store(dx_ptr + dest[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + dest[:, None] * C + cols[None, :], _to(dx, dx_ptr.dtype.element_ty, UPCAST),
              mask=row_mask[:, None] & col_mask[None, :])
     tl.store(dgate_ptr + pair, dgate, mask=row_mask)
 
@@ -208,12 +221,12 @@ def _backward_weight_kernel(x_ptr, dmix_ptr, order_ptr, ends_ptr, gate_ptr, seed
             dy_raw = tl.where(_keep(seed_ptr, pair, cols, C, p), dy_raw * scale, 0.0)
         gate = tl.load(gate_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
         h_pre = _dot(x, w1, tl.zeros((BM, BH), dtype=tl.float32), UPCAST) + b1[None, :]
-        g = _dot(dy_raw.to(dt), w2t, tl.zeros((BM, BH), dtype=tl.float32), UPCAST)
+        g = _dot(_to(dy_raw, dt, UPCAST), w2t, tl.zeros((BM, BH), dtype=tl.float32), UPCAST)
         dh = tl.where(h_pre > 0, g * gate[:, None], 0.0)
         dy = dy_raw * gate[:, None]
         h = tl.where(row_mask[:, None], tl.maximum(h_pre, 0.0), 0.0)
-        dw1 = _dot(tl.trans(x), dh.to(x.dtype), dw1, UPCAST)
-        dw2 = _dot(tl.trans(h.to(x.dtype)), dy.to(x.dtype), dw2, UPCAST)
+        dw1 = _dot(tl.trans(x), _to(dh, dt, UPCAST), dw1, UPCAST)
+        dw2 = _dot(tl.trans(_to(h, dt, UPCAST)), _to(dy, dt, UPCAST), dw2, UPCAST)
         db1 += tl.sum(dh, axis=0)
         db2 += tl.sum(dy, axis=0)
     base = split * E + e  # partial sums of this split: (SPLITS, E, ...)
@@ -247,7 +260,7 @@ def experts_triton(xt: Tensor, gates: Tensor, expert_index: Tensor, w1: Tensor, 
     bm, bh, warps = cfg["fwd"]
     grid = (triton.cdiv(n * k, bm) + e,)
     wrap_triton(_forward_kernel)[grid](
-        xt, order, ends, gates, seed, w1, b1, w2, b2, y, n, dropout, 1.0 / (1.0 - dropout),
+        xt, order, ends, gates, seed, w1.to(xt.dtype), b1, w2.to(xt.dtype), b2, y, n, dropout, 1.0 / (1.0 - dropout),
         K=k, BLOCK_E=triton.next_power_of_2(e), BM=bm, BH=bh, num_warps=warps, num_stages=2, **scalars)
     mixed = y[0]
     for j in range(1, k):
@@ -262,11 +275,12 @@ def experts_triton_backward(dmixed: Tensor, xt: Tensor, gates: Tensor, w1: Tenso
     n, c, e, h, cfg, scalars = _common(xt, w1, dropout)
     k = gates.shape[1]
     scale = 1.0 / (1.0 - dropout)
+    w1c, w2c = w1.to(xt.dtype), w2.to(xt.dtype)  # weights in the compute dtype, read by every block
     dx = xt.new_empty(k, n, c)
     dgate = torch.empty(n, k, device=xt.device, dtype=torch.float32)
     bm, bh, warps = cfg["bwd_data"]
     wrap_triton(_backward_data_kernel)[(triton.cdiv(n * k, bm) + e,)](
-        xt, dmixed, order, ends, gates, seed, w1, b1, w2, b2, dx, dgate, n, dropout, scale,
+        xt, dmixed, order, ends, gates, seed, w1c, b1, w2c, b2, dx, dgate, n, dropout, scale,
         K=k, BLOCK_E=triton.next_power_of_2(e), BM=bm, BH=bh, num_warps=warps, num_stages=2, **scalars)
     bm, bh, warps = cfg["bwd_weight"]
     splits = _splits(n * k, e, bm)
@@ -274,7 +288,7 @@ def experts_triton_backward(dmixed: Tensor, xt: Tensor, gates: Tensor, w1: Tenso
     dw1, dw2 = torch.empty(splits, *w1.shape, **f32), torch.empty(splits, *w2.shape, **f32)
     db1, db2 = torch.empty(splits, *b1.shape, **f32), torch.empty(splits, *b2.shape, **f32)
     wrap_triton(_backward_weight_kernel)[(e, triton.cdiv(h, bh), splits)](
-        xt, dmixed, order, ends, gates, seed, w1, b1, w2, dw1, db1, dw2, db2, dropout, scale, splits,
+        xt, dmixed, order, ends, gates, seed, w1c, b1, w2c, dw1, db1, dw2, db2, dropout, scale, splits,
         K=k, BM=bm, BH=bh, num_warps=warps, num_stages=2, **scalars)
     dxt = dx[0]
     for j in range(1, k):
