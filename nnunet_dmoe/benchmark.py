@@ -555,3 +555,7 @@ def benchmark_entry_point():
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in report.items() if k != "profiles"}, f, indent=1)
         print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    benchmark_entry_point()

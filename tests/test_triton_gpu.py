@@ -83,9 +83,10 @@ def compare(block, backend, dtype, train, spatial, monkeypatch, batch=2):
     assert_close_relative(got, ref, tol)
 
 
-@pytest.mark.parametrize("c", [32, 64, 128, 320])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("train", [False, True])
+# each (width, dtype, Dropout) compiles its own kernels: a few combinations, ResEnc-M's widths and nnU-Net's fp16
+@pytest.mark.parametrize("c,dtype,train", [(32, torch.float16, True), (32, torch.bfloat16, False),
+                                           (32, torch.float32, True), (64, torch.float16, True),
+                                           (128, torch.bfloat16, True), (320, torch.float16, True)])
 def test_triton_matches_dense_reference(c, dtype, train, monkeypatch):
     spatial = (16, 16, 16) if c <= 64 else (8, 8, 8)
     compare(make_block(c=c, routers=5), "triton", dtype, train, spatial, monkeypatch)
@@ -102,7 +103,8 @@ def test_triton_empty_experts_and_unknown_router(monkeypatch):
     block.router.noisy = False
     x = (torch.rand(2, 32, 12, 12, 12, device=DEVICE) + 1).requires_grad_()
     r = torch.tensor([4, 1], device=DEVICE)
-    got = gradients(block, x, block(x, r))
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = gradients(block, x, block(x, r))
     idle = [0, 1, 3, 4, 6, 7]
     for name in ("experts.w1", "experts.b1", "experts.w2", "experts.b2"):
         assert got[name][idle].abs().sum() == 0 and got[name][[2, 5]].abs().sum() > 0, name
