@@ -9,9 +9,9 @@ network is built twice through :func:`nnunet_dmoe.networks.build_attribute_netwo
   counted with :class:`torch.utils.flop_counter.FlopCounterMode` on the meta device (nothing is run). Convention
   of that counter: 2 FLOPs per multiply-add of convolutions and matrix products; normalisation, activations and
   elementwise ops are not counted (``thop``/``fvcore``-style counts report multiply-adds, half these numbers).
-  The counter has no formula for ``aten::_grouped_mm``; :func:`grouped_mm_flops` supplies one, so the dMoE part is
-  the sparse top-k computation that is executed: routers for every token plus ``k`` of ``E`` expert MLPs per
-  token (the layer-1 bias is folded into the matrix product as an extra input column, padded to 8);
+  The experts are custom ops (``nnunet_dmoe::experts_torch``, ``nnunet_dmoe::experts_triton``) that register
+  their formulas, so the dMoE part is the sparse top-k computation that is executed: routers for every token
+  plus ``k`` of ``E`` expert MLPs per token;
 - measured time of eval forward (no_grad) and train forward+backward at a small patch (``-patch``, ``-b``),
   runs interleaved, medians;
 - peak memory of forward+backward: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest sum of live
@@ -24,15 +24,19 @@ import json
 import os
 import statistics
 import time
+from contextlib import nullcontext
 from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from nnunet_dmoe.dmoe import BACKENDS
+
 __all__ = ["PRESETS", "preset_configuration", "resenc_m_configuration", "build_pair", "count_parameters",
            "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
-           "peak_memory_bytes", "cost_report", "format_table", "benchmark_entry_point"]
+           "peak_memory_bytes", "nnunet_loss", "NNUNetTrainStep", "profile_table", "cost_report", "format_table",
+           "benchmark_entry_point"]
 
 # name: (dim, features, blocks per encoder stage, input size for the GFLOPs, default patch)
 PRESETS = {
@@ -43,6 +47,9 @@ PRESETS = {
     # small enough for tests
     "tiny_3d": (3, (8, 16, 32), (1, 2, 2), (32, 32, 32), (16, 16, 16)),
 }
+
+# default patch for timings on CUDA (nnU-Net's ResEnc-M 3D trains 128^3 patches, batch 2)
+CUDA_PATCH = {"resenc_m_3d": (128, 128, 128)}
 
 _NO_SOURCE = "give either -d DATASET -c CONFIGURATION (plans from $nnUNet_preprocessed) or -preset {presets}"
 
@@ -132,11 +139,11 @@ def dmoe_parameters(channels: Sequence[int], num_experts: int = 8, ratio: int = 
 def dmoe_flops(channels: Sequence[int], tokens: Sequence[int], num_experts: int = 8, top_k: int = 2,
                ratio: int = 4) -> int:
     """Analytic inference FLOPs (2 per multiply-add) of the (d)MoE blocks: per token the router ``2 C E`` and
-    ``k`` expert MLPs ``2 (ceil8(C+1) rC + rC C)`` (layer-1 bias as an extra input column, padded to 8)."""
+    ``k`` expert MLPs ``2 (C rC + rC C)`` (biases and activations are not counted, as for convolutions)."""
     total = 0
     for c, n in zip(channels, tokens):
-        h, c_in = ratio * c, -(-(c + 1) // 8) * 8
-        total += n * (2 * c * num_experts + top_k * 2 * (c_in * h + h * c))
+        h = ratio * c
+        total += n * (2 * c * num_experts + top_k * 2 * (c * h + h * c))
     return total
 
 
@@ -206,74 +213,216 @@ def _inputs(batch: int, num_input_channels: int, attribute_channel: int, patch: 
     return x.to(device)
 
 
+def nnunet_loss(num_outputs: int, compile_dice: bool = False):
+    """nnU-Net's Dice + CE loss (``_build_loss`` without regions or ignore label) over ``num_outputs`` deep-supervision
+    outputs, weights 1/2^i normalised. The lowest output keeps a weight of 1e-6, nnU-Net's choice under DDP
+    (instead of 0), so that backward runs through every output."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    if compile_dice:
+        loss.dc = torch.compile(loss.dc)
+    weights = np.array([1 / (2 ** i) for i in range(num_outputs)])
+    weights[-1] = 1e-6
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def _targets(net: torch.nn.Module, x: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
+    """Random label maps shaped like each deep-supervision output (found by one no-grad forward)."""
+    with torch.no_grad():
+        shapes = [o.shape for o in net.eval()(x)]
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, num_classes, (s[0], 1, *s[2:]), generator=g).float().to(x.device) for s in shapes]
+
+
+def _autocast(device: torch.device):
+    # nnU-Net autocasts (fp16) on CUDA only: "If the device_type is 'cpu' then it's slow as heck"
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else nullcontext()
+
+
+class NNUNetTrainStep:
+    """One training iteration as ``nnUNetTrainer.train_step`` runs it: ``zero_grad(set_to_none=True)``, forward and
+    deep-supervision loss under autocast (CUDA), GradScaler (CUDA), unscale, gradient-norm clip 12, SGD step
+    (lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5, ``configure_optimizers``)."""
+
+    def __init__(self, net: torch.nn.Module, x: torch.Tensor, targets: List[torch.Tensor], compile_dice: bool = False):
+        self.net, self.x, self.targets = net, x, targets
+        self.device = x.device
+        self.loss = nnunet_loss(len(targets), compile_dice)
+        self.optimizer = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+        self.scaler = torch.GradScaler("cuda") if self.device.type == "cuda" else None
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device):
+            loss = self.loss(self.net(self.x), self.targets)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12)
+            self.optimizer.step()
+
+    def persistent_bytes(self) -> int:
+        """Parameters and optimizer state (momentum), which live between steps."""
+        tensors = list(self.net.parameters()) + [t for st in self.optimizer.state.values() for t in st.values()
+                                                 if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _set_backend(net: torch.nn.Module, backend: str):
+    from nnunet_dmoe.dmoe import DistributionAwareMoE
+
+    for m in net.modules():
+        if isinstance(m, DistributionAwareMoE):
+            m.backend = None if backend == "auto" else backend
+
+
+def profile_table(step: Callable[[], None], device, steps: int = 2, rows: int = 15) -> str:
+    """torch.profiler table of ``steps`` calls: top CUDA kernels by self CUDA time (CUDA) or CPU ops by self CPU
+    time (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"{steps} steps, sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def cost_report(configuration_manager, *, num_levels: int, num_input_channels: int, num_outputs: int,
                 attribute_channel: int, flops_size: Sequence[int], patch: Sequence[int], batch: int = 2,
-                device="cpu", repeats: int = 9, mode: str = "dmoe", measure: bool = True) -> dict:
-    """Everything the table shows, as numbers (see the module docstring for how each is obtained)."""
+                device="cpu", repeats: int = 9, mode: str = "dmoe", measure: bool = True,
+                train_step: Optional[bool] = None, compile: bool = False, backends: Sequence[str] = ("auto",),
+                profile: bool = False, warmup: int = 1) -> dict:
+    """Everything the table shows, as numbers (see the module docstring for how each is obtained).
+
+    ``train_step`` (default: on CUDA): time :class:`NNUNetTrainStep` instead of forward+backward. ``compile``:
+    ``torch.compile`` the networks (and the Dice loss) as nnU-Net does; the first step (compilation included) is
+    reported and the eval forward is left out (eval mode would compile again). ``backends``: one (d)MoE network per
+    dMoE backend ("auto", "triton", "grouped_mm"), all timed interleaved with the baseline. Each row of the report
+    holds one value per network: baseline first.
+    """
     device = torch.device(device)
+    train_step = device.type == "cuda" if train_step is None else train_step
     base, moe = build_pair(configuration_manager, num_levels, deep_supervision=True,
                            num_input_channels=num_input_channels, num_outputs=num_outputs,
                            attribute_channel=attribute_channel, mode=mode)
-    rows = {"parameters": (count_parameters(base), count_parameters(moe))}
+    nets = {"base": base}
+    for i, b in enumerate(backends):
+        net = moe if i == 0 else deepcopy(moe)
+        _set_backend(net, b)
+        nets[b] = net
+    rows = {"parameters": tuple(count_parameters(n) for n in nets.values())}
     fb, fm = (count_flops(n, flops_size, num_input_channels) for n in (base, moe))
-    rows["flops"] = (fb["total"], fm["total"])
+    rows["flops"] = (fb["total"],) + (fm["total"],) * len(backends)
     report = {"rows": rows, "dmoe_flops": fm["dmoe"], "flops_size": tuple(flops_size), "patch": tuple(patch),
-              "batch": batch, "device": str(device), "repeats": repeats, "mode": mode,
-              "threads": torch.get_num_threads()}
+              "batch": batch, "device": str(device), "repeats": repeats, "mode": mode, "backends": list(backends),
+              "threads": torch.get_num_threads(), "train_step": train_step, "compile": compile}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        torch.backends.cudnn.benchmark = True  # nnU-Net's run_training sets it
     if not measure:
         return report
     x = _inputs(batch, num_input_channels, attribute_channel, patch, num_levels, device)
-    base.to(device), moe.to(device)
+    for net in nets.values():
+        net.to(device)
+    run_nets = {k: torch.compile(n) if compile else n for k, n in nets.items()}
 
-    def forward(net):
-        def run():
-            with torch.no_grad():
-                net(x)
-        return run
+    if not compile:
+        def forward(net):
+            def run():
+                with torch.no_grad(), _autocast(device):
+                    net(x)
+            return run
 
-    def train_step(net):
-        def run():
-            out = net(x)
-            sum(o.float().mean() for o in out).backward()
-            net.zero_grad(set_to_none=True)
-        return run
+        for n in nets.values():
+            n.eval()
+        t = time_interleaved({k: forward(n) for k, n in run_nets.items()}, repeats, warmup=warmup, device=device)
+        rows["forward_s"] = tuple(statistics.median(t[k]) for k in nets)
 
-    base.eval(), moe.eval()
-    t = time_interleaved({"base": forward(base), "moe": forward(moe)}, repeats, device=device)
-    rows["forward_s"] = (statistics.median(t["base"]), statistics.median(t["moe"]))
-    base.train(), moe.train()
-    t = time_interleaved({"base": train_step(base), "moe": train_step(moe)}, repeats, device=device)
-    rows["train_s"] = (statistics.median(t["base"]), statistics.median(t["moe"]))
-    param_bytes = [sum(p.numel() * p.element_size() for p in n.parameters()) for n in (base, moe)]
-    rows["peak_bytes"] = tuple(pb + peak_memory_bytes(train_step(n), device) for pb, n in zip(param_bytes,
-                                                                                                (base, moe)))
+    targets = _targets(base, x, num_outputs)
+    for n in nets.values():
+        n.train()
+    if train_step:
+        steps = {k: NNUNetTrainStep(n, x, targets, compile_dice=compile) for k, n in run_nets.items()}
+    else:
+        def fwd_bwd(net):
+            def run():
+                out = net(x)
+                sum(o.float().mean() for o in out).backward()
+                net.zero_grad(set_to_none=True)
+            return run
+        steps = {k: fwd_bwd(n) for k, n in run_nets.items()}
+    first = {}
+    for k, step in steps.items():  # the first step of each (compilation, cudnn autotuning) separately
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        first[k] = time.perf_counter() - t0
+    rows["first_s"] = tuple(first[k] for k in nets)
+    t = time_interleaved(steps, repeats, warmup=warmup, device=device)
+    rows["train_s"] = tuple(statistics.median(t[k]) for k in nets)
+    report["train_runs_s"] = {k: v for k, v in t.items()}
+    if train_step:
+        peaks = []
+        for s in steps.values():
+            s.optimizer.zero_grad(set_to_none=True)  # a step starts without gradients
+            peaks.append(s.persistent_bytes() + peak_memory_bytes(s, device))
+        rows["peak_bytes"] = tuple(peaks)
+    else:
+        param_bytes = [sum(p.numel() * p.element_size() for p in n.parameters()) for n in nets.values()]
+        rows["peak_bytes"] = tuple(pb + peak_memory_bytes(s, device) for pb, s in zip(param_bytes, steps.values()))
+    if profile:
+        report["profiles"] = {k: profile_table(s, device) for k, s in steps.items()}
     return report
 
 
 def format_table(report: dict, title: str) -> str:
-    """Markdown table: metric | without dMoE | with dMoE | ratio."""
+    """Markdown table: metric | without dMoE | with dMoE | ratio (one with/ratio pair per dMoE backend)."""
     name = "dMoE" if report["mode"] == "dmoe" else "MoE"
     size = "x".join(map(str, report["flops_size"]))
-    patch = "x".join(map(str, report["patch"]))
+    patch = f"{'x'.join(map(str, report['patch']))} x {report['batch']}"
+    step = "Train step (nnU-Net: AMP, SGD, clip)" if report.get("train_step") else "Forward+backward"
+    compiled = ", torch.compile" if report.get("compile") else ""
     fmt = {
         "parameters": ("Parameters (M)", lambda v: f"{v / 1e6:.2f}"),
         "flops": (f"GFLOPs, forward at {size}", lambda v: f"{v / 1e9:.0f}" if v >= 1e11 else f"{v / 1e9:.2f}"),
-        "forward_s": (f"Forward time (ms), {patch} x {report['batch']}", lambda v: f"{v * 1e3:.1f}"),
-        "train_s": (f"Forward+backward time (ms), {patch} x {report['batch']}", lambda v: f"{v * 1e3:.1f}"),
-        "peak_bytes": (f"Peak memory forward+backward (MiB), {patch} x {report['batch']}",
-                       lambda v: f"{v / 2 ** 20:.0f}"),
+        "forward_s": (f"Forward time (ms), {patch}", lambda v: f"{v * 1e3:.1f}"),
+        "train_s": (f"{step} time (ms), {patch}{compiled}", lambda v: f"{v * 1e3:.1f}"),
+        "first_s": (f"First step (s){compiled}", lambda v: f"{v:.1f}"),
+        "peak_bytes": (f"Peak memory {'of a train step' if report.get('train_step') else 'forward+backward'} "
+                       f"(MiB), {patch}", lambda v: f"{v / 2 ** 20:.0f}"),
     }
-    lines = [f"**{title}**", "", f"| | without {name} | with {name} | ratio |", "|---|---:|---:|---:|"]
+    backends = report.get("backends", ["auto"])
+    if len(backends) == 1:
+        head = f"| | without {name} | with {name} | ratio |"
+    else:
+        head = f"| | without {name} | " + " | ".join(f"{name} ({b}) | ratio" for b in backends) + " |"
+    lines = [f"**{title}**", "", head, "|---|---:|" + "---:|---:|" * len(backends)]
     for key, (label, f) in fmt.items():
         if key in report["rows"]:
-            a, b = report["rows"][key]
-            lines.append(f"| {label} | {f(a)} | {f(b)} | {b / a:.2f}x |")
+            base, *others = report["rows"][key]
+            lines.append(f"| {label} | {f(base)} | " + " | ".join(f"{f(v)} | {v / base:.2f}x" for v in others) + " |")
     lines.append("")
     note = (f"{name} blocks: {report['dmoe_flops'] / 1e9:.1f} GFLOPs of the forward at {size} (routers + top-k "
             f"experts). FLOPs: 2 per multiply-add (FlopCounterMode).")
     if "train_s" in report["rows"]:
-        note += (f" Times: median of {report['repeats']} interleaved runs on {report['device']} "
-                 f"({report['threads']} threads); peak memory includes the parameters.")
+        where = report.get("gpu", f"{report['device']} ({report['threads']} threads)")
+        note += (f" Times: median of {report['repeats']} interleaved runs on {where}; peak memory includes "
+                 f"parameters{' and optimizer state' if report.get('train_step') else ''}.")
     lines.append(note)
     return "\n".join(lines) + "\n"
 
@@ -332,7 +481,21 @@ def benchmark_entry_point():
     parser.add_argument("-repeats", type=int, default=9,
                         help="[OPTIONAL] timed runs per network (interleaved; median reported). Default: 9")
     parser.add_argument("-o", type=str, default=None, help="[OPTIONAL] also write the table to this markdown file")
+    parser.add_argument("-json", type=str, default=None,
+                        help="[OPTIONAL] also write the report (all numbers, every timed run) to this JSON file")
+    parser.add_argument("-backend", type=str, nargs="+", default=["auto"], choices=BACKENDS,
+                        help="[OPTIONAL] dMoE backend(s): one dMoE network per backend, timed interleaved with the "
+                             "baseline. auto: Triton on CUDA, PyTorch ops on CPU. Default: auto")
     parser.add_argument("--no_timing", action="store_true", help="[OPTIONAL] parameters and GFLOPs only")
+    parser.add_argument("--train_step", action="store_true",
+                        help="[OPTIONAL] time nnU-Net's whole train step (loss, GradScaler, clip, SGD) on CPU too. "
+                             "On CUDA it is always the train step (fp16 autocast, as nnU-Net trains)")
+    parser.add_argument("--compile", action="store_true",
+                        help="[OPTIONAL] torch.compile the networks and the Dice loss as nnU-Net does (default mode); "
+                             "reports the first step (compilation) and leaves out the eval forward")
+    parser.add_argument("--profile", action="store_true",
+                        help="[OPTIONAL] torch.profiler table of 2 steps per network: top CUDA kernels (CUDA) or CPU "
+                             "ops (CPU)")
     args = parser.parse_args()
 
     if args.device not in ("cpu", "cuda"):
@@ -344,6 +507,8 @@ def benchmark_entry_point():
     if args.preset is not None:
         cm = preset_configuration(args.preset)
         dim, _, _, flops_size, patch = PRESETS[args.preset]
+        if args.device == "cuda":
+            patch = CUDA_PATCH.get(args.preset, patch)
         num_levels, channels, outputs, attribute_channel = args.num_levels, 2, 2, 1
         title = f"preset {args.preset}"
     else:
@@ -365,10 +530,22 @@ def benchmark_entry_point():
                          f"per axis at the bottleneck, so at least {[int(2 * st) for st in strides]}")
     report = cost_report(cm, num_levels=num_levels, num_input_channels=channels, num_outputs=outputs,
                          attribute_channel=attribute_channel, flops_size=flops_size, patch=patch, batch=args.b,
-                         device=args.device, repeats=args.repeats, mode=args.mode, measure=not args.no_timing)
+                         device=args.device, repeats=args.repeats, mode=args.mode, measure=not args.no_timing,
+                         train_step=True if args.train_step else None, compile=args.compile,
+                         backends=args.backend, profile=args.profile)
     table = format_table(report, title)
+    for name, text in report.get("profiles", {}).items():
+        table += f"\n**Profile: {'baseline' if name == 'base' else f'{args.mode} ({name})'}**\n\n```\n{text}\n```\n"
     print(table)
     if args.o:
         with open(args.o, "w") as f:
             f.write(table)
         print(f"written to {args.o}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "profiles"}, f, indent=1)
+        print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    benchmark_entry_point()

@@ -11,16 +11,28 @@ is the same block with one router for everyone.
 
 Classes in data-flow order: :class:`Experts` -> :class:`NoisyTopKRouter` -> :class:`DistributionAwareMoE`.
 
-Dispatch is sparse: each token is evaluated by its ``k`` experts only, with one grouped matrix multiply per expert
-layer (``torch.nn.functional.grouped_mm``) over tokens sorted by expert. There is no host synchronisation and no
-data-dependent shape, so the block runs under ``torch.compile`` without recompiling, and every parameter takes
-part in every step (experts' weights are single tensors batched along the expert axis, routers one tensor batched
-along the router axis), as DistributedDataParallel without ``find_unused_parameters`` needs.
+Dispatch is sparse: each token is evaluated by its ``k`` experts only. The (token, slot) pairs are sorted by
+expert; results go back to their pair's row (a permutation, each token has exactly ``k`` rows) and are summed, so
+neither dispatch nor combine needs atomics. Two backends compute the experts (see :func:`resolve_backend`):
+
+- ``triton`` (CUDA): fused kernels that gather a block of tokens, run both expert layers and write the gated,
+  dropped-out result by pair (``nnunet_dmoe._triton_experts``);
+- ``grouped_mm`` (CPU, and the CUDA fallback): PyTorch custom ops (``nnunet_dmoe._expert_ops``), with
+  ``torch.nn.functional.grouped_mm`` on CUDA and a cache-sized loop per expert on CPU.
+
+Neither keeps the hidden (N k, 4C) activations for backward; they are recomputed. There is no host synchronisation
+on CUDA and no data-dependent shape, so the block runs under ``torch.compile`` (the experts are one opaque or
+Triton op) without recompiling, and every parameter takes part in every step (experts' weights are single tensors
+batched along the expert axis, routers one tensor batched along the router axis), as DistributedDataParallel
+without ``find_unused_parameters`` needs.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DMoEConfig", "Experts", "NoisyTopKRouter", "DistributionAwareMoE", "route_index_for_levels"]
+from nnunet_dmoe._expert_ops import experts_torch
+
+__all__ = ["DMoEConfig", "Experts", "NoisyTopKRouter", "DistributionAwareMoE", "route_index_for_levels", "BACKENDS",
+           "BACKEND_ENV", "resolve_backend", "triton_available"]
 
 
 @dataclass
@@ -112,31 +127,65 @@ def _linear_init_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int):
     nn.init.uniform_(bias, -bound, bound)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counting
-        # grouped GEMM kernels (and torch.compile's grouped_mm) are bf16; nnU-Net's fp16 autocast is not among them
-        return torch.bfloat16
+BACKENDS = ("auto", "triton", "grouped_mm")
+BACKEND_ENV = "NNUNET_DMOE_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(x: torch.Tensor, dim: int, requested: Optional[str] = None) -> str:
+    """``"triton"`` (fused expert kernels) or ``"grouped_mm"`` (PyTorch ops) for a feature map ``x`` with ``dim`` channels.
+
+    ``requested`` (else ``$NNUNET_DMOE_BACKEND``, else ``"auto"``): ``auto`` takes Triton for CUDA tensors when it can be
+    imported and ``dim <= 128`` (the fused kernels keep a token's channels in registers; wider blocks sit at the
+    deep, low-resolution stages, where there are few tokens), else the PyTorch path. ``triton`` forces the kernels
+    (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests); ``grouped_mm`` forces the PyTorch path.
+    """
+    requested = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(f"dMoE backend must be one of {BACKENDS} (argument or ${BACKEND_ENV}), got {requested!r}")
+    if requested == "grouped_mm" or x.device.type == "meta":
+        return "grouped_mm"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError(f"dMoE backend 'triton' was requested (${BACKEND_ENV}) but Triton cannot be imported; "
+                               f"install torch with CUDA (it ships Triton) or use {BACKEND_ENV}=grouped_mm")
+        if x.device.type != "cuda" and not _triton_interpreted():
+            raise RuntimeError(f"dMoE backend 'triton' needs CUDA tensors, got {x.device.type} (set TRITON_INTERPRET=1 "
+                               f"before importing triton to run the kernels on CPU in Triton's interpreter)")
+        return "triton"
+    return "triton" if x.device.type == "cuda" and dim <= 128 and triton_available() else "grouped_mm"
+
+
+def _compute_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
+    device = x.device.type
+    if device != "meta" and torch.is_autocast_enabled(device):  # meta: FLOP counting
+        if device == "cuda" and backend == "grouped_mm":
+            # grouped GEMM kernels are bf16; nnU-Net's fp16 autocast is not among them
+            return torch.bfloat16
+        return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def _pad_to(n: int, multiple: int = 8) -> int:
-    return -(-n // multiple) * multiple
 
 
 class Experts(nn.Module):
     """``num_experts`` MLPs ``Linear(C, rC) -> ReLU -> Linear(rC, C) -> Dropout``, weights batched on a leading axis.
 
-    Grouped GEMM wants rows whose byte stride is a multiple of 16, so the input width is padded to
-    ``in_width = ceil8(C + 1)``: the extra column of ones carries the layer-1 bias, the rest are zeros. Hidden and
-    output widths are padded the same way (no padding for C a multiple of 8, as in every nnU-Net U-Net).
+    The parameters are used as stored, (E, C, rC) and (E, rC, C) (``input @ weight``), by both backends: nothing is
+    rebuilt per step. :meth:`forward` evaluates each token's ``k`` experts and returns their gated sum.
     """
 
     def __init__(self, num_experts: int, dim: int, ratio: int = 4, dropout: float = 0.1):
         super().__init__()
         hidden = dim * ratio
         self.num_experts, self.dim, self.hidden, self.dropout = num_experts, dim, hidden, dropout
-        self.in_width, self.hidden_width, self.out_width = _pad_to(dim + 1), _pad_to(hidden), _pad_to(dim)
-        # (E, C, H) and (E, H, C): the grouped-mm layout (input @ weight)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -148,35 +197,26 @@ class Experts(nn.Module):
             _linear_init_(self.w1.data[e], self.b1.data[e], self.dim)
             _linear_init_(self.w2.data[e], self.b2.data[e], self.hidden)
 
-    def padded_weights(self, dtype: torch.dtype):
-        """(E, in_width, hidden_width) with the bias row, and (E, hidden_width, out_width), zero-padded."""
-        e, c, h = self.num_experts, self.dim, self.hidden
-        w1 = torch.cat([self.w1, self.b1[:, None, :]], dim=1)
-        w1 = F.pad(w1, (0, self.hidden_width - h, 0, self.in_width - c - 1))
-        w2 = F.pad(self.w2, (0, self.out_width - c, 0, self.hidden_width - h))
-        return w1.to(dtype), w2.to(dtype)
+    def forward(self, xt: torch.Tensor, gates: torch.Tensor, expert_index: torch.Tensor,
+                backend: str = "grouped_mm") -> torch.Tensor:
+        """``sum_j gates[:, j] * Dropout(E_{expert_index[:, j]}(xt))`` for tokens ``xt`` (N, C) in the compute dtype,
+        ``gates`` and ``expert_index`` (N, k). Returns (N, C) in ``xt``'s dtype."""
+        p = self.dropout if self.training else 0.0
+        if backend == "triton":
+            from nnunet_dmoe import _triton_experts
 
-    def forward(self, x_in: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor,
-                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rows of ``x_in`` (M, in_width; column C holds ones, later columns zeros) are grouped by expert: rows
-        ``offsets[e-1]:offsets[e]`` belong to expert ``e``; ``expert_of_row`` (M,) says the same per row.
-        Returns (M, C): ``Dropout(E(x))``, times ``row_scale`` (M,) when given (the gates: folded into the dropout
-        multiply, one pass over the output instead of three)."""
-        w1, w2 = self.padded_weights(x_in.dtype)
-        h = torch.relu_(F.grouped_mm(x_in, w1, offs=offsets))
-        out = F.grouped_mm(h, w2, offs=offsets)
-        if self.out_width != self.dim:
-            out = out[:, : self.dim]
-        out = out + self.b2.to(x_in.dtype).index_select(0, expert_of_row)
-        scale = None if row_scale is None else row_scale[:, None]
-        if self.training and self.dropout > 0:
-            factor = scale * (1.0 / (1.0 - self.dropout)) if scale is not None else 1.0 / (1.0 - self.dropout)
-            return out * torch.where(_keep_mask(out, self.dropout), factor, 0.0)
-        return out if scale is None else out * scale
+            if p > 0:
+                seed = torch.randint(0, 2 ** 62, (1,), device=xt.device, dtype=torch.int64)
+            else:
+                seed = torch.zeros(1, device=xt.device, dtype=torch.int64)
+            return _triton_experts.experts_triton(xt, gates, expert_index, self.w1, self.b1, self.w2, self.b2,
+                                                  seed, p)[0]
+        keep = _keep_mask(xt.new_empty(expert_index.numel(), self.dim), p) if p > 0 else None
+        return experts_torch(xt, gates, expert_index, keep, self.w1, self.b1, self.w2, self.b2, 1.0 / (1.0 - p))[0]
 
 
 def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) mask shaped like ``like`` (what Dropout(p) keeps).
+    """Bernoulli(1 - p) mask shaped like ``like`` (what Dropout(p) keeps); only ``like``'s shape and device are used.
 
     On CPU torch's generator is serial and costly at the full-resolution stage: one 64-bit draw gives two 32-bit
     uniforms (half the draws of ``rand_like``), compared with a threshold; the keep probability is 1 - p to within
@@ -184,7 +224,7 @@ def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     (which cannot trace the in-place ``random_``), ``rand_like`` + compare.
     """
     if like.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.rand_like(like) >= p
+        return torch.rand(like.shape, device=like.device) >= p
     n = like.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=like.device).random_(-(2 ** 63), None)
     threshold = -(2 ** 31) + round(p * 2 ** 32)  # int32 values below it (probability p) are dropped
@@ -206,15 +246,22 @@ class NoisyTopKRouter(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(num_routers, dim, num_experts)) if noisy else None
 
     def forward(self, tokens: torch.Tensor, router_index: torch.Tensor):
-        """tokens: (b, n, c); router_index: (b,) long. Returns gates (b, n, k) and expert indices (b, n, k)."""
-        w_gate = self.w_gate[router_index].to(tokens.dtype)
-        logits = torch.bmm(tokens, w_gate)
+        """tokens: (b, n, c); router_index: (b,) long. Returns gates (b, n, k) float32 and expert indices (b, n, k).
+
+        For k = 2 (the paper's setting) the top two come from two max reductions (the second over the logits with
+        the first masked), and the softmax over two logits is ``sigmoid(l1 - l2)``, ``1 - sigmoid(l1 - l2)``: cheaper
+        than ``topk`` + ``softmax``, the same values (ties resolve to the lower expert index)."""
+        logits = torch.bmm(tokens, self.w_gate[router_index].to(tokens.dtype))
         if self.training and self.noisy:
             noise_std = F.softplus(torch.bmm(tokens, self.w_noise[router_index].to(tokens.dtype)))
             logits = logits + torch.randn_like(logits) * noise_std
+        if self.top_k == 2:
+            top1, index1 = logits.max(dim=-1, keepdim=True)
+            top2, index2 = logits.scatter(-1, index1, float("-inf")).max(dim=-1, keepdim=True)
+            gate1 = torch.sigmoid((top1 - top2).float())
+            return torch.cat([gate1, 1.0 - gate1], dim=-1), torch.cat([index1, index2], dim=-1)
         top_logits, top_index = logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_logits.float(), dim=-1).to(tokens.dtype)
-        return gates, top_index
+        return torch.softmax(top_logits.float(), dim=-1), top_index
 
 
 class DistributionAwareMoE(nn.Module):
@@ -222,47 +269,33 @@ class DistributionAwareMoE(nn.Module):
 
     ``forward(x, router_index)``: x is (b, c, *spatial), router_index (b,) long (see
     :func:`route_index_for_levels`). Axis letters: b batch, c channels, n tokens per sample, k top-k, e experts.
+    ``backend``: see :func:`resolve_backend` (``None``: ``$NNUNET_DMOE_BACKEND`` or automatic).
     """
 
     def __init__(self, dim: int, num_experts: int = 8, num_routers: int = 1, top_k: int = 2, expert_ratio: int = 4,
-                 expert_dropout: float = 0.1, router_noise: bool = True):
+                 expert_dropout: float = 0.1, router_noise: bool = True, backend: Optional[str] = None):
         super().__init__()
-        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.dim, self.num_experts, self.top_k, self.backend = dim, num_experts, top_k, backend
         self.router = NoisyTopKRouter(dim, num_experts, num_routers, top_k, router_noise)
         self.experts = Experts(num_experts, dim, expert_ratio, expert_dropout)
-
-    def dispatch(self, tokens: torch.Tensor, gates: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        """Sparse mixture: ``sum_k gates[..., k] * E_{expert_index[..., k]}(tokens)`` for (b, n, c) tokens."""
-        b, n, c = tokens.shape
-        k = self.top_k
-        dtype = _compute_dtype(tokens)
-        pad = self.experts.in_width - c - 1
-        # one copy into row layout (tokens is usually a transposed view of the feature map): [h | 1 | 0 ...]
-        flat = torch.cat([tokens.to(dtype), tokens.new_ones(1, 1, 1, dtype=dtype).expand(b, n, 1),
-                          tokens.new_zeros(1, 1, pad, dtype=dtype).expand(b, n, pad)], dim=2).view(b * n, -1)
-        sorted_expert, order = torch.sort(expert_index.reshape(-1), stable=True)  # (bnk,)
-        token_of_row = order // k
-        offsets = torch.searchsorted(sorted_expert, torch.arange(self.num_experts, device=tokens.device),
-                                     right=True).to(torch.int32)
-        out = self.experts(flat.index_select(0, token_of_row), offsets, sorted_expert,
-                           row_scale=gates.reshape(-1).index_select(0, order).to(dtype))
-        mixed = torch.zeros(b * n, c, dtype=dtype, device=tokens.device).index_add_(0, token_of_row, out)
-        return mixed.view(b, n, c).to(tokens.dtype)
 
     def forward(self, x: torch.Tensor, router_index: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         if c != self.dim:
             raise ValueError(f"dMoE block built for {self.dim} channels got a feature map with {c}")
-        tokens = x.flatten(2).transpose(1, 2)  # (b, n, c), a view
-        gates, expert_index = self.router(tokens, router_index)
-        mixed = self.dispatch(tokens, gates, expert_index)
-        # x first: the sum is allocated in x's (b, c, n) layout, so the transposed view costs no extra copy
-        return torch.add(x.flatten(2), mixed.transpose(1, 2)).reshape(x.shape)
+        backend = resolve_backend(x, c, self.backend)
+        # one copy into token rows (b n, c), in the experts' compute dtype; the router reads the same rows
+        xt = x.flatten(2).transpose(1, 2).to(_compute_dtype(x, backend)).reshape(-1, c)
+        gates, expert_index = self.router(xt.view(b, -1, c), router_index)
+        mixed = self.experts(xt, gates.view(-1, self.top_k), expert_index.view(-1, self.top_k), backend)
+        # x first: the sum is allocated in x's (b, c, n) layout, the token rows are read transposed
+        return torch.add(x.flatten(2), mixed.to(x.dtype).view(b, -1, c).transpose(1, 2)).reshape(x.shape)
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         """Activations stored for backward per sample, counted like DNA's blocks (elements, not bytes)."""
         assert len(input_size) in (2, 3), "give the spatial size only"
         n = np.prod(input_size, dtype=np.int64)
-        c, h, k = self.dim, self.experts.hidden, self.top_k
-        # gathered inputs, hidden (pre/post ReLU), expert outputs, mixed result, residual output; plus routing logits
-        return np.int64(n * (k * (c + 1 + 2 * h + 2 * c) + 2 * c + 2 * self.num_experts))
+        c, k, e = self.dim, self.top_k, self.num_experts
+        # token rows, the k expert outputs by pair (alive while they are summed) and their sum, the residual output;
+        # routing: logits, noise and its scale, gates and indices. The hidden (k, 4C) rows are recomputed in backward.
+        return np.int64(n * (c + k * c + 2 * c + 3 * e + 2 * k))

@@ -104,3 +104,47 @@ def test_cpu_dropout_mask_keeps_one_minus_p():
     a = _keep_mask(like, 0.1)
     torch.manual_seed(1)
     assert torch.equal(a, _keep_mask(like, 0.1))  # follows torch.manual_seed
+
+
+def test_nnunet_train_step_updates_every_parameter(tiny_pair):
+    # one nnU-Net iteration (loss over every deep-supervision output, clip, SGD with momentum) on the dMoE network:
+    # every parameter, experts and routers included, gets a gradient and moves; momentum buffers for all of them
+    from nnunet_dmoe.benchmark import NNUNetTrainStep, _inputs, _targets
+
+    _, moe = build_pair(preset_configuration("tiny_3d"), num_levels=4, deep_supervision=True)
+    x = _inputs(2, 2, 1, (16, 16, 16), 4, "cpu")
+    targets = _targets(moe, x, 2)
+    assert [t.shape[2:] for t in targets] == [(16, 16, 16), (8, 8, 8)]
+    moe.train()
+    step = NNUNetTrainStep(moe, x, targets)
+    before = [p.detach().clone() for p in moe.parameters()]
+    step()
+    assert all(p.grad is not None for p in moe.parameters())
+    # every expert weight moves (idle experts by weight decay); routers start at zero: those of the batch's levels
+    # (1 and 2 -> routers 0 and 1) move, the others get a zero gradient
+    for (name, p), old in zip(moe.named_parameters(), before):
+        if ".experts." in name:
+            assert not torch.equal(p, old), name
+        elif ".router." in name:
+            assert p[:2].any() and not p[2:].any() and not p.grad[2:].any(), name
+    assert len(step.optimizer.state) == len(before)
+    group = step.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.99, True, 3e-5)
+    assert step.persistent_bytes() == 2 * sum(p.numel() * 4 for p in moe.parameters())
+
+
+def test_train_step_report_with_two_backends_and_profiles():
+    report = benchmark.cost_report(preset_configuration("tiny_3d"), num_levels=4, num_input_channels=2,
+                                   num_outputs=2, attribute_channel=1, flops_size=(16, 16, 16), patch=(16, 16, 16),
+                                   batch=1, repeats=1, warmup=0, train_step=True, backends=("auto", "grouped_mm"),
+                                   profile=True)
+    rows = report["rows"]
+    assert set(rows) == {"parameters", "flops", "forward_s", "first_s", "train_s", "peak_bytes"}
+    assert all(len(v) == 3 for v in rows.values())
+    assert rows["parameters"][1] == rows["parameters"][2] > rows["parameters"][0]
+    assert rows["peak_bytes"][1] > rows["peak_bytes"][0] > 0
+    assert set(report["profiles"]) == {"base", "auto", "grouped_mm"}
+    assert all("Self CPU" in t and "aten::" in t for t in report["profiles"].values())
+    table = benchmark.format_table(report, "tiny")
+    assert "| | without dMoE | dMoE (auto) | ratio | dMoE (grouped_mm) | ratio |" in table
+    assert "Train step (nnU-Net: AMP, SGD, clip)" in table

@@ -1,52 +1,71 @@
-"""The dMoE layer against a straightforward dense reference, routing per level, dtypes, compile."""
-import numpy as np
+"""The dMoE layer (PyTorch backend) against a straightforward dense reference, routing per level, dtypes, compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
-
-
-def dense_reference(block: DistributionAwareMoE, x: torch.Tensor, gates, expert_index):
-    """Every token through every expert with plain Linear algebra, then pick the routed k."""
-    b, c = x.shape[:2]
-    tokens = x.flatten(2).transpose(1, 2)  # b n c
-    ex = block.experts
-    outs = []
-    for e in range(ex.num_experts):
-        h = torch.relu(tokens @ ex.w1[e] + ex.b1[e])
-        outs.append(h @ ex.w2[e] + ex.b2[e])
-    all_out = torch.stack(outs, dim=2)  # b n e c
-    picked = torch.gather(all_out, 2, expert_index[..., None].expand(-1, -1, -1, c))  # b n k c
-    mixed = (picked * gates[..., None]).sum(2)
-    return x + mixed.transpose(1, 2).reshape(x.shape)
+from dmoe_reference import assert_close_relative, dense_reference, gradients, keep_rows_to_pairs, make_block
+from nnunet_dmoe import dmoe
+from nnunet_dmoe.dmoe import DMoEConfig, route_index_for_levels, resolve_backend
 
 
-def make_block(c=6, routers=4, seed=0, **kw):
-    torch.manual_seed(seed)
-    block = DistributionAwareMoE(c, num_experts=8, num_routers=routers, top_k=2, **kw)
-    with torch.no_grad():  # non-zero routers so routing differs between levels
-        block.router.w_gate.normal_()
-    return block
+def record_torch_dropout(monkeypatch):
+    """Wraps the torch backend's op to keep the expert indices and Dropout mask it was given."""
+    seen = {}
+    original = dmoe.experts_torch
+
+    def wrapper(xt, gates, expert_index, keep, *args):
+        seen.update(expert_index=expert_index, keep=keep)
+        return original(xt, gates, expert_index, keep, *args)
+
+    monkeypatch.setattr(dmoe, "experts_torch", wrapper)
+    return seen
 
 
 @pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)])
-def test_sparse_matches_dense_reference(spatial):
-    block = make_block().eval()
-    x = torch.randn(3, 6, *spatial)
-    router_index = torch.tensor([0, 2, 3])
-    tokens = x.flatten(2).transpose(1, 2)
-    gates, idx = block.router(tokens, router_index)
-    ref = dense_reference(block, x, gates, idx)
-    out = block(x, router_index)
-    assert out.shape == x.shape
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # gradients agree too
-    g = torch.randn_like(x)
-    gr_ref = torch.autograd.grad((ref * g).sum(), list(block.experts.parameters()))
-    gr = torch.autograd.grad((block(x, router_index) * g).sum(), list(block.experts.parameters()))
-    for a, b in zip(gr, gr_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("train", [False, True])
+def test_sparse_matches_dense_reference(spatial, train, monkeypatch):
+    # every level and the unknown router (index 4); train: router noise and the experts' Dropout
+    block = make_block().train(train)
+    x = torch.randn(5, 6, *spatial, requires_grad=True)
+    r = torch.tensor([0, 1, 2, 3, 4])
+    seen = record_torch_dropout(monkeypatch)
+    torch.manual_seed(3)
+    got = gradients(block, x, block(x, r))
+    keep = None
+    if train:
+        assert seen["keep"] is not None and seen["keep"].shape == (x[0, 0].numel() * 5 * 2, 6)
+        keep = keep_rows_to_pairs(seen["keep"], seen["expert_index"], 8)
+    torch.manual_seed(3)
+    ref = gradients(block, x, dense_reference(block, x, r, keep))
+    assert set(got) == {"x", "out", "router.w_gate", "experts.w1", "experts.b1", "experts.w2", "experts.b2"} | (
+        {"router.w_noise"} if train else set())
+    assert_close_relative(got, ref, 1e-5)
+
+
+def test_top1_and_chunked_cpu_loop(monkeypatch):
+    # k = 1 takes topk + softmax; a tiny chunk size makes every expert span several chunks of the CPU loop
+    monkeypatch.setattr("nnunet_dmoe._expert_ops._CHUNK_BYTES", 16 * 4 * 24)
+    block = make_block(top_k=1).eval()
+    x = torch.randn(2, 6, 9, 8, requires_grad=True)
+    r = torch.tensor([2, 4])
+    got = gradients(block, x, block(x, r))
+    ref = gradients(block, x, dense_reference(block, x, r))
+    assert_close_relative(got, ref, 1e-5)
+    # softmax over one logit is constant: the router still gets a (zero) gradient, as DDP needs
+    assert got["router.w_gate"].abs().sum() == 0
+
+
+def test_top2_gates_equal_softmax_of_topk():
+    block = make_block().train()
+    tokens = torch.randn(3, 50, 6)
+    r = torch.tensor([0, 4, 2])
+    torch.manual_seed(0)
+    gates, index = block.router(tokens, r)
+    block.router.top_k = 3  # generic path on the same noise
+    torch.manual_seed(0)
+    gates3, index3 = block.router(tokens, r)
+    torch.testing.assert_close(index, index3[..., :2])
+    torch.testing.assert_close(gates, torch.softmax(torch.log(gates3[..., :2]), -1))
+    assert gates.dtype == torch.float32 and (gates[..., 0] >= gates[..., 1]).all()
 
 
 def test_each_sample_uses_its_own_router():
@@ -156,3 +175,19 @@ def test_compile_does_not_recompile_per_step():
     finally:
         torch._dynamo.config.error_on_recompile = False
         dynamo.reset()
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1, 32, 2, 2)
+    monkeypatch.delenv("NNUNET_DMOE_BACKEND", raising=False)
+    assert resolve_backend(x, 32) == "grouped_mm"  # CPU: the PyTorch path
+    assert resolve_backend(x.to("meta"), 32, "triton") == "grouped_mm"  # FLOP counting
+    monkeypatch.setenv("NNUNET_DMOE_BACKEND", "fused")
+    with pytest.raises(ValueError, match="fused"):
+        resolve_backend(x, 32)
+    monkeypatch.setenv("NNUNET_DMOE_BACKEND", "grouped_mm")
+    assert resolve_backend(x, 32) == "grouped_mm"
+    monkeypatch.setenv("NNUNET_DMOE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA"):  # or "cannot be imported" where Triton is absent
+        resolve_backend(x, 32)
