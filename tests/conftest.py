@@ -4,6 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton's interpreter (tests/test_triton_interpret.py) must be chosen before any module imports triton (torch's
+# compile tests do): set it once for the whole session on machines without CUDA. It only changes how Triton kernels
+# run; the plugin picks its Triton path on CUDA devices only.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VENV_BIN = os.path.dirname(sys.executable)
 # the project's shared, read-only data: ../shared/data beside the checkout
