@@ -93,6 +93,8 @@ setup(
             "nnUNetv2_dmoe_plan_and_preprocess=nnunet_dmoe.planners.entry_points:plan_and_preprocess_entry_point",
             "nnUNetv2_dmoe_benchmark=nnunet_dmoe.benchmark:benchmark_entry_point",
             "nnUNetv2_dmoe_demo=nnunet_dmoe.demo:demo_entry_point",
+            "nnUNetv2_dmoe_train_per_level=nnunet_dmoe.per_level:train_per_level_entry_point",
+            "nnUNetv2_dmoe_predict_per_level=nnunet_dmoe.per_level:predict_per_level_entry_point",
         ]
     },
 )
