@@ -188,8 +188,9 @@ def test_adversarial_loss_masks_unknown_levels_and_counts_accuracy():
     assert loss(torch.ones(3, 1), torch.zeros(3, 1)).item() == 1.0
 
 
-def test_adversarial_network_train_and_eval_outputs():
-    cm = configuration(2, num_levels=3, attribute_channel=1)
+@pytest.mark.parametrize("residual", [False, True])
+def test_adversarial_network_train_and_eval_outputs(residual):
+    cm = configuration(2, residual, num_levels=3, attribute_channel=1)
     torch.manual_seed(0)
     net = AdversarialNetwork(build_attribute_network(None, cm, 2, 2, True), 3, reversal_scale=0.5)
     x = torch.randn(2, 2, 16, 16)
