@@ -4,8 +4,10 @@
 2. plans and preprocesses it (``nnUNetv2_dmoe_plan_and_preprocess``: nnU-Net's planner, sized for the dMoE, one
    plans file for all methods),
 3. trains the attribute-blind baseline, the baseline with the attribute as an input channel, MoE and dMoE
-   (``nnUNetv2_train``), one run per replicate (fold ``r`` with its own seed),
-4. predicts the test split (``nnUNetv2_predict``),
+   (``nnUNetv2_train``), one run per replicate (fold ``r`` with its own seed); with ``-methods`` /
+   ``--all_methods`` also the fairness comparators (Group DRO, FEBS, adversarial, one network per level:
+   ``nnUNetv2_dmoe_train_per_level``'s layout),
+4. predicts the test split (``nnUNetv2_predict``; per level: ``nnunet_dmoe.per_level.predict_per_level``),
 5. writes the fairness report comparing them (``nnunet_dmoe.evaluation.compare_methods``) and, for several
    replicates, their mean and spread.
 
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from typing import Dict, List, Sequence
 
 METHODS = {  # report name -> trainer class
@@ -30,6 +33,15 @@ METHODS = {  # report name -> trainer class
     "MoE": "nnUNetTrainerMoE",
     "dMoE": "nnUNetTrainerDMoE",
 }
+# fairness comparators (opt-in: -methods NAME ... or --all_methods)
+PER_LEVEL = "Per-level"
+COMPARATORS = {
+    "GroupDRO": "nnUNetTrainerGroupDRO",
+    "FEBS": "nnUNetTrainerFEBS",
+    "Adversarial": "nnUNetTrainerAdversarial",
+    PER_LEVEL: "nnUNetTrainerNoAttribute",  # one per level (nnunet_dmoe.per_level)
+}
+ALL_METHODS = {**METHODS, **COMPARATORS}
 PLANS = "nnUNetDMoEPlans"
 # lines of the nnU-Net CLIs worth showing as progress (everything goes to the log files)
 _PROGRESS = re.compile(r"Epoch \d+$|train_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting |Preprocessing "
@@ -73,11 +85,11 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     from nnunet_dmoe.trainers.training_length import variant_name
 
     t_start = time.time()
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"-methods {unknown}: choose from {list(METHODS)}")
+        raise ValueError(f"-methods {unknown}: choose from {list(ALL_METHODS)}")
     try:
-        trainers = {m: variant_name(METHODS[m], epochs, iters) for m in methods}
+        trainers = {m: variant_name(ALL_METHODS[m], epochs, iters) for m in methods}
     except ValueError as e:
         raise ValueError(f"-epochs {epochs} / -iters {iters}: {e}") from None
     settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
@@ -124,6 +136,12 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
         for method in methods:
             trainer = trainers[method]
             label = method if replicates == 1 else f"{method} r{r}"
+            if method == PER_LEVEL:
+                stage(f"3-4/5 {method}: train {trainer} on each level's cases, predict each test case with its "
+                      f"level's model (replicate {r} = fold {r})")
+                predictions[label] = _per_level(dataset_id, configuration, r, trainer, device, env, logs,
+                                                os.path.join(raw, "imagesTs"), output, num_test)
+                continue
             model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{PLANS}__{configuration}", f"fold_{r}")
             stage(f"3/5 train {method} ({trainer}, replicate {r} = fold {r})")
             if not os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
@@ -157,6 +175,46 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     print(f"Report: {os.path.join(report, 'report.md')}")
     print(f"Figure: {os.path.join(report, 'report.png')}")
     return result
+
+
+@contextmanager
+def _environ(env: Dict[str, str]):
+    """nnU-Net's path variables of the demo in this process (nnunetv2.paths reads them when used)."""
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: env[k] for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _per_level(dataset_id: int, configuration: str, fold: int, trainer: str, device: str, env: Dict[str, str],
+               logs: str, images: str, output: str, num_test: int) -> str:
+    """One network per level: train what is missing, predict what is missing; returns the prediction folder."""
+    from nnunet_dmoe.per_level import per_level_training_commands, predict_per_level
+
+    with _environ(env):
+        jobs = per_level_training_commands(str(dataset_id), configuration, fold, trainer, PLANS, device)
+        for job in jobs:
+            if os.path.isfile(os.path.join(job["model_folder"], f"fold_{fold}", "checkpoint_final.pth")):
+                print(f"reusing {job['model_folder']}")
+                continue
+            _run(job["cmd"], dict(job["env"], nnUNet_n_proc_DA="0"),
+                 os.path.join(logs, f"train_per_level_{trainer}_{job['level']}_fold{fold}.log"))
+        out = os.path.join(output, "predictions", f"per_level_{trainer}_fold{fold}")
+        done = os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith(("nii.gz", ".png"))]) >= num_test
+        if not done:
+            print(f"$ nnunet_dmoe.per_level.predict_per_level -> {out}", flush=True)
+            predict_per_level(images, out, str(dataset_id), configuration, fold, trainer, PLANS, device,
+                              sequential=True)
+        else:
+            print(f"reusing {out}")
+    return out
 
 
 def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], replicates: int, path: str) -> None:
@@ -200,13 +258,17 @@ def demo_entry_point():
     p.add_argument("-replicates", type=int, default=1,
                    help="[OPTIONAL] trainings per method (folds 0..r-1, each with its own seed). Default: 1")
     p.add_argument("-methods", nargs="+", default=list(METHODS),
-                   help=f"[OPTIONAL] methods to compare. Default: {' '.join(METHODS)}")
+                   help=f"[OPTIONAL] methods to compare, from {' '.join(ALL_METHODS)}. Default: {' '.join(METHODS)}")
+    p.add_argument("--all_methods", action="store_true",
+                   help="[OPTIONAL] compare every method: the four above plus the fairness comparators "
+                        f"({' '.join(COMPARATORS)}); about twice the default run time or more")
     p.add_argument("-device", default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
     p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
     p.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace a run made with other settings")
     a = p.parse_args()
+    methods = list(ALL_METHODS) if a.all_methods else a.methods
     run_demo(a.o, a.d, a.dim, a.num_train, a.num_test, a.size, a.data_seed, a.epochs, a.iters or None,
-             a.replicates, a.methods, a.device, a.bootstrap, a.overwrite)
+             a.replicates, methods, a.device, a.bootstrap, a.overwrite)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+from nnunet_dmoe.adversary import AdversarialNetwork
+from nnunet_dmoe.fairness_losses import AdversarialLoss
+from nnunet_dmoe.networks import dmoe_settings
+from nnunet_dmoe.trainers.fairness_loss_base import nnUNetTrainerFairnessLossBase
+
+
+class nnUNetTrainerAdversarial(nnUNetTrainerFairnessLossBase):
+    """Adversarial debiasing (Madras et al., 2018 style): the plans' U-Net plus an attribute classifier on the
+    bottleneck behind a gradient-reversal layer of weight adversary_weight; classifier accuracy logged each epoch.
+    Prediction: nnU-Net's predictor, the classifier unused."""
+
+    adversary_weight = 0.1  # gradient reversal scale: the encoder gets -adversary_weight x the classifier's gradient
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        segmenter = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        num_levels = dmoe_settings(configuration_manager)[0]["dmoe_num_levels"]
+        return AdversarialNetwork(segmenter, num_levels, cls.adversary_weight)
+
+    def _build_loss(self):
+        return AdversarialLoss(super()._build_loss(), self.attribute.levels)
+
+
+class nnUNetTrainerAdversarial_w0p01(nnUNetTrainerAdversarial):
+    """Adversarial debiasing with gradient-reversal weight 0.01."""
+    adversary_weight = 0.01
+
+
+class nnUNetTrainerAdversarial_w1(nnUNetTrainerAdversarial):
+    """Adversarial debiasing with gradient-reversal weight 1."""
+    adversary_weight = 1.0

@@ -1,0 +1,19 @@
+from nnunet_dmoe.fairness_losses import with_febs_dice
+from nnunet_dmoe.trainers.fairness_loss_base import nnUNetTrainerFairnessLossBase
+
+
+class nnUNetTrainerFEBS(nnUNetTrainerFairnessLossBase):
+    """Fair error-bound scaling (FEBS, Tian et al., ICLR 2024): the plans' U-Net, nnU-Net's Dice term computed on
+    probabilities scaled per attribute group by tanh((min loss / group loss)^febs_gamma), from the batch's
+    per-group Dice losses."""
+
+    febs_gamma = 1.0  # the FairSeg code's default
+
+    def _build_loss(self):
+        return with_febs_dice(super()._build_loss(), self.group_names(), self.febs_gamma,
+                              num_levels=self.attribute.num_levels)
+
+
+class nnUNetTrainerFEBS_gamma2(nnUNetTrainerFEBS):
+    """FEBS with gamma 2."""
+    febs_gamma = 2.0
