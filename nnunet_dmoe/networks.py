@@ -16,7 +16,8 @@ from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
-__all__ = ["AttributeUNet", "decode_levels", "build_attribute_network", "dmoe_settings", "ROUTINGS", "PLANS_KEY"]
+__all__ = ["AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network", "dmoe_settings",
+           "ROUTINGS", "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
 ROUTINGS = ("dmoe", "moe")
@@ -46,6 +47,19 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
     if check:
         check_levels(level, channel, num_levels)
     return level
+
+
+def attribute_router_index(channel: torch.Tensor, attribute: Optional[torch.Tensor], config: DMoEConfig,
+                           training: bool) -> torch.Tensor:
+    """Router index per sample (see :func:`route_index_for_levels`) from the levels ``attribute`` (long, -1 =
+    unknown) or, when it is ``None``, decoded from the attribute ``channel``. Trainers write clean codes, so the
+    check for a code above the number of levels (one host synchronisation per forward, not per block) runs only
+    when not ``training``."""
+    if attribute is None:
+        attribute = decode_levels(channel, config.num_levels, check=False)
+        if not training:
+            check_levels(attribute, channel, config.num_levels)
+    return route_index_for_levels(attribute.to(channel.device).long(), config.num_levels, config.mode)
 
 
 class AttributeUNet(nn.Module):
@@ -106,13 +120,7 @@ class AttributeUNet(nn.Module):
         x, channel = self.split_attribute(x)
         if self.moe is None:
             return self.unet(x)
-        cfg = self.config
-        if attribute is None:
-            # trainers write clean codes; check (one host sync per forward, not per block) only at inference
-            attribute = decode_levels(channel, cfg.num_levels, check=False)
-            if not self.training:
-                check_levels(attribute, channel, cfg.num_levels)
-        router_index = route_index_for_levels(attribute.to(x.device).long(), cfg.num_levels, cfg.mode)
+        router_index = attribute_router_index(channel, attribute, self.config, self.training)
         encoder = self.unet.encoder
         if getattr(encoder, "stem", None) is not None:
             x = encoder.stem(x)
