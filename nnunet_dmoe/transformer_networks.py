@@ -1,0 +1,425 @@
+"""Transformer networks with a (distribution-aware) MoE on their tokens: a TransUNet-style 2D network (the paper's
+2D setting) and nnU-Net's 3D Primus.
+
+Placement as in the paper's reference code for TransUNet: **one** (d)MoE block on the transformer's tokens, shared
+by all transformer blocks and applied residually after every block (``h <- h + sum_k g_k E_k(h)``, see
+:mod:`nnunet_dmoe.dmoe`). ``"transformer_placement": "per_block"`` in the configuration's ``"dmoe"`` block of the
+plans gives every transformer block its own (d)MoE block instead.
+
+Both networks are a :class:`TokenBackbone` (``embed`` -> ``blocks`` -> ``head``) behind
+:class:`AttributeTransformer`, the attribute front end (strip the attribute channel, decode the level, route), the
+same as :class:`nnunet_dmoe.networks.AttributeUNet` gives the U-Nets.
+
+Network sizes are read from the configuration's ``"transformer"`` block of the plans (defaults when absent:
+ViT-B/16 for TransUNet, nnU-Net's Primus-M for Primus), so a model folder rebuilds the same network.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE
+from nnunet_dmoe.networks import ROUTINGS, attribute_router_index, dmoe_settings
+
+__all__ = ["TRANSFORMER_KEY", "PLACEMENTS", "TRANSUNET_DEFAULTS", "PRIMUS_DEFAULTS", "transformer_settings",
+           "round_patch_size", "TokenBackbone", "TransUNetEncoder", "TransUNet", "PrimusBackbone",
+           "AttributeTransformer", "build_transunet_network", "build_primus_network",
+           "transunet_deep_supervision_scales", "load_vit_weights"]
+
+# the configuration's key in the plans that holds the network sizes of the transformer trainers
+TRANSFORMER_KEY = "transformer"
+# where the (d)MoE blocks sit: one shared by all transformer blocks (the reference code), or one per block
+PLACEMENTS = ("shared", "per_block")
+
+# ViT-B/16 (Dosovitskiy et al., ICLR 2021) as TransUNet uses it (Chen et al., arXiv:2102.04306): 768 wide, 12
+# blocks of 12 heads, MLP 3072, tokens of 16x16 pixels. TransUNet's ResNet-50 stem is replaced by a light nnU-Net
+# conv stem (``stem_features``, stride 2 between stages) whose stages give the decoder its skips; the patch
+# embedding is a strided conv on the stem's last stage, so a token covers ``patch_size`` pixels per axis.
+# ``pretrained``: a ViT checkpoint file (timm's key names) to initialise the transformer blocks from.
+TRANSUNET_DEFAULTS = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "patch_size": 16,
+                      "stem_features": [32, 64, 128, 256], "drop_path_rate": 0.0, "pretrained": None}
+# Primus-M as nnU-Net 2.8's nnUNet_Primus_M_Trainer builds it (nnunetv2/training/nnUNetTrainer/primus/); a test
+# checks that the defaults give that trainer's network
+PRIMUS_DEFAULTS = {"embed_dim": 864, "depth": 16, "num_heads": 12, "patch_size": 8, "drop_path_rate": 0.2,
+                   "init_values": 0.1, "scale_attn_inner": True}
+
+_PATCH_NOT_DIVISIBLE = ("The patch size {patch} of the plans is not a multiple of {multiple} on every axis, as the "
+                        "patch embedding of this network needs (tokens of {multiple} voxels per axis). The plugin's "
+                        "transformer trainers round the plans' patch down to a multiple of {multiple}; set "
+                        "\"patch_size\" in the plans' configuration to a multiple of {multiple}.")
+_NO_CHANNEL = ("The plans lack the attribute channel (\"dmoe\": {\"attribute_channel\": ...} in the configuration); "
+               "the plugin's trainers write it from dataset.json (nnUNetv2_dmoe_list_trainers).")
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+def transformer_settings(configuration_manager, defaults: dict) -> dict:
+    """``defaults`` updated with the configuration's ``"transformer"`` block of the plans. A key that ``defaults``
+    lacks is an error naming it and the known keys."""
+    block = configuration_manager.configuration.get(TRANSFORMER_KEY) or {}
+    unknown = sorted(set(block) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} in the plans' \"{TRANSFORMER_KEY}\" block of this "
+                         f"configuration; this network knows {sorted(defaults)}")
+    return {**defaults, **block}
+
+
+def _routing(configuration_manager, routing: Optional[str]) -> Tuple[Optional[DMoEConfig], str, int]:
+    """(d)MoE config (None without routing), placement and attribute channel from the configuration's ``"dmoe"``
+    block."""
+    if routing is not None and routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS} or None, got {routing!r}")
+    settings, _ = dmoe_settings(configuration_manager)
+    placement = settings.pop("dmoe_transformer_placement", "shared")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"\"transformer_placement\" in the plans' \"dmoe\" block must be one of {PLACEMENTS}, got "
+                         f"{placement!r}")
+    if settings.get("dmoe_stages") is not None:
+        raise ValueError(f"\"stages\" in the plans' \"dmoe\" block ({settings['dmoe_stages']}) places blocks after "
+                         f"U-Net encoder stages; transformers use \"transformer_placement\" ({PLACEMENTS})")
+    config = DMoEConfig.pop_from_arch_kwargs(settings, **({"mode": routing} if routing else {}))
+    if config.attribute_channel < 0:
+        raise RuntimeError(_NO_CHANNEL)
+    return (config if routing else None), placement, config.attribute_channel
+
+
+def round_patch_size(plans: dict, configuration: str, defaults: dict) -> Tuple[dict, list, list]:
+    """``(plans, old, new)``: a copy of ``plans`` whose configuration's patch size is rounded down to a multiple of
+    the network's token size (``"patch_size"`` of its settings: ``defaults`` and the ``"transformer"`` block) on
+    every axis, at least one token; ``plans`` itself when it already is one."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    multiple = int(transformer_settings(cm, defaults)["patch_size"])
+    old = [int(p) for p in cm.patch_size]
+    new = [max(multiple, p // multiple * multiple) for p in old]
+    if new == old:
+        return plans, old, new
+    plans = deepcopy(plans)
+    plans["configurations"][configuration]["patch_size"] = new
+    return plans, old, new
+
+
+def _check_patch(patch_size: Sequence[int], multiple: int):
+    if any(p % multiple for p in patch_size):
+        raise ValueError(_PATCH_NOT_DIVISIBLE.format(patch=list(patch_size), multiple=multiple))
+
+
+# ------------------------------------------------------------------------------------------------------ backbones
+class TokenBackbone(nn.Module):
+    """A transformer segmentation network split where a (d)MoE goes in: ``embed(x) -> (tokens, context)`` with
+    tokens (b, n, c); ``run_block(block, tokens, context)`` for each of ``blocks``; ``head(tokens, context)`` ->
+    the network's output. ``forward`` runs all three; ``embed_dim`` is c."""
+
+    embed_dim: int
+    blocks: nn.ModuleList
+
+    def embed(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, tokens: torch.Tensor, context) -> torch.Tensor:
+        return block(tokens)
+
+    def head(self, tokens: torch.Tensor, context):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor):
+        tokens, context = self.embed(x)
+        for block in self.blocks:
+            tokens = self.run_block(block, tokens, context)
+        return self.head(tokens, context)
+
+
+class TransUNetEncoder(nn.Module):
+    """Conv stem (nnU-Net's ``PlainConvEncoder``: two conv-norm-nonlin per stage, stride 2 between stages) ->
+    patch embedding (strided conv on the stem's last stage) + learned position embedding -> ViT blocks (timm's
+    ``Block``) -> LayerNorm. Exposes the metadata ``UNetDecoder`` reads from an encoder: the stem's stages and the
+    token grid are its ``output_channels`` / ``strides``."""
+
+    def __init__(self, input_channels: int, patch_size: Sequence[int], embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16,
+                 stem_features: Sequence[int] = (32, 64, 128, 256), drop_path_rate: float = 0.0):
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+        from timm.models.vision_transformer import Block
+
+        if len(patch_size) != 2:
+            raise ValueError(f"TransUNet is 2D (the paper's setting), got a {len(patch_size)}D patch {list(patch_size)}"
+                             f"; for 3D use nnUNetTrainerPrimusMoE / nnUNetTrainerPrimusDMoE")
+        n = len(stem_features)
+        stem_stride = 2 ** (n - 1)
+        if token_patch % stem_stride:
+            raise ValueError(f"patch_size {token_patch} must be a multiple of the stem's stride {stem_stride} "
+                             f"({n} stem stages)")
+        _check_patch(patch_size, token_patch)
+        embed_stride = token_patch // stem_stride
+        self.stem = PlainConvEncoder(
+            input_channels, n, list(stem_features), nn.Conv2d, [[3, 3]] * n, [[1, 1]] + [[2, 2]] * (n - 1), 2,
+            conv_bias=True,
+            norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+            nonlin_kwargs={"inplace": True}, return_skips=True)
+        self.patch_embed = nn.Conv2d(stem_features[-1], embed_dim, embed_stride, embed_stride)
+        self.grid = tuple(int(p) // token_patch for p in patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(np.prod(self.grid)), embed_dim))
+        rates = np.linspace(0, drop_path_rate, depth)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=float(r))
+                                     for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.embed_dim = embed_dim
+        # what UNetDecoder reads from its encoder: the stem's stages, then the token grid as the bottleneck
+        self.output_channels = list(stem_features) + [embed_dim]
+        self.strides = [list(s) for s in self.stem.strides] + [[embed_stride] * 2]
+        self.kernel_sizes = [list(k) for k in self.stem.kernel_sizes] + [[embed_stride] * 2]
+        for name in ("conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
+                     "nonlin", "nonlin_kwargs"):
+            setattr(self, name, getattr(self.stem, name))
+        self.initialize()
+
+    def initialize(self):
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+        from timm.models.vision_transformer import init_weights_vit_timm
+
+        self.stem.apply(InitWeights_He(1e-2))
+        InitWeights_He(1e-2)(self.patch_embed)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for block in self.blocks:
+            block.apply(init_weights_vit_timm)
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """The position embedding for a token grid (resampled bicubically when it is not the plans' patch grid)."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        from timm.layers import resample_abs_pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid), num_prefix_tokens=0)
+
+    def embed(self, x: torch.Tensor):
+        skips = self.stem(x)
+        t = self.patch_embed(skips[-1])
+        grid = tuple(t.shape[2:])
+        return t.flatten(2).transpose(1, 2) + self.position_embedding(grid), (skips, grid)
+
+    def token_map(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Normed tokens (b, n, c) as a feature map (b, c, *grid), the decoder's bottleneck."""
+        return self.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def forward(self, x: torch.Tensor):
+        tokens, (skips, grid) = self.embed(x)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return skips + [self.token_map(tokens, grid)]
+
+
+class TransUNet(TokenBackbone):
+    """TransUNet-style 2D segmentation network (Chen et al., arXiv:2102.04306): :class:`TransUNetEncoder` and
+    nnU-Net's ``UNetDecoder`` (transposed conv, concatenated stem skip, two convs per stage) from the token grid up
+    to full resolution. With ``deep_supervision`` the decoder returns one output per stem stage (full resolution
+    first, then 1/2, 1/4, ...: :func:`transunet_deep_supervision_scales`)."""
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int], embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16,
+                 stem_features: Sequence[int] = (32, 64, 128, 256), drop_path_rate: float = 0.0,
+                 deep_supervision: bool = False):
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+        self.encoder = TransUNetEncoder(input_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+                                        token_patch, stem_features, drop_path_rate)
+        self.decoder = UNetDecoder(self.encoder, num_classes, 2, deep_supervision)
+        for name in ("stages", "transpconvs", "seg_layers"):
+            getattr(self.decoder, name).apply(InitWeights_He(1e-2))
+        self.embed_dim = embed_dim
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.blocks
+
+    def embed(self, x: torch.Tensor):
+        return self.encoder.embed(x)
+
+    def head(self, tokens: torch.Tensor, context):
+        skips, grid = context
+        return self.decoder(skips + [self.encoder.token_map(tokens, grid)])
+
+
+class PrimusBackbone(TokenBackbone):
+    """nnU-Net's Primus (dynamic_network_architectures, Wald et al. 2025) as ``embed`` -> Eva blocks -> ``head``,
+    so that a (d)MoE can sit between its blocks. ``forward`` is Primus's own. Register tokens and patch dropout
+    (Primus options nnU-Net's trainers leave off) are not supported."""
+
+    def __init__(self, primus: nn.Module):
+        super().__init__()
+        if getattr(primus, "register_tokens", None) is not None or primus.eva.patch_drop is not None:
+            raise ValueError("Primus with register tokens or patch dropout is not supported with a (d)MoE")
+        self.primus = primus
+        self.embed_dim = primus.embed_dim
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.primus.eva.blocks
+
+    def embed(self, x: torch.Tensor):
+        t = self.primus.down_projection(x)
+        grid = tuple(t.shape[2:])
+        # Eva's own absolute + rotary position embedding (no patch dropout, so no kept-token indices)
+        tokens, rope, _ = self.primus.eva._pos_embed(t.flatten(2).transpose(1, 2))
+        return tokens, (grid, rope)
+
+    def run_block(self, block: nn.Module, tokens: torch.Tensor, context) -> torch.Tensor:
+        return block(tokens, rope=context[1])
+
+    def head(self, tokens: torch.Tensor, context):
+        grid = context[0]
+        x = self.primus.eva.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        return self.primus.up_projection(x)
+
+    def forward(self, x: torch.Tensor):
+        return self.primus(x)
+
+
+# ------------------------------------------------------------------------------------------ attribute front end
+class AttributeTransformer(nn.Module):
+    """A :class:`TokenBackbone` behind the attribute-channel front end, with (d)MoE blocks on its tokens.
+
+    Parameters
+    ----------
+    backbone : TokenBackbone
+        Built for the image channels only.
+    num_input_channels, attribute_channel : int
+        Channels of the input tensor (attribute channel included) and the attribute channel's index.
+    config : DMoEConfig or None
+        ``None``: the attribute is stripped and unused (attribute-blind baseline).
+    placement : "shared" or "per_block"
+        One (d)MoE block applied after every transformer block (the reference code), or one per block.
+
+    ``forward(x)`` decodes the level per sample from the channel; ``forward(x, attribute)`` takes the levels (long,
+    -1 = unknown).
+    """
+
+    def __init__(self, backbone: TokenBackbone, num_input_channels: int, attribute_channel: int,
+                 config: Optional[DMoEConfig] = None, placement: str = "shared"):
+        super().__init__()
+        if not 0 <= attribute_channel < num_input_channels:
+            raise ValueError(f"attribute channel {attribute_channel} is not one of the {num_input_channels} input "
+                             f"channels; check attribute.channel in dataset.json")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.backbone = backbone
+        self.num_input_channels = num_input_channels
+        self.attribute_channel = attribute_channel
+        self.config = config
+        self.placement = placement
+        if config is None:
+            self.moe = None
+        else:
+            n = 1 if placement == "shared" else len(backbone.blocks)
+            self.moe = nn.ModuleList([
+                DistributionAwareMoE(backbone.embed_dim, config.num_experts, config.num_routers, config.top_k,
+                                     config.expert_ratio, config.expert_dropout, config.router_noise)
+                for _ in range(n)])
+
+    @property
+    def decoder(self):
+        # nnU-Net's set_deep_supervision_enabled sets network.decoder.deep_supervision (TransUNet)
+        return self.backbone.decoder
+
+    def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
+        if x.shape[1] != self.num_input_channels:
+            raise ValueError(f"the network expects {self.num_input_channels} input channels (the attribute channel "
+                             f"at index {self.attribute_channel} included), got {x.shape[1]}")
+        a = self.attribute_channel
+        channel = x[:, a:a + 1]
+        x = torch.cat([x[:, :a], x[:, a + 1:]], dim=1)
+        if self.moe is None:
+            return self.backbone(x)
+        router_index = attribute_router_index(channel, attribute, self.config, self.training)
+        tokens, context = self.backbone.embed(x)
+        for i, block in enumerate(self.backbone.blocks):
+            tokens = self.backbone.run_block(block, tokens, context)
+            moe = self.moe[0 if self.placement == "shared" else i]
+            # the block takes (b, c, *spatial): tokens as (b, c, n), a view; the result's memory is (b, n, c) again
+            tokens = moe(tokens.transpose(1, 2), router_index).transpose(1, 2)
+        return self.backbone.head(tokens, context)
+
+
+# ------------------------------------------------------------------------------------------------------ builders
+def transunet_deep_supervision_scales(configuration_manager) -> list:
+    """The scales of :class:`TransUNet`'s deep-supervision outputs (full resolution first), in nnU-Net's format
+    (``_get_deep_supervision_scales``): one per stem stage."""
+    settings = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
+    dim = len(configuration_manager.patch_size)
+    return [[0.5 ** s] * dim for s in range(len(settings["stem_features"]))]
+
+
+def build_transunet_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                            enable_deep_supervision: bool = True, *, routing: Optional[str] = None) -> nn.Module:
+    """:class:`TransUNet` (sizes from the configuration's ``"transformer"`` block, defaults
+    :data:`TRANSUNET_DEFAULTS`) behind :class:`AttributeTransformer`; ``routing`` as in
+    :func:`nnunet_dmoe.networks.build_attribute_network` (``None``: attribute-blind baseline)."""
+    s = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
+    config, placement, channel = _routing(configuration_manager, routing)
+    net = TransUNet(num_input_channels - 1, num_output_channels, configuration_manager.patch_size, s["embed_dim"],
+                    s["depth"], s["num_heads"], s["mlp_ratio"], s["patch_size"], s["stem_features"],
+                    s["drop_path_rate"], enable_deep_supervision)
+    return AttributeTransformer(net, num_input_channels, channel, config, placement)
+
+
+def build_primus_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                         enable_deep_supervision: bool = False, *, routing: Optional[str] = None) -> nn.Module:
+    """nnU-Net's 3D Primus (sizes from the configuration's ``"transformer"`` block, defaults
+    :data:`PRIMUS_DEFAULTS` = Primus-M) behind :class:`AttributeTransformer`. Primus has no deep supervision."""
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    s = transformer_settings(configuration_manager, PRIMUS_DEFAULTS)
+    config, placement, channel = _routing(configuration_manager, routing)
+    patch = configuration_manager.patch_size
+    if len(patch) != 3:
+        raise ValueError(f"Primus is 3D, got a {len(patch)}D patch {list(patch)}; for 2D use nnUNetTrainerTransUNet*")
+    _check_patch(patch, s["patch_size"])
+    primus = Primus(num_input_channels - 1, s["embed_dim"], (s["patch_size"],) * 3, num_output_channels, s["depth"],
+                    s["num_heads"], patch, drop_path_rate=s["drop_path_rate"], scale_attn_inner=s["scale_attn_inner"],
+                    init_values=s["init_values"])
+    return AttributeTransformer(PrimusBackbone(primus), num_input_channels, channel, config, placement)
+
+
+def load_vit_weights(encoder: TransUNetEncoder, path: str) -> list:
+    """Initialise the transformer blocks, the final norm and (resampled to the token grid) the position embedding
+    of ``encoder`` from a ViT checkpoint file in timm's key names (``blocks.N.*``, ``norm.*``, ``pos_embed``; a
+    ``"model"`` or ``"state_dict"`` wrapper and a class-token position are accepted). Nothing is downloaded.
+    Returns the names loaded. Raises ``ValueError`` naming the file when a block's weights are missing or of another
+    shape (another ViT size)."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained ViT checkpoint {path} does not exist (\"pretrained\" in the plans' "
+                         f"\"{TRANSFORMER_KEY}\" block)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    ours = {f"blocks.{k}": v for k, v in encoder.blocks.state_dict().items()}
+    ours.update({f"norm.{k}": v for k, v in encoder.norm.state_dict().items()})
+    missing = sorted(k for k in ours if k not in state)
+    wrong = sorted(k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape))
+    if missing or wrong:
+        raise ValueError(f"{path} does not fit this ViT ({encoder.embed_dim} wide, {len(encoder.blocks)} blocks): "
+                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, other shape "
+                         f"{wrong[:4]}{'...' if len(wrong) > 4 else ''}")
+    with torch.no_grad():
+        encoder.blocks.load_state_dict({k[len("blocks."):]: state[k] for k in ours if k.startswith("blocks.")})
+        encoder.norm.load_state_dict({k[len("norm."):]: state[k] for k in ours if k.startswith("norm.")})
+        loaded = sorted(ours)
+        pos = state.get("pos_embed")
+        if pos is not None and pos.shape[-1] == encoder.embed_dim:
+            from timm.layers import resample_abs_pos_embed
+            n = pos.shape[1]
+            prefix = n - math.isqrt(n) ** 2  # class token(s) before a square grid
+            side = math.isqrt(n - prefix)
+            encoder.pos_embed.copy_(resample_abs_pos_embed(pos.float(), list(encoder.grid), [side, side],
+                                                           num_prefix_tokens=prefix)[:, prefix:])
+            loaded.append("pos_embed")
+    return loaded
