@@ -33,8 +33,8 @@ import torch
 
 from nnunet_dmoe.dmoe import BACKENDS
 
-__all__ = ["PRESETS", "preset_configuration", "resenc_m_configuration", "build_pair", "count_parameters",
-           "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
+__all__ = ["PRESETS", "PRESET_NETWORKS", "preset_configuration", "resenc_m_configuration", "build_pair",
+           "count_parameters", "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
            "peak_memory_bytes", "nnunet_loss", "NNUNetTrainStep", "profile_table", "cost_report", "format_table",
            "benchmark_entry_point"]
 
@@ -46,7 +46,13 @@ PRESETS = {
     "2d": (2, (32, 64, 128, 256, 512, 512), (1, 3, 4, 6, 6, 6), (224, 224), (128, 128)),
     # small enough for tests
     "tiny_3d": (3, (8, 16, 32), (1, 2, 2), (32, 32, 32), (16, 16, 16)),
+    # the paper's 2D network: TransUNet-style with ViT-B/16 (features: conv stem, then the tokens; built by
+    # PRESET_NETWORKS' builder, its U-Net entries only give the timing patch check its strides)
+    "transunet_2d": (2, (32, 64, 128, 256, 768), (1, 1, 1, 1, 1), (224, 224), (224, 224)),
 }
+# presets that are not a plans' U-Net: their builder (build_attribute_network's signature), which the preset's
+# configuration names in place of the network class
+PRESET_NETWORKS = {"transunet_2d": "nnunet_dmoe.transformer_networks.build_transunet_network"}
 
 # default patch for timings on CUDA (nnU-Net's ResEnc-M 3D trains 128^3 patches, batch 2)
 CUDA_PATCH = {"resenc_m_3d": (128, 128, 128)}
@@ -89,8 +95,12 @@ def resenc_m_configuration(dim: int = 3, features: Sequence[int] = (32, 64, 128,
 def preset_configuration(name: str):
     if name not in PRESETS:
         raise ValueError(f"-preset must be one of {sorted(PRESETS)}, got {name!r}")
-    dim, features, blocks, _, _ = PRESETS[name]
-    return resenc_m_configuration(dim, features, blocks)
+    dim, features, blocks, flops_size, _ = PRESETS[name]
+    cm = resenc_m_configuration(dim, features, blocks)
+    if name in PRESET_NETWORKS:  # the network's defaults; its position embedding for the GFLOPs input
+        cm.configuration["architecture"]["network_class_name"] = PRESET_NETWORKS[name]
+        cm.configuration["patch_size"] = list(flops_size)
+    return cm
 
 
 def _with_dmoe_settings(configuration_manager, **dmoe):
@@ -106,8 +116,13 @@ def build_pair(configuration_manager, num_levels: int = 4, deep_supervision: boo
                num_input_channels: int = 2, num_outputs: int = 2, attribute_channel: Optional[int] = None,
                mode: str = "dmoe", seed: int = 0):
     """(baseline, (d)MoE) networks of one configuration; the baseline is the plans' U-Net (attribute stripped)."""
+    from pydoc import locate
+
     from nnunet_dmoe.networks import build_attribute_network, dmoe_settings
 
+    builder = build_attribute_network
+    if configuration_manager.network_arch_class_name in PRESET_NETWORKS.values():
+        builder = locate(configuration_manager.network_arch_class_name)
     if attribute_channel is None:
         attribute_channel = num_input_channels - 1
     cm = configuration_manager
@@ -116,8 +131,7 @@ def build_pair(configuration_manager, num_levels: int = 4, deep_supervision: boo
     nets = []
     for routing in (None, mode):
         torch.manual_seed(seed)
-        nets.append(build_attribute_network(None, cm, num_input_channels, num_outputs, deep_supervision,
-                                            routing=routing))
+        nets.append(builder(None, cm, num_input_channels, num_outputs, deep_supervision, routing=routing))
     return tuple(nets)
 
 

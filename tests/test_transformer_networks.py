@@ -5,7 +5,7 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_dmoe.benchmark import dmoe_parameters
+from nnunet_dmoe.benchmark import build_pair, cost_report, dmoe_flops, dmoe_parameters, preset_configuration
 from nnunet_dmoe.dmoe import DistributionAwareMoE
 from nnunet_dmoe.transformer_networks import (AttributeTransformer, PrimusBackbone, TRANSUNET_DEFAULTS,
                                               build_primus_network, build_transunet_network, load_vit_weights,
@@ -39,10 +39,12 @@ def n_params(net):
 
 def test_table7_parameter_difference_at_vit_b():
     """Defaults are ViT-B/16 (768 wide, 12 blocks); one shared (d)MoE block adds the paper's +37.8 M
-    (TransUNet 91.67 -> 129.46 M with MoE, 129.51 M with dMoE). Built on the meta device: nothing is allocated."""
+    (TransUNet 91.67 -> 129.46 M with MoE, 129.51 M with dMoE). The networks of nnUNetv2_dmoe_benchmark's
+    transunet_2d preset, built on the meta device: nothing is allocated."""
+    cm = preset_configuration("transunet_2d")
     with torch.device("meta"):
-        nets = {r: build_transunet_network(None, configuration((224, 224)), 2, 3, False, routing=r)
-                for r in (None, "moe", "dmoe")}
+        nets = dict(zip((None, "moe"), build_pair(cm, num_levels=4, mode="moe")))
+        nets["dmoe"] = build_pair(cm, num_levels=4, mode="dmoe")[1]
     base = nets[None].backbone
     assert len(base.blocks) == 12 and base.embed_dim == 768 and base.encoder.grid == (14, 14)
     assert base.blocks[0].mlp.fc1.out_features == 3072 and base.blocks[0].attn.num_heads == 12
@@ -199,3 +201,16 @@ def test_attribute_transformer_checks_its_input():
     net.eval()
     with pytest.raises(ValueError, match="decodes to code 7"):
         net(with_channel(torch.randn(1, 1, 32, 48), [7]))
+
+
+def test_benchmark_preset_counts_the_shared_block_at_every_use():
+    """nnUNetv2_dmoe_benchmark -preset transunet_2d builds TransUNet; the GFLOPs of a shared block count each of its
+    calls (here a tiny ViT: 3 blocks, 2x2 tokens)."""
+    cm = preset_configuration("transunet_2d")
+    cm.configuration.update(transformer=TINY_VIT, patch_size=[32, 32])
+    report = cost_report(cm, num_levels=4, num_input_channels=2, num_outputs=2, attribute_channel=1,
+                         flops_size=(32, 32), patch=(32, 32), measure=False)
+    base, dmoe = report["rows"]["parameters"]
+    assert dmoe - base == dmoe_parameters([32], num_routers=5)
+    assert report["dmoe_flops"] == dmoe_flops([32], [3 * 4]) > 0
+    assert report["rows"]["flops"][1] - report["rows"]["flops"][0] == report["dmoe_flops"]
