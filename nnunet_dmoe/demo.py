@@ -41,7 +41,14 @@ COMPARATORS = {
     "Adversarial": "nnUNetTrainerAdversarial",
     PER_LEVEL: "nnUNetTrainerNoAttribute",  # one per level (nnunet_dmoe.per_level)
 }
-ALL_METHODS = {**METHODS, **COMPARATORS}
+# the paper's 2D setting, a ViT-B/16 TransUNet (opt-in with -methods NAME; not in --all_methods: on a CPU a
+# ViT-B takes hours where the U-Nets take minutes)
+TRANSFORMERS = {
+    "TransUNet": "nnUNetTrainerTransUNet",
+    "TransUNet-MoE": "nnUNetTrainerTransUNetMoE",
+    "TransUNet-dMoE": "nnUNetTrainerTransUNetDMoE",
+}
+ALL_METHODS = {**METHODS, **COMPARATORS, **TRANSFORMERS}
 PLANS = "nnUNetDMoEPlans"
 # lines of the nnU-Net CLIs worth showing as progress (everything goes to the log files)
 _PROGRESS = re.compile(r"Epoch \d+$|train_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting |Preprocessing "
@@ -266,7 +273,7 @@ def demo_entry_point():
     p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
     p.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace a run made with other settings")
     a = p.parse_args()
-    methods = list(ALL_METHODS) if a.all_methods else a.methods
+    methods = [m for m in ALL_METHODS if m not in TRANSFORMERS] if a.all_methods else a.methods
     run_demo(a.o, a.d, a.dim, a.num_train, a.num_test, a.size, a.data_seed, a.epochs, a.iters or None,
              a.replicates, methods, a.device, a.bootstrap, a.overwrite)
 

@@ -214,3 +214,14 @@ def test_benchmark_preset_counts_the_shared_block_at_every_use():
     assert dmoe - base == dmoe_parameters([32], num_routers=5)
     assert report["dmoe_flops"] == dmoe_flops([32], [3 * 4]) > 0
     assert report["rows"]["flops"][1] - report["rows"]["flops"][0] == report["dmoe_flops"]
+
+
+def test_the_dmoe_planners_block_builds_a_transformer():
+    """nnUNetDMoEPlans' "dmoe" block (every setting, stages null) serves the transformer trainers too."""
+    from dataclasses import asdict
+
+    from nnunet_dmoe.dmoe import DMoEConfig
+
+    block = {k: v for k, v in asdict(DMoEConfig(num_levels=4, attribute_channel=1)).items() if k != "mode"}
+    net = build_transunet_network(None, configuration((32, 32), TINY_VIT, **block), 2, 3, routing="dmoe")
+    assert len(net.moe) == 1 and net.moe[0].router.w_gate.shape == (5, 32, 8)
