@@ -3,10 +3,11 @@ and Primus (3D), each trains 1 epoch of 5 iterations and predicts the test cases
 into the attribute channel. dMoE's prediction changes with the level; the baseline's and MoE's (one router for
 everyone) do not.
 
-The dMoE trainers run through the CLIs a user types (``nnUNetv2_train``, ``nnUNetv2_predict``: trainer found by
-name, patch rounded in the model folder's plans, final validation). The others run the same nnU-Net code in this
-process (the trainer's ``run_training``, ``nnUNetPredictor`` without worker processes), which saves the start-up
-of four subprocesses per trainer on this small CPU.
+Training runs nnU-Net's trainer in this process (found by name as ``nnUNetv2_train`` finds it, ``run_training``).
+The dMoE trainers predict with ``nnUNetv2_predict`` (the model folder's plans, the trainer found by name, the
+attribute channel through nnU-Net's unchanged prediction path), the others with the same nnU-Net predictor in this
+process (``predict_from_files_sequential``): each CLI start costs three Python processes importing torch and
+nnU-Net, about 15 s of CPU here.
 """
 import json
 import shutil
@@ -79,41 +80,42 @@ def _inputs_for_every_level(root, out):
 
 
 def _train_and_predict(root, configuration, trainer, plans, pred_in, pred, cli, monkeypatch, pretrained=None):
-    dataset = _dataset(root)
-    env = nnunet_env(root, nnUNet_n_proc_DA="0")
-    model = root / "results" / dataset / f"{trainer}__{plans}__{configuration}"
-    if cli:
-        log = run(["nnUNetv2_train", dataset, configuration, "0", "-tr", trainer, "-p", plans, "-device", "cpu"], env)
-        assert "dataset.json and the attribute channel agree" in log
-        if configuration == "2d":
-            assert "Patch size [24, 28] of the plans rounded to [16, 16]" in log
-        assert (model / "fold_0" / "validation" / "summary.json").is_file()
-        run(["nnUNetv2_predict", "-i", str(pred_in), "-o", str(pred), "-d", dataset, "-c", configuration, "-tr",
-             trainer, "-p", plans, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar",
-             "--save_probabilities"], env)
-        return model
+    """Train with nnU-Net's trainer in this process (``get_trainer_from_args`` finds it by name, as nnUNetv2_train
+    does; ``run_training``); predict with ``nnUNetv2_predict`` (``cli``) or nnU-Net's predictor in this process."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    dataset = _dataset(root)
+    env = nnunet_env(root, nnUNet_n_proc_DA="0")
+    model = root / "results" / dataset / f"{trainer}__{plans}__{configuration}"
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     # one thread: this process's OpenMP threads spin while they wait (no OMP_WAIT_POLICY here), and the tiny
     # networks gain nothing from a second one
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pred.mkdir()
     try:
         t = get_trainer_from_args(dataset, configuration, 0, trainer, plans, device=torch.device("cpu"))
         t.run_training()  # nnU-Net's loop: start-up check, 1 epoch of 5 iterations, validation, checkpoints
+        log = open(t.log_file).read()
+        assert "dataset.json and the attribute channel agree" in log
+        if configuration == "2d":
+            assert "Patch size [24, 28] of the plans rounded to [16, 16]" in log
         if pretrained:  # loaded once, before training; prediction rebuilds the network without the file
-            assert f"Initialised 27 ViT tensors from {pretrained}" in open(t.log_file).read()
+            assert f"Initialised 27 ViT tensors from {pretrained}" in log
             pretrained.unlink()
-        predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False,
-                                    allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
-        predictor.predict_from_files_sequential(str(pred_in), str(pred), save_probabilities=True)
+        if not cli:
+            pred.mkdir()
+            predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False,
+                                        allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+            predictor.predict_from_files_sequential(str(pred_in), str(pred), save_probabilities=True)
     finally:
         torch.set_num_threads(threads)
+    if cli:  # the attribute channel through nnU-Net's unchanged prediction CLI, trainer found by name
+        run(["nnUNetv2_predict", "-i", str(pred_in), "-o", str(pred), "-d", dataset, "-c", configuration, "-tr",
+             trainer, "-p", plans, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar",
+             "--save_probabilities"], env)
     return model
 
 
