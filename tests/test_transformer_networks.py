@@ -3,9 +3,8 @@ tokens (shared by all blocks or one per block), the paper's Table 7 parameter di
 optional ViT checkpoint."""
 import pytest
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-
 from nnunet_dmoe.benchmark import build_pair, cost_report, dmoe_flops, dmoe_parameters, preset_configuration
+from nnunet_dmoe.configuration import unet_configuration
 from nnunet_dmoe.dmoe import DistributionAwareMoE
 from nnunet_dmoe.transformer_networks import (AttributeTransformer, PrimusBackbone, TRANSUNET_DEFAULTS,
                                               build_primus_network, build_transunet_network, load_vit_weights,
@@ -16,11 +15,12 @@ TINY_PRIMUS = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
 def configuration(patch, transformer=None, **dmoe):
-    cfg = {"patch_size": list(patch), "dmoe": {"num_levels": 4, "attribute_channel": 1, **dmoe},
-           "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []}}
+    """A configuration as the plans give it to the transformer trainers (the U-Net architecture entry unused)."""
+    cm = unet_configuration(len(patch), **{"num_levels": 4, "attribute_channel": 1, **dmoe})
+    cm.configuration["patch_size"] = list(patch)
     if transformer is not None:
-        cfg["transformer"] = transformer
-    return ConfigurationManager(cfg)
+        cm.configuration["transformer"] = transformer
+    return cm
 
 
 def transunet(routing, patch=(32, 48), ds=False, seed=0, transformer=TINY_VIT, **dmoe):
