@@ -9,15 +9,20 @@
 - ``mixed[t] = sum_j gates[t, j] * keep * scale * E_{expert_index[t, j]}(xt[t])`` with
   ``E_e(h) = relu(h W1_e + b1_e) W2_e + b2_e``.
 
-No atomics: each token has exactly ``k`` rows, so results are written to their pair's row (a permutation) and
-summed over ``j``. The hidden activations (N k, 4C) are not kept for backward; backward recomputes them.
+Both expert layers of all experts are ``torch.nn.functional.grouped_mm`` calls over the sorted rows (the weights
+as stored, biases added by row); backward recomputes the hidden activations (N k, 4C) instead of keeping them,
+and takes the weight gradients as grouped products along the rows (``grouped_mm``'s own backward formulas).
 
-Two implementations behind one op:
+- CUDA: one pass over all rows. Results go to their pair's row (a permutation: each token has exactly ``k``
+  rows) and are summed over the slots, so nothing is atomic and nothing waits for the host.
+- CPU: the sorted rows in fixed chunks of about 24 MiB of hidden activations (group offsets clipped to the
+  chunk, so the chunks need no host values either). Every temporary stays below glibc's largest mmap threshold
+  (32 MiB), so it is recycled from the heap instead of being mapped and page-faulted anew at every step, which
+  costs more than the arithmetic on small machines; a block with few tokens (the deep stages) is one chunk, a
+  few large operations. Results are accumulated with ``index_add_`` (serial on CPU: deterministic).
 
-- CUDA, bf16, widths a multiple of 8: ``torch.nn.functional.grouped_mm`` over all rows (no host sync);
-- otherwise (CPU): expert by expert, in chunks of rows small enough that the hidden tile stays in cache, with
-  ``addmm`` (bias fused). The chunk loop reads the row counts on the host, which costs nothing on CPU; the op is
-  opaque to ``torch.compile``, so the loop does not break graphs.
+``grouped_mm`` needs 16-byte aligned rows: other widths are zero-padded (never the case for nnU-Net's channel
+counts, multiples of 8).
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# rows per chunk of the CPU loop: the hidden tile (rows x 4C floats) stays within ~1 MiB
-_CHUNK_BYTES = 1 << 20
+# CPU: rows per chunk so that the hidden tile (rows x 4C) takes about this many bytes
+_CHUNK_BYTES = 24 << 20
+# hidden activations up to this size are kept for backward instead of recomputed
+_KEEP_HIDDEN_BYTES = 8 << 20
 
 
 def sort_rows(expert_index: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
@@ -43,175 +50,197 @@ def sort_rows(expert_index: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
     return order, ends
 
 
-def _use_grouped_mm(xt: Tensor, hidden: int) -> bool:
-    return xt.is_cuda and xt.dtype == torch.bfloat16 and xt.shape[1] % 8 == 0 and hidden % 8 == 0
+class _Rows:
+    """Sorted rows of one call: pair, token, expert and gate of each row, and the chunks to process them in."""
 
-
-def _chunks(ends: Tensor, hidden: int):
-    """(expert, first row, end row) of each chunk, from the row counts read on the host."""
-    rows = max(64, _CHUNK_BYTES // (4 * hidden))
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        for r0 in range(start, end, rows):
-            yield e, r0, min(r0 + rows, end)
-        start = end
-
-
-# ------------------------------------------------------------------------------------------------------ forward
-def _forward_loop(xt, gates, keep, w1, b1, w2, b2, scale, order, ends, k):
-    n, c = xt.shape
-    dtype = xt.dtype
-    tok = order // k
-    row_gate = gates.reshape(-1).to(dtype).index_select(0, order)
-    if keep is None:
-        row_scale = row_gate[:, None]
-    out = xt.new_empty(n * k, c)  # by pair
-    for e, r0, r1 in _chunks(ends, w1.shape[2]):
-        xc = xt.index_select(0, tok[r0:r1])
-        h = torch.addmm(b1[e].to(dtype), xc, w1[e].to(dtype)).relu_()
-        y = torch.addmm(b2[e].to(dtype), h, w2[e].to(dtype))
-        if keep is None:
-            y.mul_(row_scale[r0:r1])
+    def __init__(self, xt: Tensor, gates: Tensor, order: Tensor, ends: Tensor, hidden: int):
+        self.n, self.c = xt.shape
+        self.m = order.numel()
+        self.k = self.m // self.n
+        self.order, self.ends = order, ends
+        self.token = order // self.k
+        self.gate = gates.reshape(-1).to(xt.dtype).index_select(0, order)[:, None]
+        if xt.is_cuda:  # one chunk; biases gathered by row (no host values)
+            self.chunks, self.bounds = [(0, self.m)], None
+            self.expert = torch.searchsorted(ends, torch.arange(self.m, device=xt.device, dtype=torch.int32),
+                                             right=True)
         else:
-            y.mul_(keep[r0:r1]).mul_(row_gate[r0:r1, None] * scale)
-        out.index_copy_(0, order[r0:r1], y)
-    return out.view(n, k, c).sum(1)
+            step = max(64, (_CHUNK_BYTES // (xt.element_size() * hidden)) // 8 * 8)
+            self.chunks = [(r0, min(r0 + step, self.m)) for r0 in range(0, self.m, step)]
+            ends_host = ends.tolist()
+            self.bounds = list(zip([0] + ends_host[:-1], ends_host))  # rows of each expert
+
+    def offsets(self, r0: int, r1: int) -> Tensor:
+        return (self.ends - r0).clamp_(0, r1 - r0) if (r0, r1) != (0, self.m) else self.ends
+
+    def add_bias(self, out: Tensor, bias: Tensor, r0: int, r1: int) -> Tensor:
+        """``out`` (rows r0:r1) += the bias of each row's expert: one add per expert slice on CPU, a gathered
+        bias on CUDA."""
+        if self.bounds is None:
+            return out.add_(bias.index_select(0, self.expert[r0:r1]))
+        for e, (s, t) in enumerate(self.bounds):
+            s, t = max(s, r0), min(t, r1)
+            if s < t:
+                out[s - r0:t - r0].add_(bias[e])
+        return out
+
+    def scatter_sum(self, values: Tensor, r0: int, r1: int, out: Optional[Tensor]) -> Tensor:
+        """Add rows ``r0:r1`` of a per-row result into their tokens: CPU ``index_add_``; CUDA (one chunk) written
+        by pair and summed over the slots."""
+        if values.is_cuda:
+            by_pair = torch.empty_like(values).index_copy_(0, self.order, values)
+            return by_pair.view(self.n, self.k, -1).sum(1)
+        if out is None:
+            out = values.new_zeros(self.n, values.shape[1])
+        return out.index_add_(0, self.token[r0:r1], values)
 
 
-def _forward_grouped(xt, gates, keep, w1, b1, w2, b2, scale, order, ends, k):
-    n, c = xt.shape
-    dtype = xt.dtype
-    expert_of_row = torch.searchsorted(ends, torch.arange(n * k, device=xt.device, dtype=torch.int32), right=True)
-    xs = xt.index_select(0, order // k)
-    h = F.grouped_mm(xs, w1.to(dtype), offs=ends).add_(b1.to(dtype).index_select(0, expert_of_row)).relu_()
-    y = F.grouped_mm(h, w2.to(dtype), offs=ends).add_(b2.to(dtype).index_select(0, expert_of_row))
-    row_scale = gates.reshape(-1).to(dtype).index_select(0, order)[:, None]
-    if keep is not None:
-        row_scale = torch.where(keep, row_scale * scale, 0.0)
-    out = torch.empty_like(y).index_copy_(0, order, y.mul_(row_scale))
-    return out.view(n, k, c).sum(1)
+def _ones_rows(like: Tensor, rows: int) -> Tensor:
+    """Ones (r, rows) with a 16-byte aligned row stride, for bias gradients as grouped products (row 0 is used).
+    CUDA's grouped GEMM gets 16 rows (its kernels tile the output), CPU's per-group fallback one."""
+    return like.new_ones(16 if like.is_cuda else 1, -(-rows // 8) * 8)[:, :rows]
+
+
+def keeps_hidden(rows: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether backward gets the hidden activations from forward instead of recomputing them: when they are small
+    (few tokens: the deep stages), where recomputing would mean reading the large weights once more."""
+    return rows * hidden * torch.empty(0, dtype=dtype).element_size() <= _KEEP_HIDDEN_BYTES
+
+
+def _hidden(rows: _Rows, xs: Tensor, w1: Tensor, b1: Tensor, offs: Tensor, r0: int, r1: int) -> Tensor:
+    return rows.add_bias(F.grouped_mm(xs, w1, offs=offs), b1, r0, r1).relu_()
+
+
+def _forward(xt, gates, keep, w1, b1, w2, b2, scale, order, ends, keep_hidden: bool):
+    rows = _Rows(xt, gates, order, ends, w1.shape[2])
+    mixed, hidden = None, []
+    for r0, r1 in rows.chunks:
+        offs = rows.offsets(r0, r1)
+        h = _hidden(rows, xt.index_select(0, rows.token[r0:r1]), w1, b1, offs, r0, r1)
+        if keep_hidden:
+            hidden.append(h)
+        y = rows.add_bias(F.grouped_mm(h, w2, offs=offs), b2, r0, r1)
+        factor = rows.gate[r0:r1]
+        if keep is not None:
+            factor = torch.where(keep[r0:r1], factor * scale, 0.0)
+        mixed = rows.scatter_sum(y.mul_(factor), r0, r1, mixed)
+    return mixed, (torch.cat(hidden) if len(hidden) > 1 else hidden[0]) if keep_hidden else xt.new_empty(0)
+
+
+def _backward(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, hidden):
+    """With ``hidden`` (kept from forward): d gate = sum_h h * (dy_raw W2^T) + dy_raw . b2, no weight is read twice.
+    Without: the hidden rows are recomputed and d gate = <dy_raw, h W2 + b2> (one product with C outputs instead of
+    three passes over 4C-wide rows), and the gate is applied before ``W2^T``."""
+    rows = _Rows(xt, gates, order, ends, w1.shape[2])
+    w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
+    dgate = xt.new_empty(rows.m)
+    dxt, grads = None, None
+    for r0, r1 in rows.chunks:
+        offs = rows.offsets(r0, r1)
+        token = rows.token[r0:r1]
+        gate = rows.gate[r0:r1]
+        xs = xt.index_select(0, token)
+        dy_raw = dmixed.index_select(0, token)  # gradient of the expert output before the gate
+        if keep is not None:
+            dy_raw = torch.where(keep[r0:r1], dy_raw * scale, 0.0)
+        if hidden.numel():
+            h = hidden[r0:r1]
+            g = F.grouped_mm(dy_raw, w2t, offs=offs)  # dy_raw W2^T
+            dg = (h * g).sum(1).add_(rows.add_bias(torch.zeros_like(dy_raw), b2, r0, r1).mul_(dy_raw).sum(1))
+            dy = dy_raw.mul_(gate)
+            dh = torch.ops.aten.threshold_backward(g.mul_(gate), h, 0)
+        else:
+            h = _hidden(rows, xs, w1, b1, offs, r0, r1)
+            y = rows.add_bias(F.grouped_mm(h, w2, offs=offs), b2, r0, r1)
+            dg = y.mul_(dy_raw).sum(1)
+            dy = dy_raw.mul_(gate)
+            dh = torch.ops.aten.threshold_backward(F.grouped_mm(dy, w2t, offs=offs), h, 0)
+        dgate.index_copy_(0, rows.order[r0:r1], dg)
+        ones = _ones_rows(dy, r1 - r0)
+        chunk = [F.grouped_mm(xs.t(), dh, offs=offs), F.grouped_mm(ones, dh, offs=offs)[:, 0].contiguous(),
+                 F.grouped_mm(h.t(), dy, offs=offs), F.grouped_mm(ones, dy, offs=offs)[:, 0].contiguous()]
+        grads = chunk if grads is None else [a.add_(b) for a, b in zip(grads, chunk)]
+        dxt = rows.scatter_sum(F.grouped_mm(dh, w1t, offs=offs), r0, r1, dxt)
+    return (dxt, dgate.view(rows.n, rows.k), *(g.to(w.dtype) for g, w in zip(grads, (w1, b1, w2, b2))))
+
+
+def _aligned(c: int, dtype: torch.dtype) -> int:
+    multiple = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    return -(-c // multiple) * multiple
+
+
+def _pad_widths(xt, w1, b1, w2, b2):
+    """Zero-pad channels and hidden units to grouped_mm's alignment (padded units contribute nothing)."""
+    (c, h), dtype = w1.shape[1:], xt.dtype
+    cp, hp = _aligned(c, dtype), _aligned(h, dtype)
+    if (cp, hp) == (c, h):
+        return xt, w1, b1, w2, b2
+    return (F.pad(xt, (0, cp - c)), F.pad(w1, (0, hp - h, 0, cp - c)), F.pad(b1, (0, hp - h)),
+            F.pad(w2, (0, cp - c, 0, hp - h)), F.pad(b2, (0, cp - c)))
 
 
 @torch.library.custom_op("nnunet_dmoe::experts_torch", mutates_args=())
 def experts_torch(xt: Tensor, gates: Tensor, expert_index: Tensor, keep: Optional[Tensor], w1: Tensor, b1: Tensor,
-                  w2: Tensor, b2: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    k = expert_index.shape[1]
+                  w2: Tensor, b2: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``mixed``, ``order``, ``ends`` and the hidden rows kept for backward (empty when recomputed)."""
     order, ends = sort_rows(expert_index, w1.shape[0])
+    c = xt.shape[1]
     with torch.autocast(xt.device.type, enabled=False):
-        fn = _forward_grouped if _use_grouped_mm(xt, w1.shape[2]) else _forward_loop
-        mixed = fn(xt, gates, keep, w1, b1, w2, b2, scale, order, ends, k)
-    return mixed, order, ends
+        xp, *weights = _pad_widths(xt, *(w.to(xt.dtype) for w in (w1, b1, w2, b2)))
+        if keep is not None and xp.shape[1] != c:
+            keep = F.pad(keep, (0, xp.shape[1] - c))
+        keep_hidden = keeps_hidden(order.numel(), weights[0].shape[2], xt.dtype)
+        mixed, hidden = _forward(xp, gates, keep, *weights, scale, order, ends, keep_hidden)
+    return mixed[:, :c].contiguous(), order, ends, hidden
 
 
 @experts_torch.register_fake
 def _(xt, gates, expert_index, keep, w1, b1, w2, b2, scale):
     m = expert_index.numel()
+    hp = _aligned(w1.shape[2], xt.dtype)
     return (xt.new_empty(xt.shape), xt.new_empty(m, dtype=torch.int64),
-            xt.new_empty(w1.shape[0], dtype=torch.int32))
-
-
-# ----------------------------------------------------------------------------------------------------- backward
-def _add_mm(out: Tensor, a: Tensor, b: Tensor):
-    # out += a @ b, accumulating low-precision products in the parameters' float32
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(a @ b)
-
-
-def _backward_loop(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, k):
-    n, c = xt.shape
-    dtype = xt.dtype
-    tok = order // k
-    row_gate = gates.reshape(-1).to(dtype).index_select(0, order)
-    dw1, db1, dw2, db2 = (torch.zeros_like(w) for w in (w1, b1, w2, b2))
-    dx = xt.new_empty(n * k, c)  # by pair
-    dgate = xt.new_empty(n * k)
-    for e, r0, r1 in _chunks(ends, w1.shape[2]):
-        t = tok[r0:r1]
-        w1e, w2e = w1[e].to(dtype), w2[e].to(dtype)
-        xc = xt.index_select(0, t)
-        h = torch.addmm(b1[e].to(dtype), xc, w1e).relu_()
-        dy_raw = dmixed.index_select(0, t)  # gradient of the expert output before the gate
-        if keep is not None:
-            dy_raw.mul_(keep[r0:r1]).mul_(scale)
-        g = dy_raw @ w2e.t()  # (rows, H)
-        # d gate = <dy_raw, h W2 + b2>, without forming h W2: sum_h h * (dy_raw W2^T) + dy_raw . b2
-        dg = torch.addmv((h * g).sum(1), dy_raw, b2[e].to(dtype))
-        gate = row_gate[r0:r1, None]
-        dh = torch.ops.aten.threshold_backward(g.mul_(gate), h, 0)
-        dy = dy_raw.mul_(gate)
-        _add_mm(dw2[e], h.t(), dy)
-        db2[e].add_(dy.sum(0))
-        _add_mm(dw1[e], xc.t(), dh)
-        db1[e].add_(dh.sum(0))
-        dx.index_copy_(0, order[r0:r1], dh @ w1e.t())
-        dgate.index_copy_(0, order[r0:r1], dg)
-    return dx.view(n, k, c).sum(1), dgate.view(n, k), dw1, db1, dw2, db2
-
-
-def _backward_grouped(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, k):
-    n, c = xt.shape
-    dtype = xt.dtype
-    expert_of_row = torch.searchsorted(ends, torch.arange(n * k, device=xt.device, dtype=torch.int32), right=True)
-    tok = order // k
-    xs = xt.index_select(0, tok)
-    w1c, w2c = w1.to(dtype), w2.to(dtype)
-    h = F.grouped_mm(xs, w1c, offs=ends).add_(b1.to(dtype).index_select(0, expert_of_row)).relu_()
-    dy_raw = dmixed.to(dtype).index_select(0, tok)
-    if keep is not None:
-        dy_raw = torch.where(keep, dy_raw * scale, 0.0)
-    g = F.grouped_mm(dy_raw, w2c.transpose(1, 2), offs=ends)
-    dg = (h * g).sum(1) + (dy_raw * b2.to(dtype).index_select(0, expert_of_row)).sum(1)
-    gate = gates.reshape(-1).to(dtype).index_select(0, order)[:, None]
-    dh = torch.ops.aten.threshold_backward(g.mul_(gate), h, 0)
-    dy = dy_raw * gate
-    # weight gradients grouped along the row axis, as grouped_mm's own backward computes them; biases as a row of
-    # ones times the rows (allocated padded so that its row stride stays 16-byte aligned)
-    ones = dy.new_ones(1, -(-n * k // 8) * 8)[:, : n * k]
-    dw2 = F.grouped_mm(h.t(), dy, offs=ends)
-    db2 = F.grouped_mm(ones, dy, offs=ends)[:, 0]
-    dw1 = F.grouped_mm(xs.t(), dh, offs=ends)
-    db1 = F.grouped_mm(ones, dh, offs=ends)[:, 0]
-    dx = torch.empty_like(xs).index_copy_(0, order, F.grouped_mm(dh, w1c.transpose(1, 2), offs=ends))
-    dgate = torch.empty_like(dg).index_copy_(0, order, dg)
-    return (dx.view(n, k, c).sum(1), dgate.view(n, k), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype),
-            db2.to(b2.dtype))
+            xt.new_empty(w1.shape[0], dtype=torch.int32),
+            xt.new_empty((m, hp) if keeps_hidden(m, hp, xt.dtype) else (0,)))
 
 
 @torch.library.custom_op("nnunet_dmoe::experts_torch_backward", mutates_args=())
 def experts_torch_backward(dmixed: Tensor, xt: Tensor, gates: Tensor, keep: Optional[Tensor], w1: Tensor, b1: Tensor,
-                           w2: Tensor, b2: Tensor, scale: float, order: Tensor,
-                           ends: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    k = order.numel() // xt.shape[0]
+                           w2: Tensor, b2: Tensor, scale: float, order: Tensor, ends: Tensor,
+                           hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (c, h), dtype = w1.shape[1:], xt.dtype
     with torch.autocast(xt.device.type, enabled=False):
-        fn = _backward_grouped if _use_grouped_mm(xt, w1.shape[2]) else _backward_loop
-        dx, dgate, dw1, db1, dw2, db2 = fn(dmixed.to(xt.dtype), xt, gates, keep, w1, b1, w2, b2, scale, order, ends,
-                                           k)
-    return dx, dgate.to(gates.dtype), dw1, db1, dw2, db2
+        xp, *weights = _pad_widths(xt, *(w.to(dtype) for w in (w1, b1, w2, b2)))
+        cp = xp.shape[1]
+        dm = F.pad(dmixed.to(dtype), (0, cp - c)) if cp != c else dmixed.to(dtype)
+        if keep is not None and cp != c:
+            keep = F.pad(keep, (0, cp - c))
+        dx, dgate, dw1, db1, dw2, db2 = _backward(dm, xp, gates, keep, *weights, scale, order, ends, hidden)
+    return (dx[:, :c].contiguous(), dgate.to(gates.dtype), dw1[:, :c, :h].to(w1.dtype).contiguous(),
+            db1[:, :h].to(b1.dtype).contiguous(), dw2[:, :h, :c].to(w2.dtype).contiguous(),
+            db2[:, :c].to(b2.dtype).contiguous())
 
 
 @experts_torch_backward.register_fake
-def _(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends):
+def _(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, hidden):
     return (xt.new_empty(xt.shape), gates.new_empty(gates.shape), torch.empty_like(w1), torch.empty_like(b1),
             torch.empty_like(w2), torch.empty_like(b2))
 
 
 def _setup_context(ctx, inputs, output):
     xt, gates, expert_index, keep, w1, b1, w2, b2, scale = inputs
-    _, order, ends = output
-    ctx.save_for_backward(xt, gates, keep, w1, b1, w2, b2, order, ends)
+    _, order, ends, hidden = output
+    ctx.save_for_backward(xt, gates, keep, w1, b1, w2, b2, order, ends, hidden)
     ctx.scale = scale
 
 
-def _backward(ctx, dmixed, _order, _ends):
-    xt, gates, keep, w1, b1, w2, b2, order, ends = ctx.saved_tensors
+def _backward_op(ctx, dmixed, _order, _ends, _hidden):
+    xt, gates, keep, w1, b1, w2, b2, order, ends, hidden = ctx.saved_tensors
     dx, dgate, dw1, db1, dw2, db2 = experts_torch_backward(dmixed.contiguous(), xt, gates, keep, w1, b1, w2, b2,
-                                                           ctx.scale, order, ends)
+                                                           ctx.scale, order, ends, hidden)
     return dx, dgate, None, None, dw1, db1, dw2, db2, None
 
 
-experts_torch.register_autograd(_backward, setup_context=_setup_context)
+experts_torch.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def _register_flops(forward_op, backward_op, backward_units: int):
@@ -230,9 +259,8 @@ def _register_flops(forward_op, backward_op, backward_units: int):
     @register_flop_formula(backward_op)
     def _backward(dmixed_shape, xt_shape, gates_shape, *args, out_shape=None, **kwargs):
         w1 = first_3d(args)
-        rows = args[-2][0]  # both backward ops end with (order, ends); order has one entry per row
-        return backward_units * 2 * rows * w1[1] * w1[2]
+        return backward_units * 2 * gates_shape[0] * gates_shape[1] * w1[1] * w1[2]
 
 
-# recomputed layer 1, dy W2^T, both weight gradients, dh W1^T
+# dy W2^T, both weight gradients, dh W1^T (4); recomputed blocks add layer 1 and its output (6): counted as 5
 _register_flops(torch.ops.nnunet_dmoe.experts_torch, torch.ops.nnunet_dmoe.experts_torch_backward, 5)

@@ -20,19 +20,22 @@ def record_torch_dropout(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)])
+@pytest.mark.parametrize("spatial,c", [((5, 7), 6), ((3, 4, 5), 6), ((3, 4, 5), 8)])
 @pytest.mark.parametrize("train", [False, True])
-def test_sparse_matches_dense_reference(spatial, train, monkeypatch):
-    # every level and the unknown router (index 4); train: router noise and the experts' Dropout
-    block = make_block().train(train)
-    x = torch.randn(5, 6, *spatial, requires_grad=True)
+@pytest.mark.parametrize("keep_hidden", [True, False])
+def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, monkeypatch):
+    # every level and the unknown router (index 4); train: router noise and the experts' Dropout; C = 6 is padded
+    # to grouped_mm's alignment, C = 8 is not; hidden rows kept for backward (small blocks) or recomputed
+    monkeypatch.setattr("nnunet_dmoe._expert_ops._KEEP_HIDDEN_BYTES", 1 << 30 if keep_hidden else 0)
+    block = make_block(c=c).train(train)
+    x = torch.randn(5, c, *spatial, requires_grad=True)
     r = torch.tensor([0, 1, 2, 3, 4])
     seen = record_torch_dropout(monkeypatch)
     torch.manual_seed(3)
     got = gradients(block, x, block(x, r))
     keep = None
     if train:
-        assert seen["keep"] is not None and seen["keep"].shape == (x[0, 0].numel() * 5 * 2, 6)
+        assert seen["keep"] is not None and seen["keep"].shape == (x[0, 0].numel() * 5 * 2, c)
         keep = keep_rows_to_pairs(seen["keep"], seen["expert_index"], 8)
     torch.manual_seed(3)
     ref = gradients(block, x, dense_reference(block, x, r, keep))
@@ -44,6 +47,7 @@ def test_sparse_matches_dense_reference(spatial, train, monkeypatch):
 def test_top1_and_chunked_cpu_loop(monkeypatch):
     # k = 1 takes topk + softmax; a tiny chunk size makes every expert span several chunks of the CPU loop
     monkeypatch.setattr("nnunet_dmoe._expert_ops._CHUNK_BYTES", 16 * 4 * 24)
+    monkeypatch.setattr("nnunet_dmoe._expert_ops._KEEP_HIDDEN_BYTES", 0)
     block = make_block(top_k=1).eval()
     x = torch.randn(2, 6, 9, 8, requires_grad=True)
     r = torch.tensor([2, 4])

@@ -1,0 +1,81 @@
+"""CPU cost of MoE and dMoE in the demo's 2D configuration: one nnU-Net train step, baseline vs MoE vs dMoE.
+
+The demo's data and plans are made as ``nnUNetv2_dmoe_demo`` makes them (synthetic 2D dataset 990, 96x96, 60/40
+cases; ``nnUNetv2_dmoe_plan_and_preprocess``, whose 2D plans give PlainConvUNet 32..512 at patch 80x80), in
+``-o`` (reused when present). The networks are built from those plans through the trainers' builder; each step is
+nnU-Net's ``train_step`` on CPU: deep-supervision Dice+CE loss, backward, gradient clip 12, SGD with Nesterov
+momentum (``nnunet_dmoe.benchmark.NNUNetTrainStep``), no autocast (nnU-Net autocasts on CUDA only). Runs are
+interleaved (baseline, MoE, dMoE, ...), medians reported. Not a test; run by hand:
+
+    .venv/bin/python benchmarks/bench_demo_2d.py [-o /tmp/demo2d_bench] [--repeats 15] [-b 2]
+
+Target (issue 9): MoE and dMoE train step at most 1.5x the baseline's.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from nnunet_dmoe.benchmark import (NNUNetTrainStep, _from_plans, _inputs, _targets, build_pair, count_parameters,
+                                   time_interleaved)
+from nnunet_dmoe.demo import PLANS, demo_env
+
+
+def prepare(output: str, dataset_id: int) -> None:
+    env = demo_env(output)
+    name = f"Dataset{dataset_id:03d}_SyntheticFairness"
+    if not os.path.isfile(os.path.join(env["nnUNet_preprocessed"], name, PLANS + ".json")):
+        bin_dir = os.path.dirname(sys.executable)
+        for cmd in (["nnUNetv2_dmoe_make_synthetic", "-d", str(dataset_id), "-dim", "2", "-num_train", "60",
+                     "-num_test", "40", "-seed", "0"],
+                    ["nnUNetv2_dmoe_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "2"]):
+            subprocess.run([os.path.join(bin_dir, cmd[0])] + cmd[1:], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", default="/tmp/demo2d_bench", help="folder for the demo's data and plans")
+    parser.add_argument("-d", type=int, default=990)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("-b", type=int, default=2, help="batch size (the demo's plans: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--fused_sgd", action="store_true",
+                        help="the same SGD as one fused kernel per parameter (torch.optim.SGD(fused=True))")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prepare(os.path.abspath(args.o), args.d)
+    cm, num_levels, channels, outputs, attribute_channel, patch = _from_plans(str(args.d), "2d", PLANS)
+    nets = {}
+    base, nets["dmoe"] = build_pair(cm, num_levels, True, channels, outputs, attribute_channel, mode="dmoe")
+    _, nets["moe"] = build_pair(cm, num_levels, True, channels, outputs, attribute_channel, mode="moe")
+    nets = {"baseline": base, **nets}
+    x = _inputs(args.b, channels, attribute_channel, patch, num_levels, "cpu")
+    targets = _targets(base, x, outputs)
+    steps = {}
+    for k, n in nets.items():
+        n.train()
+        steps[k] = NNUNetTrainStep(n, x, targets)
+        if args.fused_sgd:
+            steps[k].optimizer = torch.optim.SGD(n.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
+                                                 nesterov=True, fused=True)
+    arch = cm.network_arch_init_kwargs
+    print(f"demo 2D plans: {cm.network_arch_class_name.split('.')[-1]} {arch['features_per_stage']}, patch "
+          f"{list(patch)}, batch {args.b}, CPU {torch.get_num_threads()} threads, "
+          f"{'fused' if args.fused_sgd else 'default'} SGD; parameters (M): "
+          + ", ".join(f"{k} {count_parameters(n) / 1e6:.2f}" for k, n in nets.items()))
+    t = time_interleaved(steps, repeats=args.repeats, warmup=2)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    for k, v in t.items():
+        ratio = med[k] / med["baseline"]
+        print(f"  {k:8s} train step: median {med[k] * 1e3:6.1f} ms  ({ratio:.2f}x)   runs: "
+              + " ".join(f"{s * 1e3:.0f}" for s in v))
+
+
+if __name__ == "__main__":
+    main()
