@@ -69,12 +69,15 @@ def main():
           f"{list(patch)}, batch {args.b}, CPU {torch.get_num_threads()} threads, "
           f"{'fused' if args.fused_sgd else 'default'} SGD; parameters (M): "
           + ", ".join(f"{k} {count_parameters(n) / 1e6:.2f}" for k, n in nets.items()))
-    t = time_interleaved(steps, repeats=args.repeats, warmup=2)
+    cpu = {}
+    t = time_interleaved(steps, repeats=args.repeats, warmup=2, cpu_times=cpu)
     med = {k: statistics.median(v) for k, v in t.items()}
     for k, v in t.items():
         ratio = med[k] / med["baseline"]
-        print(f"  {k:8s} train step: median {med[k] * 1e3:6.1f} ms  ({ratio:.2f}x)   runs: "
-              + " ".join(f"{s * 1e3:.0f}" for s in v))
+        pair = statistics.median(a / b for a, b in zip(v, t["baseline"]))
+        c = statistics.median(cpu[k]) / statistics.median(cpu["baseline"])
+        print(f"  {k:8s} train step: median {med[k] * 1e3:6.1f} ms  ({ratio:.2f}x; per-pair {pair:.2f}x; CPU time "
+              f"{c:.2f}x)   runs: " + " ".join(f"{s * 1e3:.0f}" for s in v))
 
 
 if __name__ == "__main__":

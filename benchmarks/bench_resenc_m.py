@@ -122,12 +122,17 @@ def main():
             return run
 
         base.train(), dmoe.train()
-        t = time_interleaved({"plain": train_step(base), "dmoe": train_step(dmoe)}, repeats=args.repeats)
+        tc, ec = {}, {}
+        t = time_interleaved({"plain": train_step(base), "dmoe": train_step(dmoe)}, repeats=args.repeats,
+                             cpu_times=tc)
         base.eval(), dmoe.eval()
-        e = time_interleaved({"plain": eval_step(base), "dmoe": eval_step(dmoe)}, repeats=args.repeats)
-        for name, times in (("forward+backward (train)", t), ("eval forward (no_grad)", e)):
+        e = time_interleaved({"plain": eval_step(base), "dmoe": eval_step(dmoe)}, repeats=args.repeats, cpu_times=ec)
+        for name, times, cpu in (("forward+backward (train)", t, tc), ("eval forward (no_grad)", e, ec)):
             mp, md = statistics.median(times["plain"]), statistics.median(times["dmoe"])
-            print(f"{name}: plain {mp:.3f} s, dMoE {md:.3f} s, ratio {md / mp:.3f}   (median of {args.repeats}; "
+            pair = statistics.median(d / p for p, d in zip(times["plain"], times["dmoe"]))
+            cp, cd = statistics.median(cpu["plain"]), statistics.median(cpu["dmoe"])
+            print(f"{name}: plain {mp:.3f} s, dMoE {md:.3f} s, ratio {md / mp:.3f} (median of per-pair ratios "
+                  f"{pair:.3f}; CPU time {cp:.2f} -> {cd:.2f} s, {cd / cp:.3f})   (median of {args.repeats}; "
                   f"runs plain {' '.join(f'{v:.2f}' for v in times['plain'])} | "
                   f"dMoE {' '.join(f'{v:.2f}' for v in times['dmoe'])})")
     if args.profile:

@@ -9,20 +9,20 @@
 - ``mixed[t] = sum_j gates[t, j] * keep * scale * E_{expert_index[t, j]}(xt[t])`` with
   ``E_e(h) = relu(h W1_e + b1_e) W2_e + b2_e``.
 
-Both expert layers of all experts are ``torch.nn.functional.grouped_mm`` calls over the sorted rows (the weights
-as stored, biases added by row); backward recomputes the hidden activations (N k, 4C) instead of keeping them,
-and takes the weight gradients as grouped products along the rows (``grouped_mm``'s own backward formulas).
+The hidden activations (N k, 4C) are kept for backward only when they are small (few tokens: the deep stages,
+where recomputing them would mean reading the large weights again); otherwise backward recomputes them. The
+pre-gate expert outputs (N k, C) are kept: the gates' gradient is their product with the incoming gradient.
 
-- CUDA: one pass over all rows. Results go to their pair's row (a permutation: each token has exactly ``k``
-  rows) and are summed over the slots, so nothing is atomic and nothing waits for the host.
-- CPU: the sorted rows in fixed chunks of about 24 MiB of hidden activations (group offsets clipped to the
-  chunk, so the chunks need no host values either). Every temporary stays below glibc's largest mmap threshold
-  (32 MiB), so it is recycled from the heap instead of being mapped and page-faulted anew at every step, which
-  costs more than the arithmetic on small machines; a block with few tokens (the deep stages) is one chunk, a
-  few large operations. Results are accumulated with ``index_add_`` (serial on CPU: deterministic).
-
-``grouped_mm`` needs 16-byte aligned rows: other widths are zero-padded (never the case for nnU-Net's channel
-counts, multiples of 8).
+- CUDA: ``torch.nn.functional.grouped_mm`` over all sorted rows, biases added by row, weight gradients as grouped
+  products along the rows (``grouped_mm``'s own backward formulas). Results go to their pair's row (a
+  permutation: each token has exactly ``k`` rows) and are summed over the slots, so nothing is atomic and nothing
+  waits for the host. ``grouped_mm`` needs 16-byte aligned rows: other widths are zero-padded (never the case for
+  nnU-Net's channel counts, multiples of 8).
+- CPU: expert by expert, in chunks of about 24 MiB of hidden activations, with ``mm`` into preallocated outputs.
+  Every temporary stays below glibc's largest mmap threshold (32 MiB), so it is recycled from the heap instead of
+  being mapped and page-faulted anew at every step, which costs more than the arithmetic on small machines.
+  The row counts are read on the host (free on CPU; the op is opaque to ``torch.compile``). Results are
+  accumulated with ``index_add_`` (serial over rows on CPU: deterministic).
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from torch import Tensor
 _CHUNK_BYTES = 24 << 20
 # hidden activations up to this size are kept for backward instead of recomputed
 _KEEP_HIDDEN_BYTES = 8 << 20
+# tests: run the CUDA implementation (grouped GEMM over all rows) on CPU tensors
+_GROUPED_ON_CPU = False
 
 
 def sort_rows(expert_index: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
@@ -50,55 +52,10 @@ def sort_rows(expert_index: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
     return order, ends
 
 
-class _Rows:
-    """Sorted rows of one call: pair, token, expert and gate of each row, and the chunks to process them in."""
-
-    def __init__(self, xt: Tensor, gates: Tensor, order: Tensor, ends: Tensor, hidden: int):
-        self.n, self.c = xt.shape
-        self.m = order.numel()
-        self.k = self.m // self.n
-        self.order, self.ends = order, ends
-        self.token = order // self.k
-        self.gate = gates.reshape(-1).to(xt.dtype).index_select(0, order)[:, None]
-        if xt.is_cuda:  # one chunk; biases gathered by row (no host values)
-            self.chunks, self.bounds = [(0, self.m)], None
-            self.expert = torch.searchsorted(ends, torch.arange(self.m, device=xt.device, dtype=torch.int32),
-                                             right=True)
-        else:
-            step = max(64, (_CHUNK_BYTES // (xt.element_size() * hidden)) // 8 * 8)
-            self.chunks = [(r0, min(r0 + step, self.m)) for r0 in range(0, self.m, step)]
-            ends_host = ends.tolist()
-            self.bounds = list(zip([0] + ends_host[:-1], ends_host))  # rows of each expert
-
-    def offsets(self, r0: int, r1: int) -> Tensor:
-        return (self.ends - r0).clamp_(0, r1 - r0) if (r0, r1) != (0, self.m) else self.ends
-
-    def add_bias(self, out: Tensor, bias: Tensor, r0: int, r1: int) -> Tensor:
-        """``out`` (rows r0:r1) += the bias of each row's expert: one add per expert slice on CPU, a gathered
-        bias on CUDA."""
-        if self.bounds is None:
-            return out.add_(bias.index_select(0, self.expert[r0:r1]))
-        for e, (s, t) in enumerate(self.bounds):
-            s, t = max(s, r0), min(t, r1)
-            if s < t:
-                out[s - r0:t - r0].add_(bias[e])
-        return out
-
-    def scatter_sum(self, values: Tensor, r0: int, r1: int, out: Optional[Tensor]) -> Tensor:
-        """Add rows ``r0:r1`` of a per-row result into their tokens: CPU ``index_add_``; CUDA (one chunk) written
-        by pair and summed over the slots."""
-        if values.is_cuda:
-            by_pair = torch.empty_like(values).index_copy_(0, self.order, values)
-            return by_pair.view(self.n, self.k, -1).sum(1)
-        if out is None:
-            out = values.new_zeros(self.n, values.shape[1])
-        return out.index_add_(0, self.token[r0:r1], values)
-
-
 def _ones_rows(like: Tensor, rows: int) -> Tensor:
-    """Ones (r, rows) with a 16-byte aligned row stride, for bias gradients as grouped products (row 0 is used).
-    CUDA's grouped GEMM gets 16 rows (its kernels tile the output), CPU's per-group fallback one."""
-    return like.new_ones(16 if like.is_cuda else 1, -(-rows // 8) * 8)[:, :rows]
+    """Ones (16, rows) with a 16-byte aligned row stride, for bias gradients as grouped products (row 0 is used;
+    CUDA's grouped GEMM tiles its output, so it gets a few rows rather than one)."""
+    return like.new_ones(16, -(-rows // 8) * 8)[:, :rows]
 
 
 def keeps_hidden(rows: int, hidden: int, dtype: torch.dtype) -> bool:
@@ -107,61 +64,104 @@ def keeps_hidden(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     return rows * hidden * torch.empty(0, dtype=dtype).element_size() <= _KEEP_HIDDEN_BYTES
 
 
-def _hidden(rows: _Rows, xs: Tensor, w1: Tensor, b1: Tensor, offs: Tensor, r0: int, r1: int) -> Tensor:
-    return rows.add_bias(F.grouped_mm(xs, w1, offs=offs), b1, r0, r1).relu_()
+def _row_factor(gate: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+    """What multiplies an expert's output row: its gate, and the Dropout mask and scale."""
+    return gate if keep is None else torch.where(keep, gate * scale, 0.0)
 
 
-def _forward(xt, gates, keep, w1, b1, w2, b2, scale, order, ends, keep_hidden: bool):
-    rows = _Rows(xt, gates, order, ends, w1.shape[2])
-    mixed, hidden = None, []
-    for r0, r1 in rows.chunks:
-        offs = rows.offsets(r0, r1)
-        h = _hidden(rows, xt.index_select(0, rows.token[r0:r1]), w1, b1, offs, r0, r1)
-        if keep_hidden:
-            hidden.append(h)
-        y = rows.add_bias(F.grouped_mm(h, w2, offs=offs), b2, r0, r1)
-        factor = rows.gate[r0:r1]
+# --------------------------------------------------------------------------- CUDA: grouped GEMM over all rows
+def _forward_grouped(xt, gate, keep, w1, b1, w2, b2, scale, order, ends, keep_hidden):
+    n, c = xt.shape
+    m = order.numel()
+    expert = torch.searchsorted(ends, torch.arange(m, device=xt.device, dtype=torch.int32), right=True)
+    h = F.grouped_mm(xt.index_select(0, order // (m // n)), w1, offs=ends).add_(b1.index_select(0, expert)).relu_()
+    y = F.grouped_mm(h, w2, offs=ends).add_(b2.index_select(0, expert))
+    by_pair = torch.empty_like(y).index_copy_(0, order, y * _row_factor(gate[:, None], keep, scale))
+    return by_pair.view(n, m // n, c).sum(1), y, h if keep_hidden else xt.new_empty(0)
+
+
+def _backward_grouped(dmixed, xt, gate, keep, w1, b1, w2, b2, scale, order, ends, y, hidden):
+    n, c = xt.shape
+    m = order.numel()
+    token = order // (m // n)
+    xs = xt.index_select(0, token)
+    if hidden.numel():
+        h = hidden
+    else:
+        expert = torch.searchsorted(ends, torch.arange(m, device=xt.device, dtype=torch.int32), right=True)
+        h = F.grouped_mm(xs, w1, offs=ends).add_(b1.index_select(0, expert)).relu_()
+    dy_raw = dmixed.index_select(0, token)  # gradient of the expert output before the gate
+    if keep is not None:
+        dy_raw = torch.where(keep, dy_raw * scale, 0.0)
+    dgate = torch.empty(m, device=xt.device, dtype=xt.dtype).index_copy_(0, order, (y * dy_raw).sum(1))
+    dy = dy_raw.mul_(gate[:, None])
+    dh = torch.ops.aten.threshold_backward(F.grouped_mm(dy, w2.transpose(1, 2), offs=ends), h, 0)
+    ones = _ones_rows(dy, m)
+    grads = [F.grouped_mm(xs.t(), dh, offs=ends), F.grouped_mm(ones, dh, offs=ends)[:, 0],
+             F.grouped_mm(h.t(), dy, offs=ends), F.grouped_mm(ones, dy, offs=ends)[:, 0]]
+    dx = torch.empty_like(xs).index_copy_(0, order, F.grouped_mm(dh, w1.transpose(1, 2), offs=ends))
+    return dx.view(n, m // n, c).sum(1), dgate, grads
+
+
+# -------------------------------------------------------------------- CPU: expert by expert, in chunks of rows
+def _cpu_chunks(ends: Tensor, m: int, hidden: int, dtype: torch.dtype):
+    """(expert, first row, end row): each expert's rows in chunks of about ``_CHUNK_BYTES`` of hidden activations
+    (row counts read on the host: free on CPU, and the op is opaque to torch.compile)."""
+    step = max(64, _CHUNK_BYTES // (torch.empty(0, dtype=dtype).element_size() * hidden))
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        for r0 in range(start, end, step):
+            yield e, r0, min(r0 + step, end)
+        start = end
+
+
+def _forward_loop(xt, gate, keep, w1, b1, w2, b2, scale, order, ends, keep_hidden):
+    n, c = xt.shape
+    m, hdim = order.numel(), w1.shape[2]
+    token = order // (m // n)
+    y_rows = xt.new_empty(m, c)  # pre-gate expert outputs, kept for the gates' gradient
+    hidden = xt.new_empty(m, hdim) if keep_hidden else None
+    mixed = xt.new_zeros(n, c)
+    for e, r0, r1 in _cpu_chunks(ends, m, hdim, xt.dtype):
+        h = torch.mm(xt.index_select(0, token[r0:r1]), w1[e], out=None if hidden is None else hidden[r0:r1])
+        h.add_(b1[e]).relu_()
+        y = torch.mm(h, w2[e], out=y_rows[r0:r1]).add_(b2[e])
+        factor = _row_factor(gate[r0:r1, None], None if keep is None else keep[r0:r1], scale)
+        mixed.index_add_(0, token[r0:r1], y * factor)  # serial over rows on CPU: deterministic
+    return mixed, y_rows, xt.new_empty(0) if hidden is None else hidden
+
+
+def _backward_loop(dmixed, xt, gate, keep, w1, b1, w2, b2, scale, order, ends, y, hidden):
+    n, c = xt.shape
+    m, hdim = order.numel(), w1.shape[2]
+    token = order // (m // n)
+    grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]
+    seen = set()
+    dxt = xt.new_zeros(n, c)
+    dgate = xt.new_empty(m)
+    for e, r0, r1 in _cpu_chunks(ends, m, hdim, xt.dtype):
+        xs = xt.index_select(0, token[r0:r1])
+        dy_raw = dmixed.index_select(0, token[r0:r1])  # gradient of the expert output before the gate
         if keep is not None:
-            factor = torch.where(keep[r0:r1], factor * scale, 0.0)
-        mixed = rows.scatter_sum(y.mul_(factor), r0, r1, mixed)
-    return mixed, (torch.cat(hidden) if len(hidden) > 1 else hidden[0]) if keep_hidden else xt.new_empty(0)
-
-
-def _backward(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, hidden):
-    """With ``hidden`` (kept from forward): d gate = sum_h h * (dy_raw W2^T) + dy_raw . b2, no weight is read twice.
-    Without: the hidden rows are recomputed and d gate = <dy_raw, h W2 + b2> (one product with C outputs instead of
-    three passes over 4C-wide rows), and the gate is applied before ``W2^T``."""
-    rows = _Rows(xt, gates, order, ends, w1.shape[2])
-    w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
-    dgate = xt.new_empty(rows.m)
-    dxt, grads = None, None
-    for r0, r1 in rows.chunks:
-        offs = rows.offsets(r0, r1)
-        token = rows.token[r0:r1]
-        gate = rows.gate[r0:r1]
-        xs = xt.index_select(0, token)
-        dy_raw = dmixed.index_select(0, token)  # gradient of the expert output before the gate
-        if keep is not None:
-            dy_raw = torch.where(keep[r0:r1], dy_raw * scale, 0.0)
-        if hidden.numel():
-            h = hidden[r0:r1]
-            g = F.grouped_mm(dy_raw, w2t, offs=offs)  # dy_raw W2^T
-            dg = (h * g).sum(1).add_(rows.add_bias(torch.zeros_like(dy_raw), b2, r0, r1).mul_(dy_raw).sum(1))
-            dy = dy_raw.mul_(gate)
-            dh = torch.ops.aten.threshold_backward(g.mul_(gate), h, 0)
-        else:
-            h = _hidden(rows, xs, w1, b1, offs, r0, r1)
-            y = rows.add_bias(F.grouped_mm(h, w2, offs=offs), b2, r0, r1)
-            dg = y.mul_(dy_raw).sum(1)
-            dy = dy_raw.mul_(gate)
-            dh = torch.ops.aten.threshold_backward(F.grouped_mm(dy, w2t, offs=offs), h, 0)
-        dgate.index_copy_(0, rows.order[r0:r1], dg)
-        ones = _ones_rows(dy, r1 - r0)
-        chunk = [F.grouped_mm(xs.t(), dh, offs=offs), F.grouped_mm(ones, dh, offs=offs)[:, 0].contiguous(),
-                 F.grouped_mm(h.t(), dy, offs=offs), F.grouped_mm(ones, dy, offs=offs)[:, 0].contiguous()]
-        grads = chunk if grads is None else [a.add_(b) for a, b in zip(grads, chunk)]
-        dxt = rows.scatter_sum(F.grouped_mm(dh, w1t, offs=offs), r0, r1, dxt)
-    return (dxt, dgate.view(rows.n, rows.k), *(g.to(w.dtype) for g, w in zip(grads, (w1, b1, w2, b2))))
+            dy_raw.mul_(keep[r0:r1]).mul_(scale)
+        dgate.index_copy_(0, order[r0:r1], (y[r0:r1] * dy_raw).sum(1))
+        dy = dy_raw.mul_(gate[r0:r1, None])
+        h = hidden[r0:r1] if hidden.numel() else torch.mm(xs, w1[e]).add_(b1[e]).relu_()
+        dh = torch.ops.aten.threshold_backward(dy @ w2[e].t(), h, 0)
+        chunk = (xs.t(), dh), dh, (h.t(), dy), dy
+        for grad, part in zip(grads, chunk):
+            if isinstance(part, tuple):  # weight: a @ b into (or onto) grad[e]
+                torch.mm(*part, out=grad[e]) if e not in seen else grad[e].addmm_(*part)
+            elif e not in seen:
+                torch.sum(part, 0, out=grad[e])
+            else:
+                grad[e].add_(part.sum(0))
+        seen.add(e)
+        dxt.index_add_(0, token[r0:r1], dh @ w1[e].t())
+    for e in set(range(w1.shape[0])) - seen:  # experts without rows: zero gradients
+        for grad in grads:
+            grad[e].zero_()
+    return dxt, dgate, grads
 
 
 def _aligned(c: int, dtype: torch.dtype) -> int:
@@ -181,62 +181,78 @@ def _pad_widths(xt, w1, b1, w2, b2):
 
 @torch.library.custom_op("nnunet_dmoe::experts_torch", mutates_args=())
 def experts_torch(xt: Tensor, gates: Tensor, expert_index: Tensor, keep: Optional[Tensor], w1: Tensor, b1: Tensor,
-                  w2: Tensor, b2: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``mixed``, ``order``, ``ends`` and the hidden rows kept for backward (empty when recomputed)."""
+                  w2: Tensor, b2: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``mixed``, ``order``, ``ends``, and for backward the pre-gate expert outputs by sorted row (N k, C)
+    and the hidden rows (N k, 4C) when small (else empty: recomputed)."""
     order, ends = sort_rows(expert_index, w1.shape[0])
-    c = xt.shape[1]
+    n, c = xt.shape
     with torch.autocast(xt.device.type, enabled=False):
-        xp, *weights = _pad_widths(xt, *(w.to(xt.dtype) for w in (w1, b1, w2, b2)))
-        if keep is not None and xp.shape[1] != c:
-            keep = F.pad(keep, (0, xp.shape[1] - c))
-        keep_hidden = keeps_hidden(order.numel(), weights[0].shape[2], xt.dtype)
-        mixed, hidden = _forward(xp, gates, keep, *weights, scale, order, ends, keep_hidden)
-    return mixed[:, :c].contiguous(), order, ends, hidden
+        weights = [w.to(xt.dtype) for w in (w1, b1, w2, b2)]
+        gate = gates.reshape(-1).to(xt.dtype).index_select(0, order)
+        keep_hidden = keeps_hidden(order.numel(), w1.shape[2], xt.dtype)
+        if xt.is_cuda or _GROUPED_ON_CPU:
+            xp, *weights = _pad_widths(xt, *weights)
+            if keep is not None and xp.shape[1] != c:
+                keep = F.pad(keep, (0, xp.shape[1] - c))
+            mixed, y, hidden = _forward_grouped(xp, gate, keep, *weights, scale, order, ends, keep_hidden)
+            mixed, y = mixed[:, :c].contiguous(), y[:, :c].contiguous()
+            hidden = hidden[:, : w1.shape[2]].contiguous() if keep_hidden else hidden
+        else:
+            mixed, y, hidden = _forward_loop(xt, gate, keep, *weights, scale, order, ends, keep_hidden)
+    return mixed, order, ends, y, hidden
 
 
 @experts_torch.register_fake
 def _(xt, gates, expert_index, keep, w1, b1, w2, b2, scale):
     m = expert_index.numel()
-    hp = _aligned(w1.shape[2], xt.dtype)
-    return (xt.new_empty(xt.shape), xt.new_empty(m, dtype=torch.int64),
-            xt.new_empty(w1.shape[0], dtype=torch.int32),
-            xt.new_empty((m, hp) if keeps_hidden(m, hp, xt.dtype) else (0,)))
+    h = w1.shape[2]
+    return (xt.new_empty(xt.shape), xt.new_empty(m, dtype=torch.int64), xt.new_empty(w1.shape[0], dtype=torch.int32),
+            xt.new_empty(m, xt.shape[1]), xt.new_empty((m, h) if keeps_hidden(m, h, xt.dtype) else (0,)))
 
 
 @torch.library.custom_op("nnunet_dmoe::experts_torch_backward", mutates_args=())
 def experts_torch_backward(dmixed: Tensor, xt: Tensor, gates: Tensor, keep: Optional[Tensor], w1: Tensor, b1: Tensor,
-                           w2: Tensor, b2: Tensor, scale: float, order: Tensor, ends: Tensor,
+                           w2: Tensor, b2: Tensor, scale: float, order: Tensor, ends: Tensor, y: Tensor,
                            hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     (c, h), dtype = w1.shape[1:], xt.dtype
     with torch.autocast(xt.device.type, enabled=False):
-        xp, *weights = _pad_widths(xt, *(w.to(dtype) for w in (w1, b1, w2, b2)))
-        cp = xp.shape[1]
-        dm = F.pad(dmixed.to(dtype), (0, cp - c)) if cp != c else dmixed.to(dtype)
-        if keep is not None and cp != c:
-            keep = F.pad(keep, (0, cp - c))
-        dx, dgate, dw1, db1, dw2, db2 = _backward(dm, xp, gates, keep, *weights, scale, order, ends, hidden)
-    return (dx[:, :c].contiguous(), dgate.to(gates.dtype), dw1[:, :c, :h].to(w1.dtype).contiguous(),
-            db1[:, :h].to(b1.dtype).contiguous(), dw2[:, :h, :c].to(w2.dtype).contiguous(),
-            db2[:, :c].to(b2.dtype).contiguous())
+        weights = [w.to(dtype) for w in (w1, b1, w2, b2)]
+        gate = gates.reshape(-1).to(dtype).index_select(0, order)
+        dm = dmixed.to(dtype)
+        if xt.is_cuda or _GROUPED_ON_CPU:
+            xp, *weights = _pad_widths(xt, *weights)
+            cp, hp = weights[0].shape[1:]
+            if cp != c:
+                dm, y = F.pad(dm, (0, cp - c)), F.pad(y, (0, cp - c))
+                keep = None if keep is None else F.pad(keep, (0, cp - c))
+            if hidden.numel() and hp != h:
+                hidden = F.pad(hidden, (0, hp - h))
+            dx, dgate, grads = _backward_grouped(dm, xp, gate, keep, *weights, scale, order, ends, y, hidden)
+            dx = dx[:, :c]
+            grads = [grads[0][:, :c, :h], grads[1][:, :h], grads[2][:, :h, :c], grads[3][:, :c]]
+        else:
+            dx, dgate, grads = _backward_loop(dm, xt, gate, keep, *weights, scale, order, ends, y, hidden)
+    return (dx.contiguous(), dgate.view(gates.shape).to(gates.dtype),
+            *(g.to(w.dtype).contiguous() for g, w in zip(grads, (w1, b1, w2, b2))))
 
 
 @experts_torch_backward.register_fake
-def _(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, hidden):
+def _(dmixed, xt, gates, keep, w1, b1, w2, b2, scale, order, ends, y, hidden):
     return (xt.new_empty(xt.shape), gates.new_empty(gates.shape), torch.empty_like(w1), torch.empty_like(b1),
             torch.empty_like(w2), torch.empty_like(b2))
 
 
 def _setup_context(ctx, inputs, output):
     xt, gates, expert_index, keep, w1, b1, w2, b2, scale = inputs
-    _, order, ends, hidden = output
-    ctx.save_for_backward(xt, gates, keep, w1, b1, w2, b2, order, ends, hidden)
+    _, order, ends, y, hidden = output
+    ctx.save_for_backward(xt, gates, keep, w1, b1, w2, b2, order, ends, y, hidden)
     ctx.scale = scale
 
 
-def _backward_op(ctx, dmixed, _order, _ends, _hidden):
-    xt, gates, keep, w1, b1, w2, b2, order, ends, hidden = ctx.saved_tensors
+def _backward_op(ctx, dmixed, *_):
+    xt, gates, keep, w1, b1, w2, b2, order, ends, y, hidden = ctx.saved_tensors
     dx, dgate, dw1, db1, dw2, db2 = experts_torch_backward(dmixed.contiguous(), xt, gates, keep, w1, b1, w2, b2,
-                                                           ctx.scale, order, ends, hidden)
+                                                           ctx.scale, order, ends, y, hidden)
     return dx, dgate, None, None, dw1, db1, dw2, db2, None
 
 

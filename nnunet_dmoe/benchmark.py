@@ -65,9 +65,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 9, warmup: int = 1,
-                     device="cpu") -> Dict[str, List[float]]:
-    """Seconds per call of each function, runs interleaved (a, b, a, b, ...) so that machine noise hits all alike."""
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 9, warmup: int = 1, device="cpu",
+                     cpu_times: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each function, runs interleaved (a, b, a, b, ...) so that machine noise hits all alike.
+
+    ``cpu_times``: also collect the process CPU seconds of each call into this dict (on a shared machine, with
+    ``OMP_WAIT_POLICY=PASSIVE``, a measure of the work that other processes' load does not inflate)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -75,10 +78,12 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int = 9, warmu
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(k, []).append(time.process_time() - c0)
     return times
 
 

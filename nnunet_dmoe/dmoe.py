@@ -218,17 +218,17 @@ class Experts(nn.Module):
 def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """Bernoulli(1 - p) mask shaped like ``like`` (what Dropout(p) keeps); only ``like``'s shape and device are used.
 
-    On CPU torch's generator is serial and costly at the full-resolution stage: one 64-bit draw gives two 32-bit
-    uniforms (half the draws of ``rand_like``), compared with a threshold; the keep probability is 1 - p to within
-    2**-32, finer than ``rand_like``'s 2**-24 float grid. Elsewhere (CUDA's Philox), and under ``torch.compile``
-    (which cannot trace the in-place ``random_``), ``rand_like`` + compare.
+    On CPU torch's generator is serial and costly at the full-resolution stage: one 64-bit draw gives four 16-bit
+    uniforms (a quarter of the draws of ``rand_like``), compared with a threshold; the keep probability is
+    1 - p to within 2**-17 (0.1 -> 0.89999). Elsewhere (CUDA's Philox), and under ``torch.compile`` (which cannot
+    trace the in-place ``random_``), ``rand_like`` + compare.
     """
     if like.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.rand(like.shape, device=like.device) >= p
     n = like.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=like.device).random_(-(2 ** 63), None)
-    threshold = -(2 ** 31) + round(p * 2 ** 32)  # int32 values below it (probability p) are dropped
-    return (bits.view(torch.int32)[:n] >= threshold).view(like.shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(2 ** 63), None)
+    threshold = -(2 ** 15) + round(p * 2 ** 16)  # int16 values below it (probability p) are dropped
+    return (bits.view(torch.int16)[:n] >= threshold).view(like.shape)
 
 
 class NoisyTopKRouter(nn.Module):

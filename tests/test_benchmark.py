@@ -91,7 +91,7 @@ def test_cli_from_plans(preprocessed_3d, tmp_path):
 
 
 def test_cpu_dropout_mask_keeps_one_minus_p():
-    # the layer's CPU fast path for Dropout(p) (32-bit thresholds from 64-bit draws), optimised with these benchmarks
+    # the layer's CPU fast path for Dropout(p) (16-bit thresholds from 64-bit draws), optimised with these benchmarks
     from nnunet_dmoe.dmoe import _keep_mask
 
     torch.manual_seed(0)

@@ -23,10 +23,13 @@ def record_torch_dropout(monkeypatch):
 @pytest.mark.parametrize("spatial,c", [((5, 7), 6), ((3, 4, 5), 6), ((3, 4, 5), 8)])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("keep_hidden", [True, False])
-def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, monkeypatch):
-    # every level and the unknown router (index 4); train: router noise and the experts' Dropout; C = 6 is padded
-    # to grouped_mm's alignment, C = 8 is not; hidden rows kept for backward (small blocks) or recomputed
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, grouped, monkeypatch):
+    # every level and the unknown router (index 4); train: router noise and the experts' Dropout; hidden rows kept
+    # for backward (small blocks) or recomputed; the CPU loop, and CUDA's grouped-GEMM implementation run on CPU
+    # (C = 6 is zero-padded to grouped_mm's alignment there, C = 8 is not)
     monkeypatch.setattr("nnunet_dmoe._expert_ops._KEEP_HIDDEN_BYTES", 1 << 30 if keep_hidden else 0)
+    monkeypatch.setattr("nnunet_dmoe._expert_ops._GROUPED_ON_CPU", grouped)
     block = make_block(c=c).train(train)
     x = torch.randn(5, c, *spatial, requires_grad=True)
     r = torch.tensor([0, 1, 2, 3, 4])
