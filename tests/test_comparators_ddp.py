@@ -52,13 +52,13 @@ def _worker(rank, world, port, out_dir):
         torch.save({"q": dro.q, "febs": w, "grad": x.grad}, os.path.join(out_dir, f"losses{rank}.pt"))
 
         # the adversary: rank 1 has only samples of unknown level
-        from helpers import configuration
+        from nnunet_dmoe.configuration import unet_configuration
         from nnunet_dmoe.adversary import AdversarialNetwork
         from nnunet_dmoe.fairness_losses import AdversarialLoss
         from nnunet_dmoe.networks import build_attribute_network
         torch.manual_seed(0)
-        net = AdversarialNetwork(build_attribute_network(None, configuration(2, num_levels=3, attribute_channel=1),
-                                                         2, 2, True), 3, reversal_scale=0.5)
+        cm = unet_configuration(2, (8, 16, 32), num_levels=3, attribute_channel=1)
+        net = AdversarialNetwork(build_attribute_network(None, cm, 2, 2, True), 3, reversal_scale=0.5)
         ddp = torch.nn.parallel.DistributedDataParallel(net)  # find_unused_parameters=False, as nnU-Net
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         loss = AdversarialLoss(lambda out, t: sum(o.float().pow(2).mean() for o in out), ["a", "b", "c"])

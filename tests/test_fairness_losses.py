@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import configuration
+from nnunet_dmoe.configuration import unet_configuration
 from nnunet_dmoe.adversary import AdversarialNetwork, AdversarialOutput, reverse_gradient
 from nnunet_dmoe.fairness_losses import (AdversarialLoss, FEBSDiceLoss, GroupDROLoss, febs_weights, group_dro_step,
                                          group_sums, with_febs_dice)
@@ -190,7 +190,7 @@ def test_adversarial_loss_masks_unknown_levels_and_counts_accuracy():
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_adversarial_network_train_and_eval_outputs(residual):
-    cm = configuration(2, residual, num_levels=3, attribute_channel=1)
+    cm = unet_configuration(2, (8, 16, 32), [1, 2, 2] if residual else None, num_levels=3, attribute_channel=1)
     torch.manual_seed(0)
     net = AdversarialNetwork(build_attribute_network(None, cm, 2, 2, True), 3, reversal_scale=0.5)
     x = torch.randn(2, 2, 16, 16)
