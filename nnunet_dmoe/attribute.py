@@ -141,10 +141,24 @@ class AttributeSpec:
 
     @classmethod
     def from_dataset_json(cls, dataset_json: Mapping, where: str = "dataset.json") -> "AttributeSpec":
-        """Read and validate the block, checking that ``channel`` is a ``noNorm`` channel of the dataset."""
+        """Read and validate the ``attribute`` block, checking that ``channel`` is a ``noNorm`` channel of the
+        dataset. A dataset.json with several attributes (``"attributes"``) has no single spec: use
+        :func:`attribute_specs_from_dataset_json`."""
+        if "attribute" not in dataset_json and isinstance(dataset_json.get("attributes"), list):
+            raise ValueError(f"{where} holds several attributes ('attributes': "
+                             f"{[b.get('name') for b in dataset_json['attributes'] if isinstance(b, Mapping)]}); "
+                             f"this command takes one attribute. Use a dataset.json with a single 'attribute' block.")
         if "attribute" not in dataset_json:
             raise ValueError(_MISSING_BLOCK.format(where=where))
-        block = dataset_json["attribute"]
+        return cls.from_block(dataset_json["attribute"], dataset_json, where)
+
+    @classmethod
+    def from_block(cls, block: Mapping, dataset_json: Mapping, where: str = "dataset.json") -> "AttributeSpec":
+        """Read and validate one attribute block of ``dataset_json`` (its channel checked against the dataset's
+        ``channel_names``)."""
+        if not isinstance(block, Mapping):
+            raise ValueError(f"{where}: an attribute block must be an object with name, levels, channel, cases; got "
+                             f"{block!r}")
         missing = [k for k in ("name", "levels", "channel") if k not in block]
         if missing:
             raise ValueError(f"{where}: the attribute block lacks {missing}. Expected keys: name, levels, channel, cases.")
@@ -168,6 +182,29 @@ class AttributeSpec:
                     f"Set channel_names[\"{spec.channel}\"] to \"noNorm\"."
                 )
         return spec
+
+
+def attribute_specs_from_dataset_json(dataset_json: Mapping, where: str = "dataset.json") -> List[AttributeSpec]:
+    """Every attribute of a dataset, in order: ``[the "attribute" block]``, or the blocks of an ``"attributes"``
+    list (several distribution axes, e.g. T-stage and centre), each as an ``attribute`` block with its own
+    ``noNorm`` channel. Names and channels must differ; a dataset.json has one of the two keys, not both."""
+    if "attribute" in dataset_json and "attributes" in dataset_json:
+        raise ValueError(f"{where} has both 'attribute' and 'attributes'. Keep one: a single attribute block, or "
+                         f"the list of all attribute blocks.")
+    if "attributes" not in dataset_json:
+        return [AttributeSpec.from_dataset_json(dataset_json, where)]
+    blocks = dataset_json["attributes"]
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{where}: 'attributes' must be a non-empty list of attribute blocks (each with name, "
+                         f"levels, channel, cases), got {blocks!r}")
+    specs = [AttributeSpec.from_block(b, dataset_json, f"{where}, attributes[{i}]") for i, b in enumerate(blocks)]
+    for what in ("name", "channel"):
+        values = [getattr(s, what) for s in specs]
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{where}: the attributes share the {what} {', '.join(twice)}. Every attribute needs "
+                             f"its own {what}" + (" (its own noNorm channel)." if what == "channel" else "."))
+    return specs
 
 
 def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> np.ndarray:
