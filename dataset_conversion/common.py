@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -98,13 +98,15 @@ def attribute_block(name: str, levels: Sequence[str], channel: int, values: Mapp
 
 
 def write_dataset_json(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,
-                       block: dict, **metadata) -> None:
-    """nnU-Net's ``generate_dataset_json`` with the ``attribute`` block (copies: it mutates its arguments)."""
+                       block: Union[dict, Sequence[dict]], **metadata) -> None:
+    """nnU-Net's ``generate_dataset_json`` with the ``attribute`` block, or for a list of several blocks the
+    ``attributes`` list (copies: it mutates its arguments)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+    blocks = [block] if isinstance(block, Mapping) else list(block)
+    key = {"attribute": copy.deepcopy(blocks[0])} if len(blocks) == 1 else {"attributes": copy.deepcopy(blocks)}
     generate_dataset_json(out, channel_names=dict(channel_names), labels=dict(labels),
-                          num_training_cases=len(block["cases"]), file_ending=file_ending,
-                          attribute=copy.deepcopy(block), **metadata)
+                          num_training_cases=len(blocks[0]["cases"]), file_ending=file_ending, **key, **metadata)
 
 
 def attribute_channel_index(num_image_channels: int) -> int:
@@ -188,18 +190,19 @@ def level_table(title: str, levels: Sequence[str], train: Mapping[str, Optional[
     return "\n".join(lines)
 
 
-def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str, block: dict,
-           **metadata) -> str:
-    """Write dataset.json (``dataset_name`` defaults to the folder name), drop an empty imagesTs/labelsTs, print the
-    level table; return the table."""
+def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,
+           block: Union[dict, Sequence[dict]], **metadata) -> str:
+    """Write dataset.json (``dataset_name`` defaults to the folder name; ``block``: the attribute block, or a list
+    of blocks for several attributes), drop an empty imagesTs/labelsTs, print the level table(s); return them."""
     metadata.setdefault("dataset_name", os.path.basename(out))
     write_dataset_json(out, channel_names, labels, file_ending, block, **metadata)
     for sub in ("labelsTs", "imagesTs"):
         path = os.path.join(out, sub)
         if os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
-    table = level_table(f"Cases per {block['name']} level in {os.path.basename(out)}", block["levels"],
-                        block["cases"], block["test_cases"])
+    blocks = [block] if isinstance(block, Mapping) else list(block)
+    table = "\n\n".join(level_table(f"Cases per {b['name']} level in {os.path.basename(out)}", b["levels"],
+                                     b["cases"], b["test_cases"]) for b in blocks)
     print(table)
     print(f"Wrote {out}")
     return table

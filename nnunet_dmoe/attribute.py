@@ -207,6 +207,14 @@ def attribute_specs_from_dataset_json(dataset_json: Mapping, where: str = "datas
     return specs
 
 
+def attribute_settings(specs: Sequence[AttributeSpec]) -> dict:
+    """The plans' ``"dmoe"`` entries for the attributes: ``num_levels`` and ``attribute_channel``, as numbers for
+    one attribute (what version 0.2 wrote), as lists (one entry per attribute) for several."""
+    if len(specs) == 1:
+        return {"num_levels": specs[0].num_levels, "attribute_channel": specs[0].channel}
+    return {"num_levels": [s.num_levels for s in specs], "attribute_channel": [s.channel for s in specs]}
+
+
 def encode_attribute_channel(images: np.ndarray, level_index: Optional[int]) -> np.ndarray:
     """Attribute channel for a case.
 

@@ -33,7 +33,7 @@ import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -59,6 +59,10 @@ class DMoEConfig:
         stages: encoder stages followed by a (d)MoE block, ``None`` = all stages (bottleneck included).
     Input
         attribute_channel: index of the attribute channel in the network input (stripped before the U-Net).
+
+    Several attributes (dataset.json's ``"attributes"``): ``num_levels`` and ``attribute_channel`` are lists, one
+    entry per attribute. Each attribute gets its routers (one per level plus unknown) and a token's router logits
+    are the sum of its attributes' routers (see :func:`route_index_for_levels`). Single values are one attribute.
     """
 
     # experts
@@ -69,11 +73,11 @@ class DMoEConfig:
     # routing
     mode: str = "dmoe"
     router_noise: bool = True
-    num_levels: int = 1
+    num_levels: Union[int, Sequence[int]] = 1
     # placement
     stages: Optional[Sequence[int]] = None
     # input
-    attribute_channel: int = -1
+    attribute_channel: Union[int, Sequence[int]] = -1
 
     def __post_init__(self):
         if self.mode not in ("dmoe", "moe"):
@@ -84,15 +88,33 @@ class DMoEConfig:
             raise ValueError(f"dmoe_expert_ratio must be >= 1, got {self.expert_ratio}")
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"dmoe_expert_dropout must be in [0, 1), got {self.expert_dropout}")
-        if self.num_levels < 1:
-            raise ValueError(f"dmoe_num_levels must be >= 1, got {self.num_levels}")
+        if isinstance(self.num_levels, (list, tuple)):
+            self.num_levels = [int(n) for n in self.num_levels]
+        if any(n < 1 for n in self.levels_per_attribute):
+            raise ValueError(f"dmoe_num_levels must be >= 1 (per attribute), got {self.num_levels}")
+        if isinstance(self.attribute_channel, (list, tuple)):
+            self.attribute_channel = [int(c) for c in self.attribute_channel]
+            if len(self.attribute_channel) != len(self.levels_per_attribute):
+                raise ValueError(f"dmoe_attribute_channel {self.attribute_channel} and dmoe_num_levels "
+                                 f"{self.num_levels} must name the same number of attributes")
         if self.stages is not None:
             self.stages = [int(s) for s in self.stages]
 
     @property
+    def levels_per_attribute(self) -> List[int]:
+        """Number of levels of each attribute (one entry for a single attribute)."""
+        return list(self.num_levels) if isinstance(self.num_levels, (list, tuple)) else [self.num_levels]
+
+    @property
+    def attribute_channels(self) -> List[int]:
+        """Input channel of each attribute (one entry for a single attribute)."""
+        c = self.attribute_channel
+        return list(c) if isinstance(c, (list, tuple)) else [c]
+
+    @property
     def num_routers(self) -> int:
-        # one router per level + one trained for "unknown" (see route_index_for_levels)
-        return self.num_levels + 1 if self.mode == "dmoe" else 1
+        # per attribute: one router per level + one trained for "unknown" (see route_index_for_levels)
+        return sum(n + 1 for n in self.levels_per_attribute) if self.mode == "dmoe" else 1
 
     def to_arch_kwargs(self) -> dict:
         return {f"dmoe_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -109,15 +131,31 @@ class DMoEConfig:
         return cls(**values)
 
 
-def route_index_for_levels(levels: torch.Tensor, num_levels: int, mode: str) -> torch.Tensor:
+def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence[int]], mode: str) -> torch.Tensor:
     """Router index per sample. ``levels`` holds level indices, ``-1`` for unknown.
 
-    dMoE: level ``i`` -> router ``i``; unknown -> router ``num_levels`` (trained on samples whose attribute the
-    trainer hides at a small rate). MoE: everyone -> router 0.
+    One attribute (``levels`` (b,), ``num_levels`` an int): dMoE: level ``i`` -> router ``i``; unknown -> router
+    ``num_levels`` (trained on samples whose attribute the trainer hides at a small rate). MoE: everyone -> router 0.
+
+    Several attributes (``levels`` (b, A), ``num_levels`` one entry per attribute): returns (b, A), attribute
+    ``a``'s routers following those of attributes ``0..a-1`` (``num_levels[j] + 1`` each). The router sums the
+    logits of a sample's A routers, so a combination of levels that no training case had still routes (each
+    attribute's router was trained). MoE: everyone -> router 0, shape (b,).
     """
+    if levels.ndim == 2 and mode == "moe":
+        return torch.zeros_like(levels[:, 0])
     if mode == "moe":
         return torch.zeros_like(levels)
-    return torch.where(levels < 0, torch.full_like(levels, num_levels), levels)
+    if levels.ndim == 1:
+        n = num_levels if isinstance(num_levels, int) else int(num_levels[0])
+        return torch.where(levels < 0, torch.full_like(levels, n), levels)
+    counts = [int(num_levels)] if isinstance(num_levels, int) else [int(n) for n in num_levels]
+    if levels.shape[1] != len(counts):
+        raise ValueError(f"levels for {levels.shape[1]} attributes, but num_levels {num_levels} names {len(counts)}")
+    n = torch.tensor(counts, device=levels.device, dtype=levels.dtype)
+    offsets = torch.tensor([sum(c + 1 for c in counts[:a]) for a in range(len(counts))], device=levels.device,
+                           dtype=levels.dtype)
+    return offsets + torch.where(levels < 0, n.expand_as(levels), levels)
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int):
@@ -245,15 +283,22 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(num_routers, dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(num_routers, dim, num_experts)) if noisy else None
 
+    def router_weights(self, weight: torch.Tensor, router_index: torch.Tensor) -> torch.Tensor:
+        """(b, c, e) weights of each sample's router: ``router_index`` (b,), or (b, A) for several attributes, whose
+        A routers are summed (``h W_1 + h W_2 = h (W_1 + W_2)``: the sum of the attributes' router logits)."""
+        w = weight[router_index]
+        return w if router_index.ndim == 1 else w.sum(1)
+
     def forward(self, tokens: torch.Tensor, router_index: torch.Tensor):
-        """tokens: (b, n, c); router_index: (b,) long. Returns gates (b, n, k) float32 and expert indices (b, n, k).
+        """tokens: (b, n, c); router_index: (b,) long, or (b, A) for several attributes (:meth:`router_weights`).
+        Returns gates (b, n, k) float32 and expert indices (b, n, k).
 
         For k = 2 (the paper's setting) the top two come from two max reductions (the second over the logits with
         the first masked), and the softmax over two logits is ``sigmoid(l1 - l2)``, ``1 - sigmoid(l1 - l2)``: cheaper
         than ``topk`` + ``softmax``, the same values (ties resolve to the lower expert index)."""
-        logits = torch.bmm(tokens, self.w_gate[router_index].to(tokens.dtype))
+        logits = torch.bmm(tokens, self.router_weights(self.w_gate, router_index).to(tokens.dtype))
         if self.training and self.noisy:
-            noise_std = F.softplus(torch.bmm(tokens, self.w_noise[router_index].to(tokens.dtype)))
+            noise_std = F.softplus(torch.bmm(tokens, self.router_weights(self.w_noise, router_index).to(tokens.dtype)))
             logits = logits + torch.randn_like(logits) * noise_std
         if self.top_k == 2:
             top1, index1 = logits.max(dim=-1, keepdim=True)
@@ -267,8 +312,8 @@ class NoisyTopKRouter(nn.Module):
 class DistributionAwareMoE(nn.Module):
     """Residual (d)MoE block over the channel vectors of a conv feature map (2D or 3D).
 
-    ``forward(x, router_index)``: x is (b, c, *spatial), router_index (b,) long (see
-    :func:`route_index_for_levels`). Axis letters: b batch, c channels, n tokens per sample, k top-k, e experts.
+    ``forward(x, router_index)``: x is (b, c, *spatial), router_index (b,) long, or (b, A) for several attributes
+    (see :func:`route_index_for_levels`). Axis letters: b batch, c channels, n tokens per sample, k top-k, e experts.
     ``backend``: see :func:`resolve_backend` (``None``: ``$NNUNET_DMOE_BACKEND`` or automatic).
     """
 

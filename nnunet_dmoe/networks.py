@@ -4,6 +4,8 @@ takes the attribute channel, optionally with a (distribution-aware) MoE block af
 ``AttributeUNet.forward(x)`` takes nnU-Net's input tensor *with* the attribute channel: the channel is removed
 before the U-Net and, for (d)MoE, decoded into a level per sample (most frequent rounded positive value; no
 positive value = unknown). ``forward(x, attribute)`` takes the levels explicitly (long tensor, -1 = unknown).
+With several attributes (dataset.json's ``"attributes"``) every attribute has its channel, all are removed, and
+the routers of a sample's levels are summed (:func:`nnunet_dmoe.dmoe.route_index_for_levels`).
 The placement is the paper's Table 5 for the 3D ResUNet: one block after every encoder stage, bottleneck included.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
-__all__ = ["AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network", "dmoe_settings",
+__all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network", "dmoe_settings",
            "ROUTINGS", "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
@@ -52,17 +54,50 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
 def attribute_router_index(channel: torch.Tensor, attribute: Optional[torch.Tensor], config: DMoEConfig,
                            training: bool) -> torch.Tensor:
     """Router index per sample (see :func:`route_index_for_levels`) from the levels ``attribute`` (long, -1 =
-    unknown) or, when it is ``None``, decoded from the attribute ``channel``. Trainers write clean codes, so the
-    check for a code above the number of levels (one host synchronisation per forward, not per block) runs only
-    when not ``training``."""
+    unknown; (b, A) for several attributes) or, when it is ``None``, decoded from the attribute ``channel`` (b, A,
+    *spatial), one channel per attribute. Trainers write clean codes, so the check for a code above the number of
+    levels (one host synchronisation per forward and attribute, not per block) runs only when not ``training``."""
+    counts = config.levels_per_attribute
     if attribute is None:
-        attribute = decode_levels(channel, config.num_levels, check=False)
-        if not training:
-            check_levels(attribute, channel, config.num_levels)
+        levels = []
+        for a, n in enumerate(counts):
+            level = decode_levels(channel[:, a:a + 1], n, check=False)
+            if not training:
+                check_levels(level, channel[:, a:a + 1], n)
+            levels.append(level)
+        attribute = levels[0] if isinstance(config.num_levels, int) else torch.stack(levels, dim=1)
     return route_index_for_levels(attribute.to(channel.device).long(), config.num_levels, config.mode)
 
 
-class AttributeUNet(nn.Module):
+class AttributeInput(nn.Module):
+    """The attribute-channel front end shared by the plugin's networks: the input tensor holds the image channels
+    and one attribute channel per attribute (``attribute_channel``: an index, or a list for several attributes);
+    :meth:`split_attribute` separates them."""
+
+    def __init__(self, num_input_channels: int, attribute_channel):
+        super().__init__()
+        channels = list(attribute_channel) if isinstance(attribute_channel, (list, tuple)) else [attribute_channel]
+        bad = [c for c in channels if not 0 <= c < num_input_channels]
+        if bad or len(set(channels)) != len(channels):
+            raise ValueError(f"attribute channel(s) {channels} are not distinct input channels of the "
+                             f"{num_input_channels}; check the attribute channel(s) in dataset.json")
+        self.num_input_channels = num_input_channels
+        self.attribute_channel = attribute_channel
+        self.attribute_channels = tuple(int(c) for c in channels)
+        self.image_channels = tuple(c for c in range(num_input_channels) if c not in channels)
+
+    def split_attribute(self, x: torch.Tensor):
+        """``(image channels, attribute channels)`` of an input tensor; the latter (b, A, *spatial)."""
+        if x.shape[1] != self.num_input_channels:
+            raise ValueError(f"the network expects {self.num_input_channels} input channels (the attribute channel(s) "
+                             f"at index {list(self.attribute_channels)} included), got {x.shape[1]}")
+        if len(self.attribute_channels) == 1:
+            a = self.attribute_channels[0]
+            return torch.cat([x[:, :a], x[:, a + 1:]], dim=1), x[:, a:a + 1]
+        return x[:, list(self.image_channels)], x[:, list(self.attribute_channels)]
+
+
+class AttributeUNet(AttributeInput):
     """A plans' U-Net behind an attribute-channel front end, with optional (d)MoE blocks after encoder stages.
 
     Parameters
@@ -70,22 +105,17 @@ class AttributeUNet(nn.Module):
     unet : nn.Module
         ``PlainConvUNet`` / ``ResidualEncoderUNet`` built for the image channels only.
     num_input_channels : int
-        Channels of the input tensor, attribute channel included.
-    attribute_channel : int
-        Its index.
+        Channels of the input tensor, attribute channel(s) included.
+    attribute_channel : int or list of int
+        Its index (one per attribute for several attributes).
     config : DMoEConfig or None
         ``None``: the attribute is stripped and unused (attribute-blind baseline).
     """
 
-    def __init__(self, unet: nn.Module, num_input_channels: int, attribute_channel: int,
+    def __init__(self, unet: nn.Module, num_input_channels: int, attribute_channel,
                  config: Optional[DMoEConfig] = None):
-        super().__init__()
-        if not 0 <= attribute_channel < num_input_channels:
-            raise ValueError(f"attribute channel {attribute_channel} is not one of the {num_input_channels} input "
-                             f"channels; check attribute.channel in dataset.json")
+        super().__init__(num_input_channels, attribute_channel)
         self.unet = unet
-        self.num_input_channels = num_input_channels
-        self.attribute_channel = attribute_channel
         self.config = config
         if config is None:
             self.moe = None
@@ -108,13 +138,6 @@ class AttributeUNet(nn.Module):
     @property
     def encoder(self):
         return self.unet.encoder
-
-    def split_attribute(self, x: torch.Tensor):
-        if x.shape[1] != self.num_input_channels:
-            raise ValueError(f"the network expects {self.num_input_channels} input channels (the attribute channel "
-                             f"at index {self.attribute_channel} included), got {x.shape[1]}")
-        a = self.attribute_channel
-        return torch.cat([x[:, :a], x[:, a + 1:]], dim=1), x[:, a:a + 1]
 
     def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
         x, channel = self.split_attribute(x)
@@ -193,9 +216,10 @@ def build_attribute_network(plans_manager, configuration_manager, num_input_chan
 
     if keep_attribute_channel:
         return unet(num_input_channels)
-    if config.attribute_channel < 0:
+    if any(c < 0 for c in config.attribute_channels):
         raise RuntimeError("The plans lack the attribute channel (\"dmoe\": {\"attribute_channel\": ...} in the "
                            "configuration). nnunet_dmoe trainers write it (with num_levels) into the plans from "
                            "dataset.json's attribute block; train with one of them (nnUNetv2_dmoe_list_trainers).")
-    return AttributeUNet(unet(num_input_channels - 1), num_input_channels, config.attribute_channel,
+    return AttributeUNet(unet(num_input_channels - len(config.attribute_channels)), num_input_channels,
+                         config.attribute_channel,
                          config if routing else None)

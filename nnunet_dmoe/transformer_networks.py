@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE
-from nnunet_dmoe.networks import ROUTINGS, attribute_router_index, dmoe_settings
+from nnunet_dmoe.networks import ROUTINGS, AttributeInput, attribute_router_index, dmoe_settings
 
 __all__ = ["TRANSFORMER_KEY", "PLACEMENTS", "TRANSUNET_DEFAULTS", "PRIMUS_DEFAULTS", "transformer_settings",
            "round_patch_size", "TokenBackbone", "TransUNetEncoder", "TransUNet", "PrimusBackbone",
@@ -82,9 +82,13 @@ def _routing(configuration_manager, routing: Optional[str]) -> Tuple[Optional[DM
         raise ValueError(f"\"stages\" in the plans' \"dmoe\" block ({settings['dmoe_stages']}) places blocks after "
                          f"U-Net encoder stages; transformers use \"transformer_placement\" ({PLACEMENTS})")
     config = DMoEConfig.pop_from_arch_kwargs(settings, **({"mode": routing} if routing else {}))
-    if config.attribute_channel < 0:
+    if any(c < 0 for c in config.attribute_channels):
         raise RuntimeError(_NO_CHANNEL)
     return (config if routing else None), placement, config.attribute_channel
+
+
+def _num_attributes(channel) -> int:
+    return len(channel) if isinstance(channel, (list, tuple)) else 1
 
 
 def round_patch_size(plans: dict, configuration: str, defaults: dict) -> Tuple[dict, list, list]:
@@ -282,15 +286,17 @@ class PrimusBackbone(TokenBackbone):
 
 
 # ------------------------------------------------------------------------------------------ attribute front end
-class AttributeTransformer(nn.Module):
+class AttributeTransformer(AttributeInput):
     """A :class:`TokenBackbone` behind the attribute-channel front end, with (d)MoE blocks on its tokens.
 
     Parameters
     ----------
     backbone : TokenBackbone
         Built for the image channels only.
-    num_input_channels, attribute_channel : int
-        Channels of the input tensor (attribute channel included) and the attribute channel's index.
+    num_input_channels : int
+        Channels of the input tensor, attribute channel(s) included.
+    attribute_channel : int or list of int
+        The attribute channel's index (one per attribute for several attributes).
     config : DMoEConfig or None
         ``None``: the attribute is stripped and unused (attribute-blind baseline).
     placement : "shared" or "per_block"
@@ -300,17 +306,12 @@ class AttributeTransformer(nn.Module):
     -1 = unknown).
     """
 
-    def __init__(self, backbone: TokenBackbone, num_input_channels: int, attribute_channel: int,
+    def __init__(self, backbone: TokenBackbone, num_input_channels: int, attribute_channel,
                  config: Optional[DMoEConfig] = None, placement: str = "shared"):
-        super().__init__()
-        if not 0 <= attribute_channel < num_input_channels:
-            raise ValueError(f"attribute channel {attribute_channel} is not one of the {num_input_channels} input "
-                             f"channels; check attribute.channel in dataset.json")
+        super().__init__(num_input_channels, attribute_channel)
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.backbone = backbone
-        self.num_input_channels = num_input_channels
-        self.attribute_channel = attribute_channel
         self.config = config
         self.placement = placement
         if config is None:
@@ -328,12 +329,7 @@ class AttributeTransformer(nn.Module):
         return self.backbone.decoder
 
     def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
-        if x.shape[1] != self.num_input_channels:
-            raise ValueError(f"the network expects {self.num_input_channels} input channels (the attribute channel "
-                             f"at index {self.attribute_channel} included), got {x.shape[1]}")
-        a = self.attribute_channel
-        channel = x[:, a:a + 1]
-        x = torch.cat([x[:, :a], x[:, a + 1:]], dim=1)
+        x, channel = self.split_attribute(x)
         if self.moe is None:
             return self.backbone(x)
         router_index = attribute_router_index(channel, attribute, self.config, self.training)
@@ -362,7 +358,7 @@ def build_transunet_network(plans_manager, configuration_manager, num_input_chan
     :func:`nnunet_dmoe.networks.build_attribute_network` (``None``: attribute-blind baseline)."""
     s = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
     config, placement, channel = _routing(configuration_manager, routing)
-    net = TransUNet(num_input_channels - 1, num_output_channels, configuration_manager.patch_size, s["embed_dim"],
+    net = TransUNet(num_input_channels - _num_attributes(channel), num_output_channels, configuration_manager.patch_size, s["embed_dim"],
                     s["depth"], s["num_heads"], s["mlp_ratio"], s["patch_size"], s["stem_features"],
                     s["drop_path_rate"], enable_deep_supervision)
     return AttributeTransformer(net, num_input_channels, channel, config, placement)
@@ -380,7 +376,7 @@ def build_primus_network(plans_manager, configuration_manager, num_input_channel
     if len(patch) != 3:
         raise ValueError(f"Primus is 3D, got a {len(patch)}D patch {list(patch)}; for 2D use nnUNetTrainerTransUNet*")
     _check_patch(patch, s["patch_size"])
-    primus = Primus(num_input_channels - 1, s["embed_dim"], (s["patch_size"],) * 3, num_output_channels, s["depth"],
+    primus = Primus(num_input_channels - _num_attributes(channel), s["embed_dim"], (s["patch_size"],) * 3, num_output_channels, s["depth"],
                     s["num_heads"], patch, drop_path_rate=s["drop_path_rate"], scale_attn_inner=s["scale_attn_inner"],
                     init_values=s["init_values"])
     return AttributeTransformer(PrimusBackbone(primus), num_input_channels, channel, config, placement)

@@ -3,11 +3,12 @@ fingerprinting, planning (with a dMoE-aware planner) and preprocessing through n
 import os
 from typing import List, Optional, Sequence
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import AttributeSpec, attribute_specs_from_dataset_json
 
 
-def check_raw_dataset(dataset_id: int) -> AttributeSpec:
-    """Validate the attribute block and that every training case has an attribute-channel file."""
+def check_raw_dataset(dataset_id: int) -> List[AttributeSpec]:
+    """Validate the attribute block(s) and that every training case has each attribute's channel file; returns
+    the attributes (one, or several for dataset.json's ``"attributes"``)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
@@ -15,17 +16,21 @@ def check_raw_dataset(dataset_id: int) -> AttributeSpec:
 
     folder = join(nnUNet_raw.require(), convert_id_to_dataset_name(dataset_id))
     dataset_json = load_json(join(folder, "dataset.json"))
-    spec = AttributeSpec.from_dataset_json(dataset_json, where=join(folder, "dataset.json"))
+    specs = attribute_specs_from_dataset_json(dataset_json, where=join(folder, "dataset.json"))
     dataset = get_filenames_of_train_images_and_targets(folder, dataset_json)
-    suffix = f"_{spec.channel:04d}{dataset_json['file_ending']}"
-    problems = [f"  {case}: missing from attribute.cases" for case in dataset if case not in spec.cases]
-    problems += [f"  {case}: no attribute-channel file {case}{suffix}" for case, entry in dataset.items()
-                 if not any(os.path.basename(f) == case + suffix for f in entry["images"])]
+    problems = []
+    for spec in specs:
+        suffix = f"_{spec.channel:04d}{dataset_json['file_ending']}"
+        cases, what = (("attribute.cases", "attribute") if len(specs) == 1 else
+                       (f"the cases of attribute '{spec.name}'", spec.name))
+        problems += [f"  {case}: missing from {cases}" for case in dataset if case not in spec.cases]
+        problems += [f"  {case}: no {what}-channel file {case}{suffix}" for case, entry in dataset.items()
+                     if not any(os.path.basename(f) == case + suffix for f in entry["images"])]
     if problems:
         raise ValueError(f"{join(folder, 'dataset.json')}: {len(problems)} problem(s) with the attribute:\n"
                          + "\n".join(problems) + "\nWrite the channel with nnUNetv2_dmoe_attach_attribute and list "
                          "every training case in attribute.cases.")
-    return spec
+    return specs
 
 
 def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlannerDMoE",

@@ -12,7 +12,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     nnUNetPlannerResEncM
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import attribute_settings, attribute_specs_from_dataset_json
 from nnunet_dmoe.dmoe import DMoEConfig
 from nnunet_dmoe.networks import PLANS_KEY, AttributeUNet
 
@@ -26,15 +26,15 @@ class DMoEPlannerMixin:
     dmoe_defaults = DMoEConfig()
 
     def _dmoe_config(self) -> DMoEConfig:
-        spec = AttributeSpec.from_dataset_json(self.dataset_json, where=f"dataset.json of {self.dataset_name}")
-        return DMoEConfig(**{**self.dmoe_defaults.__dict__, "num_levels": spec.num_levels,
-                             "attribute_channel": spec.channel})
+        specs = attribute_specs_from_dataset_json(self.dataset_json, where=f"dataset.json of {self.dataset_name}")
+        return DMoEConfig(**{**self.dmoe_defaults.__dict__, **attribute_settings(specs)})
 
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name, arch_kwargs,
                                    arch_kwargs_req_import):
         config = self._dmoe_config()
         with torch.device("meta"):  # only shapes are needed
-            unet = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels - 1,
+            unet = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import,
+                                          input_channels - len(config.attribute_channels),
                                           output_channels, allow_init=False)
             net = AttributeUNet(unet, input_channels, config.attribute_channel, config)
         return net.compute_conv_feature_map_size(patch_size)

@@ -6,7 +6,9 @@ must be too. :func:`protect_attribute_channel` wraps those transforms: the chann
 them and written back after the last, so it still follows the spatial transforms (rotation, scaling, elastic,
 mirroring) like the image, exactly as nnU-Net's resampling moves it at prediction time.
 """
-from typing import Sequence
+from typing import List, Sequence, Union
+
+import numpy as np
 
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -25,27 +27,31 @@ INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, Multiplic
 _KEY = "nnunet_dmoe_stashed_channel"
 
 
-class StashChannel(BasicTransform):
-    """Puts a copy of one image channel aside in the sample dict."""
+def _channels(channel: Union[int, Sequence[int]]) -> List[int]:
+    return [int(channel)] if isinstance(channel, (int, np.integer)) else [int(c) for c in channel]
 
-    def __init__(self, channel: int):
+
+class StashChannel(BasicTransform):
+    """Puts a copy of image channel(s) aside in the sample dict (an index, or a list for several attributes)."""
+
+    def __init__(self, channel: Union[int, Sequence[int]]):
         super().__init__()
         self.channel = channel
 
     def apply(self, data_dict, **params):
-        data_dict[_KEY] = data_dict["image"][self.channel].clone()
+        data_dict[_KEY] = data_dict["image"][_channels(self.channel)].clone()
         return data_dict
 
 
 class RestoreChannel(BasicTransform):
-    """Writes the channel put aside by :class:`StashChannel` back into the image."""
+    """Writes the channel(s) put aside by :class:`StashChannel` back into the image."""
 
-    def __init__(self, channel: int):
+    def __init__(self, channel: Union[int, Sequence[int]]):
         super().__init__()
         self.channel = channel
 
     def apply(self, data_dict, **params):
-        data_dict["image"][self.channel] = data_dict.pop(_KEY)
+        data_dict["image"][_channels(self.channel)] = data_dict.pop(_KEY)
         return data_dict
 
 
@@ -53,9 +59,10 @@ def _is_intensity(t) -> bool:
     return isinstance(t.transform if isinstance(t, RandomTransform) else t, INTENSITY_TRANSFORMS)
 
 
-def protect_attribute_channel(pipeline: ComposeTransforms, channel: int) -> ComposeTransforms:
+def protect_attribute_channel(pipeline: ComposeTransforms, channel: Union[int, Sequence[int]]) -> ComposeTransforms:
     """``pipeline`` with the intensity transforms (:data:`INTENSITY_TRANSFORMS`, wrapped in ``RandomTransform`` or
-    not) bracketed by :class:`StashChannel` / :class:`RestoreChannel` for ``channel``. Unchanged if it has none."""
+    not) bracketed by :class:`StashChannel` / :class:`RestoreChannel` for ``channel`` (an index, or a list: one
+    channel per attribute). Unchanged if it has none."""
     transforms: Sequence = pipeline.transforms
     hits = [i for i, t in enumerate(transforms) if _is_intensity(t)]
     if not hits:

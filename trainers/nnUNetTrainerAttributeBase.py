@@ -19,13 +19,13 @@ arguments (this base: the attribute-blind baseline, channel stripped). The loss 
 ``batch["attribute"]``.
 """
 from copy import deepcopy
-from typing import List
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.attribute import AttributeSpec, attribute_settings, attribute_specs_from_dataset_json
 from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network
 from nnunet_dmoe.trainers.attribute_augmentation import protect_attribute_channel
 from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
@@ -34,9 +34,12 @@ from nnunet_dmoe.trainers.seeding import fold_seed, seed_everything
 __all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
 
 
-def with_attribute_settings(plans: dict, configuration: str, spec: AttributeSpec) -> dict:
-    """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel``
-    (other settings kept, inherited ones included)."""
+def with_attribute_settings(plans: dict, configuration: str,
+                            specs: Union[AttributeSpec, Sequence[AttributeSpec]]) -> dict:
+    """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel`` of
+    the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.attribute.attribute_settings`;
+    other settings kept, inherited ones included)."""
+    specs = [specs] if isinstance(specs, AttributeSpec) else list(specs)
     plans = deepcopy(plans)
     configs = plans["configurations"]
     if configuration not in configs:
@@ -48,7 +51,7 @@ def with_attribute_settings(plans: dict, configuration: str, spec: AttributeSpec
         name = configs[name].get("inherits_from")
     for cfg in reversed(chain):
         block.update(cfg.get(PLANS_KEY) or {})
-    block.update(num_levels=spec.num_levels, attribute_channel=spec.channel)
+    block.update(attribute_settings(specs))
     configs[configuration][PLANS_KEY] = block
     return plans
 
@@ -60,8 +63,11 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         where = f"dataset.json of {plans.get('dataset_name', 'this dataset')}"
-        self.attribute = AttributeSpec.from_dataset_json(dataset_json, where=where)
-        plans = with_attribute_settings(plans, configuration, self.attribute)
+        # every attribute (dataset.json's "attribute" block, or each of its "attributes"); the first is the one
+        # that trainers grouping by one attribute (the fairness comparators) use
+        self.attributes: List[AttributeSpec] = attribute_specs_from_dataset_json(dataset_json, where=where)
+        self.attribute = self.attributes[0]
+        plans = with_attribute_settings(plans, configuration, self.attributes)
         super().__init__(plans, configuration, fold, dataset_json, device)
         # Some hyperparameters for you to fiddle with
         # share of training samples whose attribute is shown as unknown (trains the dMoE's "unknown" router, and
@@ -77,28 +83,35 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
                                        num_output_channels, enable_deep_supervision)
 
     # --- the attribute of a batch ---------------------------------------------------------------------------------
-    def attribute_levels(self, keys: List[str]) -> np.ndarray:
-        """Level index per case key (-1 = unknown) from dataset.json's ``attribute.cases``."""
-        missing = [k for k in keys if k not in self.attribute.cases]
+    def attribute_levels(self, keys: List[str], spec: Optional[AttributeSpec] = None) -> np.ndarray:
+        """Level index per case key (-1 = unknown) from the ``cases`` of ``spec`` (default: the first attribute)."""
+        spec = self.attribute if spec is None else spec
+        missing = [k for k in keys if k not in spec.cases]
         if missing:
-            raise ValueError(f"cases {missing} are not in dataset.json's attribute.cases; add them")
-        return np.array([-1 if (i := self.attribute.case_level_index(k)) is None else i for k in keys])
+            raise ValueError(f"cases {missing} are not in the cases of dataset.json's attribute '{spec.name}'; add "
+                             f"them")
+        return np.array([-1 if (i := spec.case_level_index(k)) is None else i for k in keys])
 
     def prepare_attribute(self, batch: dict, train: bool) -> dict:
         """The batch hook. Sets ``batch["attribute"]`` (long tensor, level index per sample from dataset.json, -1 =
-        unknown) and writes the attribute channel as it is at prediction time: the sample's code (level + 1) inside
-        the image footprint (where the channel, moved along by the spatial augmentation, is above 0.5), 0 outside.
-        In training a share ``unknown_attribute_rate`` of the samples is shown as unknown (channel 0);
-        ``batch["attribute"]`` keeps their true level."""
-        levels = self.attribute_levels(batch["keys"])
-        codes = levels + 1
-        if train and self.unknown_attribute_rate > 0:
-            codes[self._attribute_rng.random(len(codes)) < self.unknown_attribute_rate] = 0
+        unknown; the first attribute's) and ``batch["attributes"]`` (b, A: every attribute's), and writes each
+        attribute channel as it is at prediction time: the sample's code (level + 1) inside the image footprint
+        (where the channel, moved along by the spatial augmentation, is above 0.5), 0 outside. In training a share
+        ``unknown_attribute_rate`` of the samples is shown as unknown (channel 0), drawn for each attribute
+        independently; ``batch["attribute(s)"]`` keep their true levels."""
         data = batch["data"]
-        channel = data[:, self.attribute.channel]
-        codes = torch.as_tensor(codes, dtype=data.dtype, device=data.device).view(-1, *([1] * (channel.ndim - 1)))
-        data[:, self.attribute.channel] = torch.where(channel > 0.5, codes, torch.zeros_like(channel))
-        batch["attribute"] = torch.as_tensor(levels, dtype=torch.long)
+        all_levels = []
+        for spec in self.attributes:
+            levels = self.attribute_levels(batch["keys"], spec)
+            codes = levels + 1
+            if train and self.unknown_attribute_rate > 0:
+                codes[self._attribute_rng.random(len(codes)) < self.unknown_attribute_rate] = 0
+            channel = data[:, spec.channel]
+            codes = torch.as_tensor(codes, dtype=data.dtype, device=data.device).view(-1, *([1] * (channel.ndim - 1)))
+            data[:, spec.channel] = torch.where(channel > 0.5, codes, torch.zeros_like(channel))
+            all_levels.append(levels)
+        batch["attribute"] = torch.as_tensor(all_levels[0], dtype=torch.long)
+        batch["attributes"] = torch.as_tensor(np.stack(all_levels, axis=1), dtype=torch.long)
         return batch
 
     def train_step(self, batch: dict) -> dict:
@@ -109,13 +122,16 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
 
     def get_training_transforms(self, *args, **kwargs):
         # nnU-Net defines it as a staticmethod but calls it through the instance
-        return protect_attribute_channel(super().get_training_transforms(*args, **kwargs), self.attribute.channel)
+        return protect_attribute_channel(super().get_training_transforms(*args, **kwargs),
+                                         [spec.channel for spec in self.attributes])
 
     # --- start-up check -------------------------------------------------------------------------------------------
     def check_attribute_channel(self):
-        n = check_preprocessed_attribute(self.dataset_class(self.preprocessed_dataset_folder), self.attribute)
-        self.print_to_log_file(f"Attribute '{self.attribute.name}': dataset.json and the attribute channel agree "
-                               f"for all {n} cases.")
+        dataset = self.dataset_class(self.preprocessed_dataset_folder)
+        for spec in self.attributes:
+            n = check_preprocessed_attribute(dataset, spec)
+            self.print_to_log_file(f"Attribute '{spec.name}': dataset.json and the attribute channel agree for all "
+                                   f"{n} cases.")
 
     def on_train_start(self):
         if not self.was_initialized:

@@ -1,0 +1,198 @@
+"""Several attributes at once (dataset.json's "attributes"): the spec list, the summed per-attribute routers, the
+networks and trainers, and an end to end with nnU-Net's CLIs on synthetic data with a T-stage and a centre."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import nnunet_env, run
+from nnunet_dmoe.attribute import attribute_settings, attribute_specs_from_dataset_json
+from nnunet_dmoe.configuration import unet_configuration
+from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, NoisyTopKRouter, route_index_for_levels
+from nnunet_dmoe.networks import build_attribute_network
+
+STAGE = {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1, "cases": {"a": "T2", "b": None}}
+CENTRE = {"name": "centre", "levels": ["A", "B"], "channel": 2, "cases": {"a": "B", "b": "A"}}
+CHANNELS = {"0": "CT", "1": "noNorm", "2": "noNorm"}
+
+
+def _network(num_levels, channels, routing="dmoe", seed=0, features=(4, 8)):
+    torch.manual_seed(seed)
+    cm = unet_configuration(2, features, num_levels=num_levels, attribute_channel=channels)
+    n_in = 1 + (len(channels) if isinstance(channels, list) else 1)
+    return build_attribute_network(None, cm, n_in, 2, False, routing=routing).eval()
+
+
+def _randomise_routers(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, NoisyTopKRouter):
+            m.w_gate.data = torch.randn(m.w_gate.shape, generator=g)
+
+
+def _input(codes, size=16, seed=0):
+    """Image channel and one attribute channel per attribute holding ``codes[a]`` (level + 1) everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.rand(1, 1, size, size, generator=g)]
+    x += [torch.full((1, 1, size, size), float(c)) for c in codes]
+    return torch.cat(x, 1)
+
+
+def test_specs_and_plans_settings():
+    one = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attribute": STAGE})
+    listed = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE]})
+    assert one == listed and attribute_settings(one) == {"num_levels": 4, "attribute_channel": 1}
+    two = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
+    assert [s.name for s in two] == ["tstage", "centre"]
+    assert attribute_settings(two) == {"num_levels": [4, 2], "attribute_channel": [1, 2]}
+    with pytest.raises(ValueError, match="share the channel 1"):
+        attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, dict(CENTRE, channel=1)]})
+    with pytest.raises(ValueError, match="channel 2 is channel_names"):
+        attribute_specs_from_dataset_json({"channel_names": dict(CHANNELS, **{"2": "CT"}),
+                                           "attributes": [STAGE, CENTRE]})
+
+
+def test_route_index_offsets_each_attribute_and_its_unknown():
+    levels = torch.tensor([[0, 1], [-1, 0], [3, -1]])
+    # tstage: routers 0..3 + unknown 4; centre: routers 5, 6 + unknown 7
+    assert route_index_for_levels(levels, [4, 2], "dmoe").tolist() == [[0, 6], [4, 5], [3, 7]]
+    assert route_index_for_levels(levels, [4, 2], "moe").tolist() == [0, 0, 0]
+    assert DMoEConfig(num_levels=[4, 2], attribute_channel=[1, 2]).num_routers == 8
+    with pytest.raises(ValueError, match="same number of attributes"):
+        DMoEConfig(num_levels=[4, 2], attribute_channel=[1])
+
+
+def test_router_logits_are_the_sum_of_the_attributes_routers():
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(dim=6, num_experts=5, num_routers=8, top_k=2, noisy=False)
+    router.w_gate.data = torch.randn(8, 6, 5)
+    tokens = torch.randn(3, 7, 6)
+    index = torch.tensor([[0, 6], [4, 5], [3, 7]])
+    gates, experts = router(tokens, index)
+    for b in range(3):
+        logits = tokens[b] @ router.w_gate[index[b, 0]] + tokens[b] @ router.w_gate[index[b, 1]]
+        top, top_index = logits.topk(2, dim=-1)
+        assert torch.equal(experts[b], top_index)
+        torch.testing.assert_close(gates[b], torch.softmax(top, -1))
+
+
+def test_one_attribute_in_a_list_is_todays_dmoe():
+    """"attributes": [one block] writes the same plans settings, hence the same network (parameters and outputs)."""
+    spec = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE]})
+    settings = attribute_settings(spec)
+    a = _network(4, 1)
+    b = _network(settings["num_levels"], settings["attribute_channel"])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = _input([3])[:, :2]
+    _randomise_routers(a), _randomise_routers(b)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_second_attribute_with_silent_routers_changes_nothing():
+    """With the centre's routers at zero, the two-attribute dMoE equals the T-stage dMoE with the same weights."""
+    one, two = _network(4, 1), _network([4, 2], [1, 2])
+    _randomise_routers(one)
+    state = two.state_dict()
+    for k, v in one.state_dict().items():
+        if k.endswith("router.w_gate") or k.endswith("router.w_noise"):
+            state[k] = torch.cat([v, torch.zeros(3, *v.shape[1:])])  # tstage's 5 routers, then the centre's 3
+        else:
+            state[k] = v
+    two.load_state_dict(state)
+    with torch.no_grad():
+        for stage in (1, 2, 3, 4):
+            for centre in (0, 1, 2):
+                x = _input([stage, centre])
+                torch.testing.assert_close(two(x), one(x[:, :2]))
+
+
+def test_each_attribute_changes_the_output_and_unseen_combinations_route():
+    net = _network([4, 2], [1, 2])
+    assert sum(m.router.w_gate.shape[0] for m in net.moe if isinstance(m, DistributionAwareMoE)) == 8 * 2
+    _randomise_routers(net)
+    with torch.no_grad():
+        out = {(s, c): net(_input([s, c])) for s in range(5) for c in range(3)}
+    assert not torch.allclose(out[(2, 1)], out[(3, 1)])  # the stage matters
+    assert not torch.allclose(out[(2, 1)], out[(2, 2)])  # the centre matters
+    assert all(torch.isfinite(v).all() for v in out.values())
+    with pytest.raises(ValueError, match="code 3"):
+        net(_input([2, 3]))  # the centre has 2 levels: code 3 names none
+
+
+def test_baseline_and_channel_comparator_take_every_attribute_channel():
+    blind = _network([4, 2], [1, 2], routing=None)
+    assert blind.unet.encoder.stages[0][0].convs[0].conv.in_channels == 1
+    x = _input([2, 1])
+    with torch.no_grad():
+        assert torch.equal(blind(x), blind(_input([4, 2])))  # the attributes are stripped, unused
+
+
+def test_trainer_writes_every_attribute_channel(tmp_path, monkeypatch):
+    from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase, with_attribute_settings
+    plans = {"configurations": {"2d": {"dmoe": {"num_experts": 4}}}}
+    specs = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
+    block = with_attribute_settings(plans, "2d", specs)["configurations"]["2d"]["dmoe"]
+    assert block == {"num_experts": 4, "num_levels": [4, 2], "attribute_channel": [1, 2]}
+    # the batch hook, without building a whole trainer: every attribute's clean code inside the footprint
+    t = nnUNetTrainerAttributeBase.__new__(nnUNetTrainerAttributeBase)
+    t.attributes, t.attribute, t.unknown_attribute_rate = specs, specs[0], 0.0
+    data = torch.zeros(2, 3, 4, 4)
+    data[:, 1:, :2] = 0.8  # footprint: top half
+    batch = t.prepare_attribute({"data": data, "keys": ["a", "b"]}, train=False)
+    assert batch["attribute"].tolist() == [1, -1]
+    assert batch["attributes"].tolist() == [[1, 1], [-1, 0]]
+    assert batch["data"][0, 1, :2].eq(2).all() and batch["data"][0, 2, :2].eq(2).all()
+    assert batch["data"][1, 1].eq(0).all() and batch["data"][1, 2, :2].eq(1).all()
+    assert batch["data"][:, 1:, 2:].eq(0).all()
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+TRAINER = "nnUNetTrainerDMoE_2epochs_10iters"
+
+
+def test_two_attributes_end_to_end(tmp_path):
+    """Synthetic data with a T-stage margin and a centre margin, nnU-Net's CLIs: the dMoE trainer routes on both;
+    its prediction changes with each attribute; a combination no training case has predicts."""
+    env = nnunet_env(tmp_path, nnUNet_n_proc_DA="0")
+    run(["nnUNetv2_dmoe_make_synthetic", "-d", "995", "-dim", "2", "-num_train", "16", "-num_test", "4", "-size", "48",
+         "48", "--centres"], env)
+    raw = tmp_path / "raw" / "Dataset995_SyntheticFairness"
+    dj = json.loads((raw / "dataset.json").read_text())
+    assert [b["name"] for b in dj["attributes"]] == ["tstage", "centre"]
+    run(["nnUNetv2_dmoe_plan_and_preprocess", "-d", "995", "-c", "2d", "-np", "1"], env)
+    log = run(["nnUNetv2_train", "995", "2d", "0", "-tr", TRAINER, "-p", "nnUNetDMoEPlans", "-device", "cpu"], env)
+    assert "Attribute 'tstage': dataset.json and the attribute channel agree" in log
+    assert "Attribute 'centre': dataset.json and the attribute channel agree" in log
+    model = tmp_path / "results" / raw.name / f"{TRAINER}__nnUNetDMoEPlans__2d"
+    block = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["dmoe"]
+    assert block["num_levels"] == [4, 2] and block["attribute_channel"] == [1, 2]
+
+    # one test image under every combination of codes, written as nnUNetv2_predict input
+    seen = set(zip(dj["attributes"][0]["cases"].values(), dj["attributes"][1]["cases"].values()))
+    stages, centres = dj["attributes"][0]["levels"], dj["attributes"][1]["levels"]
+    unseen = [(s, c) for s in range(4) for c in range(2) if (stages[s], centres[c]) not in seen]
+    assert unseen, "the synthetic split should leave a combination unseen"
+    image = np.array(Image.open(raw / "imagesTs" / "synts_0000_0000.png"))
+    footprint = image > 0
+    inputs = tmp_path / "combos"
+    inputs.mkdir()
+    combos = [(1, 0), (3, 0), (1, 1), unseen[0]]
+    for s, c in combos:
+        case = f"c_{s}_{c}"
+        Image.fromarray(image).save(inputs / f"{case}_0000.png")
+        for ch, level in ((1, s), (2, c)):
+            Image.fromarray((footprint * (level + 1)).astype(np.uint8)).save(inputs / f"{case}_{ch:04d}.png")
+    out = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", "995", "-c", "2d", "-tr", TRAINER,
+         "-p", "nnUNetDMoEPlans", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities",
+         "--disable_progress_bar"], env)
+    prob = {sc: np.load(out / f"c_{sc[0]}_{sc[1]}.npz")["probabilities"] for sc in combos}
+    assert all(np.isfinite(p).all() for p in prob.values())
+    assert np.abs(prob[(1, 0)] - prob[(3, 0)]).max() > 1e-3  # the stage changes the prediction
+    assert np.abs(prob[(1, 0)] - prob[(1, 1)]).max() > 1e-3  # so does the centre
+    assert (out / f"c_{unseen[0][0]}_{unseen[0][1]}.png").is_file()
