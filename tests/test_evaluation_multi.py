@@ -97,7 +97,7 @@ def test_dataset_json_and_table_give_the_same_attributes(two_attributes, capsys)
     out = capsys.readouterr().out
     assert "  centre: ES-Dice 0.522" in out and "stage & centre:" in out and "worst group: Dice T2 & B" in out
     evaluate_entry_point(["-ref", ref, "-pred", pred, "-l", "1", "-o", str(tmp / "tab"), "--attributes",
-                          str(tmp / "t.csv"), "--attribute-column", "stage", "centre", "--bootstrap", "0"])
+                          str(tmp / "t.csv"), "--attribute-column", "stage", "--attribute-column", "centre", "--bootstrap", "0"])
     a, b = (json.load(open(tmp / d / "summary.json")) for d in ("cli", "tab"))
     assert a["combinations"]["groups"] == b["combinations"]["groups"]
 
