@@ -185,8 +185,8 @@ def attach_attribute_entry_point():
             if args.bins is not None:
                 raise ValueError("--bins bins one numeric column; this model has several attributes. Bin the "
                                  "column in the table beforehand (its level names as in the model's dataset.json).")
-            case_levels = [read_attribute_table(args.t, args.id_column, c, strip_suffix=dataset_json.get("file_ending"))
-                           for c in columns]
+            case_levels = [read_attribute_table(args.t, args.id_column, c,
+                                                strip_suffix=dataset_json.get("file_ending")) for c in columns]
             sources = [f"column {c!r} of {args.t}" for c in columns]
         elif not isinstance(columns, (str, type(None))):
             raise ValueError(f"--attribute-column is given {len(columns)} times ({', '.join(columns)}) but the model "

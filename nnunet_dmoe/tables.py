@@ -139,8 +139,8 @@ class _RepeatableColumn(argparse.Action):
 def add_attribute_table_arguments(parser, table_flag: str, table_help: str, required: bool,
                                   column_note: str = "") -> None:
     """The attribute-table flags of ``nnUNetv2_dmoe_attach_attribute`` and ``nnUNetv2_dmoe_evaluate``: the table
-    (``table_flag``), ``--id-column``, ``--attribute-column`` (a column name; repeated, a list of them) and ``--bins``, read by
-    :func:`read_attribute_table`. ``column_note`` says how several columns are used."""
+    (``table_flag``), ``--id-column``, ``--attribute-column`` (a column name; repeated, a list of them) and
+    ``--bins``, read by :func:`read_attribute_table`. ``column_note`` says how several columns are used."""
     parser.add_argument(table_flag, type=str, required=required, default=None, help=table_help)
     parser.add_argument("--id-column", type=str, default=None,
                         help=f"[OPTIONAL] column of {table_flag} with the case id. Default: 'case'")
