@@ -13,7 +13,7 @@ from nnunet_dmoe.evaluation._cases import (COMBINATION_SEPARATOR, attribute_list
 from nnunet_dmoe.evaluation._fairness import DEFAULT_CI_QUANTILES, FairnessFrame
 from nnunet_dmoe.evaluation._metrics import (DEFAULT_NSD_TOLERANCE_MM, HIGHER_IS_BETTER, METRICS, LabelOrRegion,
                                              label_name, metrics_for_labels, parse_label_or_region)
-from nnunet_dmoe.evaluation._report import console_table, write_report
+from nnunet_dmoe.evaluation._report import SMALL_GROUP, console_table, write_report
 
 _NO_LABELS = "-l: give at least one label or region to score (e.g. -l 1, or -l 1 2 1,2)."
 _DUPLICATE_LABELS = "-l: {labels} are given more than once. Give each label or region once."
@@ -74,9 +74,6 @@ def _frame(scores: Mapping[str, Sequence[float]], groups, levels, n_boot, seed) 
     boot = dict(n_boot=n_boot, ci_quantiles=DEFAULT_CI_QUANTILES) if n_boot else {}
     return FairnessFrame(scores=scores, groups=groups, levels=levels, higher_is_better=HIGHER_IS_BETTER,
                          random_state=seed, **boot)
-
-
-SMALL_GROUP = 5  # combinations with fewer cases are listed as "small" (their means are unreliable)
 
 
 def _attribute_summary(name: str, levels: Sequence[str], groups: Sequence[str], n_cases: int,

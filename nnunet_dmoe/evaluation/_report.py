@@ -17,6 +17,7 @@ import numpy as np
 PAPER_COLUMNS = ("Dice", "IoU")  # Table 1: All: ES-Dice, Dice, ES-IoU, IoU; then Dice and IoU per group
 SURFACE_COLUMNS = ("NSD", "HD95")
 WORST_MARK = "†"
+SMALL_GROUP = 5  # combinations of several attributes with fewer cases are listed as "small" (unreliable means)
 
 
 def _json_safe(obj):
@@ -95,11 +96,12 @@ def _markdown(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def _describe(first: Mapping) -> str:
+def _describe(first: Mapping, subject: Optional[str] = None) -> str:
     n_boot = first.get("n_boot")
     ci = (f"95% percentile-bootstrap CIs over cases ({n_boot} resamples, seed {first.get('seed')})" if n_boot
           else "no CIs (bootstrap off)")
-    return (f"Attribute `{first['attribute']}`, {first['n_cases']} cases, {ci}. NSD tolerance "
+    subject = subject or f"Attribute `{first['attribute']}`"
+    return (f"{subject}, {first['n_cases']} cases, {ci}. NSD tolerance "
             f"{first['nsd_tolerance_mm']:g} mm. {WORST_MARK} marks the worst group (lowest Dice/IoU/NSD, highest "
             f"HD95) among the known groups. ES-M = M_all / (1 + Σ_g |M_g − M_all|); cases with an unknown attribute "
             f"count in M_all, not in the sum. HD95 in mm, no ES (lower is better).")
@@ -143,8 +145,7 @@ def write_report_md(summaries: Mapping[str, Mapping], path: str) -> None:
     else:
         combos = first["combinations"]
         names = ", ".join(f"`{n}`" for n in combos["of"])
-        parts = ["# Fairness report", "", _describe(first).replace(f"Attribute `{first['attribute']}`",
-                                                                 f"Attributes {names}, each and combined"), "",
+        parts = ["# Fairness report", "", _describe(first, f"Attributes {names}, each and combined"), "",
                  f"One section per attribute, then one over the combinations of groups (`{combos['separator'].strip()}`"
                  f" joins one group of each attribute; combinations without cases are left out; a case unknown for "
                  f"any attribute is in the combinations' unknown group).", ""]
@@ -152,7 +153,7 @@ def write_report_md(summaries: Mapping[str, Mapping], path: str) -> None:
         for k, (title, _, sub) in enumerate(groupings):
             parts += [f"## {title}", ""]
             if k == len(groupings) - 1 and combos["small"]:
-                parts += [f"Fewer than 5 cases (means unreliable): {', '.join(combos['small'])}.", ""]
+                parts += [f"Fewer than {SMALL_GROUP} cases (means unreliable): {', '.join(combos['small'])}.", ""]
             parts += _sections(sub, depth=3)
     with open(path, "w") as f:
         f.write("\n".join(parts))
