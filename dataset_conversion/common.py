@@ -5,6 +5,10 @@ Every converter follows the same steps: check the output folder (:func:`prepare_
 case while collecting every bad input in :class:`Problems`, stop with one ``ValueError`` listing all of them (and
 remove the half-written folder), then write ``dataset.json`` with the ``attribute`` block
 (:func:`write_dataset_json`) and print the level table (:func:`level_table`).
+
+Several attributes (a converter given several names or columns): one attribute channel per attribute after the image
+channels, each ``noNorm``, and an ``"attributes"`` list of blocks in dataset.json instead of ``"attribute"``. With one
+attribute everything is as before.
 """
 from __future__ import annotations
 
@@ -99,14 +103,33 @@ def attribute_block(name: str, levels: Sequence[str], channel: int, values: Mapp
 
 def write_dataset_json(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,
                        block: Union[dict, Sequence[dict]], **metadata) -> None:
-    """nnU-Net's ``generate_dataset_json`` with the ``attribute`` block, or for a list of several blocks the
-    ``attributes`` list (copies: it mutates its arguments)."""
+    """nnU-Net's ``generate_dataset_json`` with the ``attribute`` block, or with several blocks (a list of more than
+    one) the ``attributes`` list (copies: it mutates its arguments)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    blocks = [block] if isinstance(block, Mapping) else list(block)
-    key = {"attribute": copy.deepcopy(blocks[0])} if len(blocks) == 1 else {"attributes": copy.deepcopy(blocks)}
+    blocks = _blocks(block)
+    key = {"attribute": blocks[0]} if len(blocks) == 1 else {"attributes": blocks}
     generate_dataset_json(out, channel_names=dict(channel_names), labels=dict(labels),
-                          num_training_cases=len(blocks[0]["cases"]), file_ending=file_ending, **key, **metadata)
+                          num_training_cases=len(blocks[0]["cases"]), file_ending=file_ending,
+                          **copy.deepcopy(key), **metadata)
+
+
+def _blocks(block: Union[dict, Sequence[dict]]) -> List[dict]:
+    return [block] if isinstance(block, Mapping) else list(block)
+
+
+def attribute_names(value: Union[str, Sequence[str]], flag: str, allowed: Optional[Sequence[str]] = None) -> List[str]:
+    """One or several attribute names (a converter's ``-a``) as a list: non-empty, no repeats, each allowed."""
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError(f"{flag}: give at least one attribute")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{flag}: {', '.join(twice)} given more than once. Give each attribute once.")
+    bad = [n for n in names if allowed is not None and n not in allowed]
+    if bad:
+        raise ValueError(f"{flag}: attribute must be one of {list(allowed)}, got {', '.join(map(repr, bad))}")
+    return names
 
 
 def attribute_channel_index(num_image_channels: int) -> int:
@@ -124,23 +147,34 @@ def to_uint8(image: np.ndarray) -> Optional[np.ndarray]:
     return np.rint(image).astype(np.uint8)
 
 
-def write_png_case(folder: str, case: str, channels: Sequence[np.ndarray], level_index: Optional[int]) -> None:
-    """Write the 2D uint8 ``channels`` as ``case_0000.png`` ... and the attribute channel as the last file."""
+def _level_indices(level_index) -> List[Optional[int]]:
+    """One level index (one attribute) or a list of them (one per attribute)."""
+    return list(level_index) if isinstance(level_index, (list, tuple)) else [level_index]
+
+
+def write_png_case(folder: str, case: str, channels: Sequence[np.ndarray],
+                   level_index: Union[None, int, Sequence[Optional[int]]]) -> None:
+    """Write the 2D uint8 ``channels`` as ``case_0000.png`` ... and the attribute channel as the last file (a list
+    of level indices: one attribute channel each, in order, after the image channels)."""
     channels = [np.asarray(c, dtype=np.uint8) for c in channels]
-    attribute = encode_attribute_channel(np.stack(channels), level_index)
-    for k, arr in enumerate(channels + [attribute]):
+    stacked = np.stack(channels)
+    attributes = [encode_attribute_channel(stacked, i) for i in _level_indices(level_index)]
+    for k, arr in enumerate(channels + attributes):
         Image.fromarray(arr, mode="L").save(os.path.join(folder, f"{case}_{k:04d}.png"))
 
 
-def write_nifti_case(folder: str, case: str, images: Sequence, level_index: Optional[int]) -> None:
+def write_nifti_case(folder: str, case: str, images: Sequence,
+                     level_index: Union[None, int, Sequence[Optional[int]]]) -> None:
     """Copy the SimpleITK ``images`` as ``case_0000.nii.gz`` ... and write the attribute channel (uint8, on the grid
-    of the first image) as the last file."""
+    of the first image) as the last file (a list of level indices: one attribute channel each, in order)."""
     import SimpleITK as sitk
 
     arrays = np.stack([sitk.GetArrayViewFromImage(img) for img in images])
-    attribute = sitk.GetImageFromArray(encode_attribute_channel(arrays, level_index))
-    attribute.CopyInformation(images[0])
-    for k, img in enumerate(list(images) + [attribute]):
+    attributes = []
+    for index in _level_indices(level_index):
+        attributes.append(sitk.GetImageFromArray(encode_attribute_channel(arrays, index)))
+        attributes[-1].CopyInformation(images[0])
+    for k, img in enumerate(list(images) + attributes):
         sitk.WriteImage(img, os.path.join(folder, f"{case}_{k:04d}.nii.gz"), useCompression=True)
 
 
@@ -192,17 +226,16 @@ def level_table(title: str, levels: Sequence[str], train: Mapping[str, Optional[
 
 def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int], file_ending: str,
            block: Union[dict, Sequence[dict]], **metadata) -> str:
-    """Write dataset.json (``dataset_name`` defaults to the folder name; ``block``: the attribute block, or a list
-    of blocks for several attributes), drop an empty imagesTs/labelsTs, print the level table(s); return them."""
+    """Write dataset.json (``dataset_name`` defaults to the folder name), drop an empty imagesTs/labelsTs, print the
+    level table (one per attribute); return the table(s)."""
     metadata.setdefault("dataset_name", os.path.basename(out))
     write_dataset_json(out, channel_names, labels, file_ending, block, **metadata)
     for sub in ("labelsTs", "imagesTs"):
         path = os.path.join(out, sub)
         if os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
-    blocks = [block] if isinstance(block, Mapping) else list(block)
     table = "\n\n".join(level_table(f"Cases per {b['name']} level in {os.path.basename(out)}", b["levels"],
-                                     b["cases"], b["test_cases"]) for b in blocks)
+                                    b["cases"], b["test_cases"]) for b in _blocks(block))
     print(table)
     print(f"Wrote {out}")
     return table

@@ -6,19 +6,20 @@ Input: the official folder of ``data_xxxxx.npz`` files, with keys ``slo_fundus``
 ``race`` (0 Asian, 1 Black, 2 White), ``gender``, ``ethnicity``/``hispanic``, ``language``, ``maritalstatus``
 (-1 unknown) and ``age``. The official split comes from the sub-folder names (``Training/``, ``Test/``) or a split
 file. Labels become background 0, rim 1, cup 2 (disc = rim + cup). Each case is the fundus image (``_0000.png``,
-``rgb_to_0_1``: divided by 255) and the attribute channel (``_0001.png``, ``noNorm``).
+``rgb_to_0_1``: divided by 255) and the attribute channel (``_0001.png``, ``noNorm``); several attributes
+(``-a race gender``) give one attribute channel each (``_0001.png``, ``_0002.png``, ...).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from nnunet_dmoe.dataset_conversion.common import (Problems, add_split_and_age_arguments, attribute_block,
-                                                    attribute_channel_index, finish, make_parser, normalise_split,
-                                                    prepare_dataset_folder, progress, split_from_file, to_uint8,
-                                                    write_png_case, write_png_label)
+                                                    attribute_channel_index, attribute_names, finish, make_parser,
+                                                    normalise_split, prepare_dataset_folder, progress,
+                                                    split_from_file, to_uint8, write_png_case, write_png_label)
 from nnunet_dmoe.tables import bin_labels, bin_value
 
 IMAGE_KEYS = ("slo_fundus", "fundus_slo")
@@ -69,8 +70,9 @@ def _level(data, attribute: str, age_bins: Sequence[float]):
     return CODEBOOKS[attribute][int(value)], None
 
 
-def _read_case(path: str, attribute: str, age_bins: Sequence[float], problems: Problems):
-    """(image uint8, label, level) of one npz file, or ``None`` after recording every problem it has."""
+def _read_case(path: str, attributes: Sequence[str], age_bins: Sequence[float], problems: Problems):
+    """(image uint8, label, [level of each attribute]) of one npz file, or ``None`` after recording every problem it
+    has."""
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # a truncated or non-npz file
@@ -94,15 +96,18 @@ def _read_case(path: str, attribute: str, age_bins: Sequence[float], problems: P
     if bad:
         problems.add(path, f"{mask_key} has undeclared values {bad[:10]} (expected 0, -1 rim, -2 cup)",
                      "Fix the mask values.")
-    level, error = _level(data, attribute, age_bins)
-    if error:
-        problems.add(path, error, "Fix the code or choose another attribute with -a.")
+    levels = []
+    for attribute in attributes:
+        level, error = _level(data, attribute, age_bins)
+        levels.append(level)
+        if error:
+            problems.add(path, error, "Fix the code or choose another attribute with -a.")
     if len(problems) > n:
         return None
     label = np.zeros(mask.shape, dtype=np.uint8)
     for code, value in MASK_TO_LABEL.items():
         label[mask == code] = value
-    return image, label, level
+    return image, label, levels
 
 
 def _official_split(files: Dict[str, str], input_folder: str, problems: Problems) -> Dict[str, str]:
@@ -120,18 +125,20 @@ def _official_split(files: Dict[str, str], input_folder: str, problems: Problems
     return split
 
 
-def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: str = "race",
+def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: Union[str, Sequence[str]] = "race",
                     age_bins: Sequence[float] = AGE_BINS, split_file: Optional[str] = None,
                     dataset_name: str = "FairSeg", overwrite: bool = False) -> str:
-    """Convert Harvard-FairSeg into ``$nnUNet_raw/DatasetXXX_<dataset_name>``; returns its path."""
-    if attribute not in ATTRIBUTE_KEYS:
-        raise ValueError(f"-a: attribute must be one of {list(ATTRIBUTE_KEYS)}, got {attribute!r}")
+    """Convert Harvard-FairSeg into ``$nnUNet_raw/DatasetXXX_<dataset_name>``; returns its path.
+
+    ``attribute``: one of :data:`ATTRIBUTE_KEYS`, or several (``["race", "gender"]``: an ``"attributes"`` list in
+    dataset.json and one attribute channel per attribute, ``_0001.png``, ``_0002.png``, ... in this order)."""
+    attributes = attribute_names(attribute, "-a", list(ATTRIBUTE_KEYS))
     if not os.path.isdir(input_folder):
         raise ValueError(f"-i {input_folder} is not a folder")
     problems = Problems()
     files: Dict[str, str] = {}
-    for root, _, names in sorted(os.walk(input_folder)):
-        for f in sorted(names):
+    for root, _, file_names in sorted(os.walk(input_folder)):
+        for f in sorted(file_names):
             if f.endswith(".npz"):
                 case = f[:-4]
                 if case in files:
@@ -144,24 +151,29 @@ def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: str = 
     split = split_from_file(cases, split_file, problems) if split_file else _official_split(files, input_folder,
                                                                                              problems)
 
-    levels = bin_labels(age_bins) if attribute == "age" else list(CODEBOOKS[attribute].values())
+    levels = {a: bin_labels(age_bins) if a == "age" else list(CODEBOOKS[a].values()) for a in attributes}
     out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite)
-    values: Dict[str, Optional[str]] = {}
+    values: Dict[str, Dict[str, Optional[str]]] = {a: {} for a in attributes}
     for case in progress(cases, "Harvard-FairSeg"):
-        read = _read_case(files[case], attribute, age_bins, problems)
+        read = _read_case(files[case], attributes, age_bins, problems)
         if read is None or split.get(case) is None:  # a problem, reported below
             continue
-        image, label, values[case] = read
+        image, label, case_levels = read
+        for a, level in zip(attributes, case_levels):
+            values[a][case] = level
         suffix = "Tr" if split[case] == "train" else "Ts"
         write_png_case(os.path.join(out, "images" + suffix), case, [image],
-                       None if values[case] is None else levels.index(values[case]))
+                       [None if lv is None else levels[a].index(lv) for a, lv in zip(attributes, case_levels)])
         write_png_label(os.path.join(out, "labels" + suffix), case, label)
     problems.raise_if_any("Harvard-FairSeg", cleanup=out)
 
-    block = attribute_block(attribute, levels, attribute_channel_index(1), values, split)
-    finish(out, CHANNEL_NAMES, LABELS, ".png", block, reference="Tian et al., Harvard FairSeg, ICLR 2024",
+    blocks = [attribute_block(a, levels[a], attribute_channel_index(1) + k, values[a], split)
+              for k, a in enumerate(attributes)]
+    channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(1) + k): "noNorm" for k in range(len(attributes))}}
+    finish(out, channel_names, LABELS, ".png", blocks, reference="Tian et al., Harvard FairSeg, ICLR 2024",
            license="CC BY-NC-ND 4.0",
-           description=f"Harvard-FairSeg optic disc (rim + cup) and cup; attribute {attribute}",
+           description=f"Harvard-FairSeg optic disc (rim + cup) and cup; attribute{'s' * (len(attributes) > 1)} "
+                       f"{', '.join(attributes)}",
            converted_by="nnUNetv2_dmoe_convert_fairseg")
     return out
 
@@ -170,8 +182,9 @@ def convert_fairseg_entry_point():
     parser = make_parser("Convert Harvard-FairSeg into an nnU-Net raw dataset with a distribution-aware (dMoE) "
                          "attribute.", "Folder of Harvard-FairSeg .npz files (official split: Training/ and Test/).",
                          "FairSeg")
-    parser.add_argument("-a", type=str, default="race", choices=list(ATTRIBUTE_KEYS),
-                        help="[OPTIONAL] Attribute. Default: race")
+    parser.add_argument("-a", type=str, nargs="+", default=["race"], choices=list(ATTRIBUTE_KEYS),
+                        help="[OPTIONAL] Attribute; several (-a race gender) give several attributes, one attribute "
+                             "channel each, in this order. Default: race")
     add_split_and_age_arguments(parser, "npz name without .npz", "from the Training/ and Test/ folder names",
                                 AGE_BINS)
     args = parser.parse_args()

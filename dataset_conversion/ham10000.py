@@ -4,7 +4,9 @@ attribute.
 Input: a folder with the official ``ISIC2018_Task1-2_Training_Input/ISIC_xxxxxxx.jpg`` and
 ``ISIC2018_Task1_Training_GroundTruth/ISIC_xxxxxxx_segmentation.png`` (0/255), plus the HAM10000 metadata CSV
 (``lesion_id,image_id,dx,dx_type,age,sex,localization,dataset``). The attribute is age in the dMoE paper's bins
-(<20, 20-40, 40-60, 60-80, >=80) or any other metadata column. The split comes from a split file or is drawn
+(<20, 20-40, 40-60, 60-80, >=80) or any other metadata column; several columns (``-a age sex``) give several
+attributes, one attribute channel each (``_0003.png``, ``_0004.png``, ...). The split comes from a split file or is
+drawn
 (seeded) by ``lesion_id``, because several images can show the same lesion.
 
 Each case is written as four grayscale PNGs, R, G, B (``rgb_to_0_1``: divided by 255, so colours stay comparable
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from nnunet_dmoe.attribute import fmt_cases
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
-                                                    add_split_and_age_arguments, finish, make_parser,
+                                                    add_split_and_age_arguments, attribute_names, finish, make_parser,
                                                     prepare_dataset_folder,
                                                     progress, split_from_file, write_png_case, write_png_label)
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
@@ -85,13 +87,17 @@ def _read_case(image_path: str, mask_path: str, problems: Problems):
 
 
 def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Optional[str] = None,
-                     attribute: str = "age", age_bins: Sequence[float] = AGE_BINS, split_file: Optional[str] = None,
+                     attribute: Union[str, Sequence[str]] = "age", age_bins: Sequence[float] = AGE_BINS,
+                     split_file: Optional[str] = None,
                      test_fraction: float = 0.2, seed: int = 12345, num_folds: int = 5,
                      dataset_name: str = "HAM10000", overwrite: bool = False) -> str:
     """Convert HAM10000 / ISIC 2018 Task 1 into ``$nnUNet_raw/DatasetXXX_<dataset_name>``; returns its path.
 
     With ``nnUNet_preprocessed`` set, also writes ``splits_final.json`` (``num_folds`` folds of the training images
     grouped by ``lesion_id``) to ``$nnUNet_preprocessed/DatasetXXX_<dataset_name>/``.
+
+    ``attribute``: a metadata column, or several (``["age", "sex"]``: an ``"attributes"`` list in dataset.json and one
+    attribute channel per column, in this order).
     """
     from nnunetv2.paths import nnUNet_preprocessed
 
@@ -101,12 +107,13 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
         if not os.path.isdir(folder):
             raise ValueError(f"-i {input_folder}: the official ISIC 2018 folder {os.path.basename(folder)} is missing "
                              f"(expected {IMAGE_DIR}/ and {MASK_DIR}/ inside -i).")
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"-a: attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
+    names = attribute_names(attribute, "-a", ATTRIBUTES)
     if not 0 <= test_fraction < 1:
         raise ValueError(f"-test_fraction must be in [0, 1), got {test_fraction}")
-    bins = list(age_bins) if attribute == "age" else None
-    values = read_attribute_table(metadata, id_column="image_id", attribute_column=attribute, bins=bins)
+    bins = {a: (list(age_bins) if a == "age" else None) for a in names}
+    all_values = {a: read_attribute_table(metadata, id_column="image_id", attribute_column=a, bins=bins[a])
+                  for a in names}
+    values = all_values[names[0]]  # the same rows for every column
     lesions = read_attribute_table(metadata, id_column="image_id", attribute_column="lesion_id")
 
     problems = Problems()
@@ -131,9 +138,11 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
     if shared:
         print(f"Warning: the split file puts images of {len(shared)} lesion(s) into both train and test "
               f"({fmt_cases(shared, limit=10)}); test scores will be optimistic.")
-    levels = bin_labels(bins) if bins else sorted({values[c] for c in known if values[c] is not None})
-    if not levels:
-        problems.add(metadata, f"no image has a known {attribute}", "Choose another attribute with -a.")
+    levels = {a: bin_labels(bins[a]) if bins[a] else sorted({v[c] for c in known if v[c] is not None})
+              for a, v in all_values.items()}
+    for a in names:
+        if not levels[a]:
+            problems.add(metadata, f"no image has a known {a}", "Choose another attribute with -a.")
     name = f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}"
     splits_path = (os.path.join(os.fspath(nnUNet_preprocessed), name, "splits_final.json")
                    if nnUNet_preprocessed.is_set() else None)
@@ -145,20 +154,21 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
         if read is None or case not in split:  # a problem, reported below
             continue
         suffix = "Tr" if split[case] == "train" else "Ts"
-        level = values[case]
-        write_png_case(os.path.join(out, "images" + suffix), case, list(read[0]),
-                       None if level is None else levels.index(level))
+        indices = [None if all_values[a][case] is None else levels[a].index(all_values[a][case]) for a in names]
+        write_png_case(os.path.join(out, "images" + suffix), case, list(read[0]), indices)
         write_png_label(os.path.join(out, "labels" + suffix), case, read[1])
     problems.raise_if_any("HAM10000", cleanup=out)
 
-    block = attribute_block(attribute, levels, attribute_channel_index(3), {c: values[c] for c in cases}, split)
-    finish(out, CHANNEL_NAMES, LABELS, ".png", block,
+    blocks = [attribute_block(a, levels[a], attribute_channel_index(3) + k, {c: all_values[a][c] for c in cases},
+                              split) for k, a in enumerate(names)]
+    channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(3) + k): "noNorm" for k in range(len(names))}}
+    finish(out, channel_names, LABELS, ".png", blocks,
            reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
            license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
-           description=f"HAM10000 lesion segmentation; attribute {attribute}; split "
+           description=f"HAM10000 lesion segmentation; attribute{'s' * (len(names) > 1)} {', '.join(names)}; split "
                        f"{split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}",
            converted_by="nnUNetv2_dmoe_convert_ham10000")
-    train_lesions = {c: lesion_of[c] for c in block["cases"]}
+    train_lesions = {c: lesion_of[c] for c in blocks[0]["cases"]}
     n_folds = min(num_folds, len(set(train_lesions.values())))
     if splits_path and n_folds >= 2:
         os.makedirs(os.path.dirname(splits_path), exist_ok=True)
@@ -175,8 +185,9 @@ def convert_ham10000_entry_point():
                          "(dMoE) attribute.", f"Folder holding {IMAGE_DIR}/ and {MASK_DIR}/.", "HAM10000")
     parser.add_argument("-metadata", type=str, default=None,
                         help=f"[OPTIONAL] HAM10000 metadata CSV. Default: -i/{METADATA_NAME}")
-    parser.add_argument("-a", type=str, default="age", choices=ATTRIBUTES,
-                        help="[OPTIONAL] Metadata column used as attribute. Default: age")
+    parser.add_argument("-a", type=str, nargs="+", default=["age"], choices=ATTRIBUTES,
+                        help="[OPTIONAL] Metadata column used as attribute; several (-a age sex) give several "
+                             "attributes, one attribute channel each, in this order. Default: age")
     add_split_and_age_arguments(parser, "image id (ISIC_xxxxxxx)", "a seeded split grouped by lesion_id", AGE_BINS)
     parser.add_argument("-test_fraction", type=float, default=0.2,
                         help="[OPTIONAL] Fraction of images in the test set without -split. Default: 0.2")

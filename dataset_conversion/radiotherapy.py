@@ -12,7 +12,10 @@ Input: a manifest CSV (or TSV), one row per case, paths relative to the manifest
 - ``label``: the label map (values 0..number of ``-labels``); may be empty for test cases.
 - ``tstage``: normalised to T0, Tis, T1 ... T4 (``T1a``, ``cT1b``, ``pT1``, ``ypT3`` -> ``T1``/``T3``); empty or
   ``unknown`` -> unknown attribute; anything else (``TX``) is an error unless ``--unparsable_as_unknown``.
-- ``split``: optional, train (default) or test. Other columns are ignored.
+- ``split``: optional, train (default) or test.
+- further attributes (``-attribute_columns centre``): each named column becomes one more attribute after the T-stage
+  (an ``"attributes"`` list in dataset.json, one ``noNorm`` channel each); its levels are the values found, sorted;
+  empty or ``unknown`` -> unknown. Other columns are ignored.
 
 Checks per case: every image and the label on the same grid (size, spacing, origin, direction), label values
 declared. Images are copied, the attribute channel (``noNorm``, uint8) is written last on the grid of the first image.
@@ -55,19 +58,19 @@ def _same_grid(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and all(np.allclose(x, y, atol=1e-4) for x, y in zip(a[1:], b[1:]))
 
 
-def _read_manifest(manifest: str, id_column: str, tstage_column: str):
+def _read_manifest(manifest: str, id_column: str, tstage_column: str, attribute_columns: Sequence[str] = ()):
     with open(manifest, newline="") as f:
         text = f.read()
     delimiter = "\t" if manifest.lower().endswith(".tsv") else ","
     rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
     columns = list(rows[0]) if rows else []
     image_columns = [c for c in columns if c.startswith("image_")]
-    missing = [c for c in (id_column, tstage_column, "label") if c not in columns]
+    missing = [c for c in (id_column, tstage_column, "label", *attribute_columns) if c not in columns]
     if not rows or missing or not image_columns:
         raise ValueError(f"-i {manifest}: needs rows and the columns {id_column!r}, 'image_<channel>' (one per "
                          f"modality, e.g. image_CT), 'label', {tstage_column!r}; found {columns} "
                          f"(missing {missing + ([] if image_columns else ['image_<channel>'])}). "
-                         f"Rename the columns or pass -id_column / -tstage_column.")
+                         f"Rename the columns or pass -id_column / -tstage_column / -attribute_columns.")
     return rows, image_columns
 
 
@@ -103,7 +106,7 @@ def _check_row(row: dict, lineno: int, where: str, image_columns: List[str], id_
     return None if len(problems) > n else (case, split, stage, paths, label)
 
 
-def _convert_case(out: str, entry, level_index: Optional[int], num_labels: int, image_columns: List[str],
+def _convert_case(out: str, entry, level_index, num_labels: int, image_columns: List[str],
                   where: str, problems: Problems) -> None:
     case, split, _, paths, label_path = entry
     try:
@@ -141,23 +144,33 @@ def _convert_case(out: str, entry, level_index: Optional[int], num_labels: int, 
 def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("CTV",),
                levels: Optional[Sequence[str]] = None, unparsable_as_unknown: bool = False,
                id_column: str = "case_id", tstage_column: str = "tstage", dataset_name: str = "RT",
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, attribute_columns: Sequence[str] = ()) -> str:
     """Convert a radiotherapy manifest into ``$nnUNet_raw/DatasetXXX_<dataset_name>``; returns its path.
 
     ``labels`` names the label values 1, 2, ... (0 is background). ``levels`` fixes the T-stage levels and their
-    router order (default: the stages found, in the order T0, Tis, T1 ... T4).
+    router order (default: the stages found, in the order T0, Tis, T1 ... T4). ``attribute_columns`` names further
+    manifest columns (e.g. ``["centre"]``) that become attributes after the T-stage, levels = the values found,
+    sorted; with any, dataset.json holds an ``"attributes"`` list (T-stage first) instead of ``"attribute"``.
     """
     if not os.path.isfile(manifest):
         raise ValueError(f"-i {manifest}: the manifest does not exist")
-    rows, image_columns = _read_manifest(manifest, id_column, tstage_column)
+    attribute_columns = list(attribute_columns)
+    clash = sorted({c for c in attribute_columns if attribute_columns.count(c) > 1 or c == tstage_column
+                    or c in (id_column, "label", "split") or c.startswith("image_")})
+    if clash:
+        raise ValueError(f"-attribute_columns: {clash} repeat a column or name the id, T-stage, label, split or an "
+                         f"image column. Name each further attribute column once.")
+    rows, image_columns = _read_manifest(manifest, id_column, tstage_column, attribute_columns)
     base = os.path.dirname(os.path.abspath(manifest))
     problems = Problems()
-    entries = []
+    entries, extra = [], {}
     for lineno, row in enumerate(rows, start=2):
         entry = _check_row(row, lineno, manifest, image_columns, id_column, tstage_column, base,
                            unparsable_as_unknown, problems)
         if entry is not None:
             entries.append(entry)
+            extra[entry[0]] = [None if (row[c] or "").strip().casefold() in DEFAULT_MISSING else row[c].strip()
+                               for c in attribute_columns]
     ids = [e[0] for e in entries]
     for case in sorted({c for c in ids if ids.count(c) > 1}):
         problems.add(manifest, f"case id {case} is listed more than once", "Give every case its own id.")
@@ -173,18 +186,29 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
     if not levels:
         problems.add(manifest, "no case has a known T-stage", "Fill the T-stage column.")
 
+    extra_levels = [sorted({extra[e[0]][k] for e in entries} - {None}) for k in range(len(attribute_columns))]
+    for column, found_levels in zip(attribute_columns, extra_levels):
+        if not found_levels:
+            problems.add(manifest, f"no case has a known {column}", "Fill the column, or leave it out of "
+                                                                    "-attribute_columns.")
+
     out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite)
     for entry in progress(entries, "radiotherapy"):
-        _convert_case(out, entry, None if entry[2] is None else levels.index(entry[2]), len(labels),
-                      image_columns, manifest, problems)
+        indices = [None if entry[2] is None else levels.index(entry[2])]
+        indices += [None if v is None else lv.index(v) for v, lv in zip(extra[entry[0]], extra_levels)]
+        _convert_case(out, entry, indices, len(labels), image_columns, manifest, problems)
     problems.raise_if_any("radiotherapy manifest", cleanup=out)
 
     channel_names = {str(k): c[len("image_"):] for k, c in enumerate(image_columns)}
-    channel_names[str(attribute_channel_index(len(image_columns)))] = "noNorm"
-    block = attribute_block("tstage", levels, attribute_channel_index(len(image_columns)),
-                            {e[0]: e[2] for e in entries}, {e[0]: e[1] for e in entries})
-    finish(out, channel_names, {"background": 0, **{n: k + 1 for k, n in enumerate(labels)}}, ".nii.gz", block,
-           description=f"Radiotherapy target volumes from {os.path.abspath(manifest)}; attribute T-stage",
+    first = attribute_channel_index(len(image_columns))
+    split = {e[0]: e[1] for e in entries}
+    blocks = [attribute_block("tstage", levels, first, {e[0]: e[2] for e in entries}, split)]
+    blocks += [attribute_block(column, lv, first + 1 + k, {e[0]: extra[e[0]][k] for e in entries}, split)
+               for k, (column, lv) in enumerate(zip(attribute_columns, extra_levels))]
+    channel_names.update({str(first + k): "noNorm" for k in range(len(blocks))})
+    finish(out, channel_names, {"background": 0, **{n: k + 1 for k, n in enumerate(labels)}}, ".nii.gz", blocks,
+           description=f"Radiotherapy target volumes from {os.path.abspath(manifest)}; attribute T-stage"
+                       + "".join(f", {c}" for c in attribute_columns),
            converted_by="nnUNetv2_dmoe_convert_rt")
     return out
 
@@ -202,12 +226,16 @@ def convert_rt_entry_point():
     parser.add_argument("-id_column", type=str, default="case_id", help="[OPTIONAL] Case id column. Default: case_id")
     parser.add_argument("-tstage_column", type=str, default="tstage",
                         help="[OPTIONAL] T-stage column. Default: tstage")
+    parser.add_argument("-attribute_columns", type=str, nargs="+", default=[],
+                        help="[OPTIONAL] Further manifest columns used as attributes after the T-stage, e.g. "
+                             "-attribute_columns centre: several attributes, one noNorm channel each; levels = the "
+                             "values found, sorted. Default: none (the T-stage only)")
     parser.add_argument("--unparsable_as_unknown", action="store_true",
                         help="[OPTIONAL] Treat an unreadable T-stage (e.g. TX) as unknown. Default: error")
     args = parser.parse_args()
     convert_rt(args.i, args.d, labels=args.labels, levels=args.levels, unparsable_as_unknown=args.unparsable_as_unknown,
                id_column=args.id_column, tstage_column=args.tstage_column, dataset_name=args.n,
-               overwrite=args.overwrite)
+               overwrite=args.overwrite, attribute_columns=args.attribute_columns)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ given in ``missing_values`` become ``None`` (unknown attribute).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -126,14 +127,27 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
     return out
 
 
-def add_attribute_table_arguments(parser, table_flag: str, table_help: str, required: bool) -> None:
+class _RepeatableColumn(argparse.Action):
+    """``--attribute-column A`` stores ``"A"``; repeated (``... B``) it stores the list ``["A", "B"]``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if before is None else
+                (before if isinstance(before, list) else [before]) + [values])
+
+
+def add_attribute_table_arguments(parser, table_flag: str, table_help: str, required: bool,
+                                  column_note: str = "") -> None:
     """The attribute-table flags of ``nnUNetv2_dmoe_attach_attribute`` and ``nnUNetv2_dmoe_evaluate``: the table
-    (``table_flag``), ``--id-column``, ``--attribute-column`` and ``--bins``, read by :func:`read_attribute_table`."""
+    (``table_flag``), ``--id-column``, ``--attribute-column`` (a column name; repeated, a list of them) and
+    ``--bins``, read by :func:`read_attribute_table`. ``column_note`` says how several columns are used."""
     parser.add_argument(table_flag, type=str, required=required, default=None, help=table_help)
     parser.add_argument("--id-column", type=str, default=None,
                         help=f"[OPTIONAL] column of {table_flag} with the case id. Default: 'case'")
-    parser.add_argument("--attribute-column", type=str, default=None,
-                        help=f"[OPTIONAL] column of {table_flag} with the attribute. Default: 'value'")
+    parser.add_argument("--attribute-column", type=str, default=None, action=_RepeatableColumn,
+                        help=f"[OPTIONAL] column of {table_flag} with the attribute. Repeat the flag for several "
+                             f"attributes (--attribute-column stage --attribute-column centre){column_note}. "
+                             f"Default: 'value'")
     parser.add_argument("--bins", nargs="+", type=float, default=None,
                         help="[OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70 gives the "
                              "levels <60, 60-70, >=70 (left-closed). Default: no binning")

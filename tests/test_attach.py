@@ -354,3 +354,40 @@ def test_attach_and_evaluate_share_the_table_flags(capsys):
         assert f"--id-column ID_COLUMN [OPTIONAL] column of {flag} with the case id. Default: 'case'" in text
         assert f"--attribute-column ATTRIBUTE_COLUMN [OPTIONAL] column of {flag} with the attribute." in text
         assert "--bins BINS [BINS ...] [OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70" in text
+
+
+# ------------------------------------------------------------------------------------------- several attributes
+# attributes on channels 1 (stage) and 3 (centre), image channels 0 and 2
+MULTI_JSON = {"channel_names": {"0": "CT", "1": "noNorm", "2": "T2", "3": "noNorm"},
+              "labels": {"background": 0, "target": 1}, "numTraining": 0, "file_ending": ".nii.gz",
+              "attributes": [{"name": "tstage", "levels": LEVELS, "channel": 1, "cases": {}},
+                             {"name": "centre", "levels": ["A", "B", "C"], "channel": 3, "cases": {}}]}
+
+
+def test_cli_two_columns_write_both_channels(tmp_path):
+    fps = _nifti_folder(tmp_path / "in", ["caseA", "caseB"])
+    table = tmp_path / "t.csv"
+    table.write_text("case,stage,site\ncaseA,T3,B\ncaseB,,C\n")
+    model = _dataset_json(tmp_path, MULTI_JSON)
+    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "--attribute-column", "stage",
+             "--attribute-column", "site", "-o", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    for case, stage, centre in (("caseA", 3, 2), ("caseB", 0, 3)):
+        for channel, code in ((1, stage), (3, centre)):
+            img, arr = _read_nifti(tmp_path / "out" / f"{case}_{channel:04d}.nii.gz")
+            assert img.GetSpacing() == pytest.approx(SPACING) and img.GetOrigin() == pytest.approx(ORIGIN)
+            np.testing.assert_array_equal(arr, fps[case].astype(np.uint8) * code)
+    assert sorted(f.name for f in (tmp_path / "out").iterdir())[:4] == [
+        "caseA_0000.nii.gz", "caseA_0001.nii.gz", "caseA_0002.nii.gz", "caseA_0003.nii.gz"]
+    # one column for two attributes, and a level the model does not know: errors name the column, case and fix
+    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "--attribute-column", "stage")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "has 2 attributes (tstage, centre)" in p.stderr and "Repeat --attribute-column" in p.stderr
+    table.write_text("case,tstage,centre\ncaseA,T3,Z\ncaseB,T1,A\n")  # default columns: the attributes' names
+    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model)
+    assert p.returncode != 0 and f"attribute 'centre' (column 'centre' of {table})" in p.stderr
+    assert "caseA ('Z')" in p.stderr and not list((tmp_path / "in").glob("*_0003.nii.gz"))
+    written = attach_attribute(str(tmp_path / "in"), [{"caseA": "T1", "caseB": "T2"}, {"caseA": "A", "caseB": None}],
+                               MULTI_JSON, verbose=False)
+    assert written == [{"caseA": "T1", "caseB": "T2"}, {"caseA": "A", "caseB": None}]
+    assert not _read_nifti(tmp_path / "in" / "caseB_0003.nii.gz")[1].any()

@@ -125,3 +125,24 @@ def test_split_file_error_lists_twenty_values_then_the_count(tmp_path):
     with pytest.raises(ValueError, match=r"must be train or test; found c00 \('xyz'\), .*, c19 \('xyz'\), "
                                          r"\.\.\. \(3 more\)\. "):
         read_split_file(str(split))
+
+
+def test_two_attributes_race_and_gender(env):
+    from PIL import Image
+    root = env / "in"
+    _npz(root / "Training" / "data_00001.npz", race=0, gender=np.array(0))
+    _npz(root / "Training" / "data_00002.npz", race=1, gender=np.array(-1))
+    _npz(root / "Test" / "data_00003.npz", race=2)
+    out = convert_fairseg(str(root), 505, attribute=["race", "gender"])
+    dj = load_json(os.path.join(out, "dataset.json"))
+    assert "attribute" not in dj and dj["channel_names"] == {"0": "rgb_to_0_1", "1": "noNorm", "2": "noNorm"}
+    assert dj["attributes"][1] == {"name": "gender", "levels": ["Female", "Male"], "channel": 2,
+                                   "cases": {"data_00001": "Female", "data_00002": None},
+                                   "test_cases": {"data_00003": "Male"}}
+    assert dj["attributes"][0]["cases"] == {"data_00001": "Asian", "data_00002": "Black"}
+    for case, folder, race, gender in (("data_00001", "imagesTr", 1, 1), ("data_00002", "imagesTr", 2, 0),
+                                       ("data_00003", "imagesTs", 3, 2)):
+        image = np.asarray(Image.open(os.path.join(out, folder, f"{case}_0000.png")))
+        for k, code in ((1, race), (2, gender)):
+            np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out, folder, f"{case}_000{k}.png"))),
+                                          np.where(image > 0, code, 0))

@@ -189,3 +189,33 @@ def test_existing_dataset_folder_is_refused(env):
     out = convert_ham10000(str(inp), 514, overwrite=True)
     assert os.path.basename(out) == "Dataset514_HAM10000"
     assert not (env / "raw" / "Dataset514_Other").exists()
+
+
+def test_sample_with_two_attributes_age_and_sex(env):
+    """-a age sex: an "attributes" list and one noNorm channel per attribute (_0003 age, _0004 sex)."""
+    from nnunet_dmoe.attribute import attribute_specs_from_dataset_json
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    out = convert_ham10000(SAMPLE, 503, attribute=["age", "sex"], seed=0)
+    dj = load_json(os.path.join(out, "dataset.json"))
+    assert "attribute" not in dj and [b["name"] for b in dj["attributes"]] == ["age", "sex"]
+    assert dj["channel_names"] == {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1", "3": "noNorm",
+                                   "4": "noNorm"}
+    age, sex = dj["attributes"]
+    assert (age["channel"], age["levels"], {**age["cases"], **age["test_cases"]}) == (3, LEVELS, AGES)
+    sexes = {"ISIC_0024311": "female", "ISIC_0027001": "female", "ISIC_0027287": "female", "ISIC_0027533": "male",
+             "ISIC_0027800": "female"}
+    assert (sex["channel"], sex["levels"], {**sex["cases"], **sex["test_cases"]}) == (4, ["female", "male"], sexes)
+    assert sex["cases"].keys() == age["cases"].keys() and dj["numTraining"] == 4
+    assert [s.name for s in attribute_specs_from_dataset_json(dj)] == ["age", "sex"]
+    case = "ISIC_0027533"  # 55, male
+    folder = os.path.join(out, "imagesTr" if case in age["cases"] else "imagesTs")
+    footprint = np.any(np.asarray(Image.open(os.path.join(SAMPLE, IMAGE_DIR, f"{case}.jpg"))) != 0, axis=2)
+    for k, code in ((3, LEVELS.index("40-60") + 1), (4, 2)):
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, f"{case}_{k:04d}.png"))),
+                                      np.where(footprint, code, 0))
+    verify_dataset_integrity(out, num_processes=1)
+    with pytest.raises(RuntimeError, match="Dataset id 503 is taken"):  # never overwritten unless asked
+        convert_ham10000(SAMPLE, 503, attribute=["age", "sex"], seed=0)
+    with pytest.raises(ValueError, match="-a: sex given more than once"):
+        convert_ham10000(SAMPLE, 504, attribute=["sex", "sex"])

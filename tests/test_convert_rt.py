@@ -146,3 +146,28 @@ def test_existing_dataset_folder_is_refused(env):
     with pytest.raises(RuntimeError, match="Dataset509_RT.*--overwrite"):
         convert_rt(manifest, 509)
     convert_rt(manifest, 509, overwrite=True)
+
+
+def test_tstage_and_a_centre_column(env):
+    """-attribute_columns centre: an "attributes" list (tstage, centre), channels 1 and 2 on the CT grid."""
+    manifest = env / "manifest.csv"
+    _manifest(env, GOOD)
+    lines = manifest.read_text().splitlines()
+    centres = ["B", "A", "B", "unknown", "A"]
+    manifest.write_text("\n".join([lines[0] + ",centre"] + [ln + f",{c}" for ln, c in zip(lines[1:], centres)]) + "\n")
+    out = convert_rt(str(manifest), 508, attribute_columns=["centre"])
+    dj = load_json(os.path.join(out, "dataset.json"))
+    assert "attribute" not in dj and dj["channel_names"] == {"0": "CT", "1": "noNorm", "2": "noNorm"}
+    assert dj["attributes"][0]["name"] == "tstage" and dj["attributes"][0]["channel"] == 1
+    assert dj["attributes"][1] == {"name": "centre", "levels": ["A", "B"], "channel": 2,
+                                   "cases": {"RT_001": "B", "RT_002": "A", "RT_003": "B", "RT_004": None},
+                                   "test_cases": {"RT_005": "A"}}
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "imagesTr", "RT_003_0000.nii.gz"))) != 0
+    for k, code in ((1, 4), (2, 2)):  # T4 -> code 4, centre B -> code 2
+        img = sitk.ReadImage(os.path.join(out, "imagesTr", f"RT_003_000{k}.nii.gz"))
+        assert np.allclose(img.GetSpacing(), SPACING) and np.allclose(img.GetOrigin(), ORIGIN)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img), np.where(ct, code, 0))
+    with pytest.raises(ValueError, match=r"-attribute_columns: \['tstage'\]"):
+        convert_rt(str(manifest), 509, attribute_columns=["tstage"])
+    with pytest.raises(ValueError, match=r"missing \['site'\]"):
+        convert_rt(str(manifest), 509, attribute_columns=["site"])

@@ -8,11 +8,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from nnunet_dmoe.evaluation._cases import CaseAttributes, match_cases, read_pair, reader_for
+from nnunet_dmoe.evaluation._cases import (COMBINATION_SEPARATOR, attribute_list, combination_groups, match_cases,
+                                           read_pair, reader_for)
 from nnunet_dmoe.evaluation._fairness import DEFAULT_CI_QUANTILES, FairnessFrame
 from nnunet_dmoe.evaluation._metrics import (DEFAULT_NSD_TOLERANCE_MM, HIGHER_IS_BETTER, METRICS, LabelOrRegion,
                                              label_name, metrics_for_labels, parse_label_or_region)
-from nnunet_dmoe.evaluation._report import console_table, write_report
+from nnunet_dmoe.evaluation._report import SMALL_GROUP, console_table, write_report
 
 _NO_LABELS = "-l: give at least one label or region to score (e.g. -l 1, or -l 1 2 1,2)."
 _DUPLICATE_LABELS = "-l: {labels} are given more than once. Give each label or region once."
@@ -75,29 +76,58 @@ def _frame(scores: Mapping[str, Sequence[float]], groups, levels, n_boot, seed) 
                          random_state=seed, **boot)
 
 
-def summarise(case_ids: Sequence[str], per_case: Sequence[Mapping[str, Mapping[str, float]]],
-              attributes: CaseAttributes, labels: Sequence[LabelOrRegion], n_boot: int = 1000, seed: int = 0,
-              nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM) -> Tuple[dict, List[dict]]:
-    """The summary dict (see :func:`evaluate_folders`) and the per-case rows of already scored cases."""
-    groups = attributes.group_of(case_ids)
-    names = [label_name(lb) for lb in labels]
-    label_scores = {ln: {m: np.array([pc[ln][m] for pc in per_case], dtype=float) for m in METRICS} for ln in names}
-    frames = {ln: _frame(label_scores[ln], groups, attributes.levels, n_boot, seed) for ln in names}
+def _attribute_summary(name: str, levels: Sequence[str], groups: Sequence[str], n_cases: int,
+                       label_scores: Mapping[str, Mapping[str, np.ndarray]], n_boot: int, seed: int,
+                       nsd_tolerance: float) -> dict:
+    """The summary of one grouping of the cases (an attribute, or the combinations of several)."""
+    names = list(label_scores)
+    frames = {ln: _frame(label_scores[ln], groups, levels, n_boot, seed) for ln in names}
     if len(names) == 1:
         top, top_level = frames[names[0]], f"label {names[0]}"
     else:
         with warnings.catch_warnings():  # a case whose HD95 is NaN for every label keeps NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             mean_scores = {m: np.nanmean(np.stack([label_scores[ln][m] for ln in names]), axis=0) for m in METRICS}
-        top, top_level = _frame(mean_scores, groups, attributes.levels, n_boot, seed), "mean over labels " + " ".join(names)
-    summary = {"attribute": attributes.name, "levels": list(attributes.levels), "n_cases": len(case_ids),
-               "labels_scored": names, "top_level": top_level, "metrics": list(METRICS),
-               "higher_is_better": dict(HIGHER_IS_BETTER), "nsd_tolerance_mm": float(nsd_tolerance),
-               "n_boot": int(n_boot or 0), "seed": seed, **_frame_summary(top),
-               "labels": {ln: _frame_summary(f) for ln, f in frames.items()}}
-    rows = [{"case": c, "group": g, "label": ln, **{m: float(pc[ln][m]) for m in METRICS},
-             "n_ref": pc[ln]["n_ref"], "n_pred": pc[ln]["n_pred"]}
-            for c, g, pc in zip(case_ids, groups, per_case) for ln in names]
+        top, top_level = _frame(mean_scores, groups, levels, n_boot, seed), "mean over labels " + " ".join(names)
+    return {"attribute": name, "levels": list(levels), "n_cases": n_cases,
+            "labels_scored": names, "top_level": top_level, "metrics": list(METRICS),
+            "higher_is_better": dict(HIGHER_IS_BETTER), "nsd_tolerance_mm": float(nsd_tolerance),
+            "n_boot": int(n_boot or 0), "seed": seed, **_frame_summary(top),
+            "labels": {ln: _frame_summary(f) for ln, f in frames.items()}}
+
+
+def summarise(case_ids: Sequence[str], per_case: Sequence[Mapping[str, Mapping[str, float]]],
+              attributes, labels: Sequence[LabelOrRegion], n_boot: int = 1000, seed: int = 0,
+              nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM) -> Tuple[dict, List[dict]]:
+    """The summary dict (see :func:`evaluate_folders`) and the per-case rows of already scored cases.
+
+    ``attributes``: one attribute (a :class:`CaseAttributes`, AttributeSpec or mapping) or a list of them. With
+    several, the summary is the first attribute's (the single-attribute layout) plus ``"attributes"`` (``{name:
+    summary}``, every attribute in order) and ``"combinations"`` (the same summary over the combinations of groups
+    that have cases, e.g. ``"T2 & B"``, with ``"separator"``, ``"of"`` (the attribute names) and ``"small"`` (the
+    combinations with fewer than 5 cases)); a case unknown for any attribute is in the combinations' unknown group.
+    """
+    attrs = attribute_list(attributes)
+    names = [label_name(lb) for lb in labels]
+    label_scores = {ln: {m: np.array([pc[ln][m] for pc in per_case], dtype=float) for m in METRICS} for ln in names}
+    groups = [a.group_of(case_ids) for a in attrs]
+    per_attribute = [_attribute_summary(a.name, a.levels, g, len(case_ids), label_scores, n_boot, seed, nsd_tolerance)
+                     for a, g in zip(attrs, groups)]
+    summary = dict(per_attribute[0])
+    if len(attrs) == 1:
+        rows = [{"case": c, "group": g, "label": ln, **{m: float(pc[ln][m]) for m in METRICS},
+                 "n_ref": pc[ln]["n_ref"], "n_pred": pc[ln]["n_pred"]}
+                for c, g, pc in zip(case_ids, groups[0], per_case) for ln in names]
+        return summary, rows
+    combo_groups, combo_levels = combination_groups(attrs, case_ids)
+    combos = _attribute_summary(COMBINATION_SEPARATOR.join(a.name for a in attrs), combo_levels, combo_groups,
+                                len(case_ids), label_scores, n_boot, seed, nsd_tolerance)
+    combos.update(separator=COMBINATION_SEPARATOR, of=[a.name for a in attrs],
+                  small=[g for g in combo_levels if combos["groups"][g]["n"] < SMALL_GROUP])
+    summary.update(attributes={a.name: s for a, s in zip(attrs, per_attribute)}, combinations=combos)
+    rows = [{"case": c, "group": cg, **{f"group_{a.name}": g[i] for a, g in zip(attrs, groups)}, "label": ln,
+             **{m: float(pc[ln][m]) for m in METRICS}, "n_ref": pc[ln]["n_ref"], "n_pred": pc[ln]["n_pred"]}
+            for i, (c, cg, pc) in enumerate(zip(case_ids, combo_groups, per_case)) for ln in names]
     return summary, rows
 
 
@@ -113,9 +143,10 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
         Label maps in any nnU-Net-readable format, matched by case id (file name minus ``file_ending``).
     labels : sequence
         Labels (``1``) or regions (``(1, 2)`` or ``"1,2"``: the union) to score.
-    attributes : CaseAttributes, AttributeSpec or mapping
+    attributes : CaseAttributes, AttributeSpec or mapping, or a list of them
         Level of every case (``None`` = unknown); see :func:`attributes_from_dataset_json`,
-        :func:`attributes_from_table`.
+        :func:`attributes_from_table`. A list (several attributes) reports each attribute and every combination
+        of groups (see :func:`summarise`).
     output_folder : str or None
         Where summary.json, per_case.csv, report.md and report.png go; ``None`` writes nothing.
     n_boot : int
@@ -135,7 +166,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
         The summary as written to summary.json (NaN stays ``float('nan')`` here; the file holds ``null``).
     """
     labels = _labels(labels)
-    attributes = CaseAttributes.from_any(attributes)
+    attributes = attribute_list(attributes)
     case_ids, per_case = score_folder(ref_folder, pred_folder, labels, file_ending, nsd_tolerance, num_processes)
     summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
     summary.update(reference=ref_folder, prediction=pred_folder)
@@ -161,7 +192,7 @@ def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
     if any(not str(n).strip() for n in names) or len(set(names)) != len(names):
         raise ValueError(_BAD_METHOD_NAME.format(names=names))
     labels = _labels(labels)
-    attributes = CaseAttributes.from_any(attributes)
+    attributes = attribute_list(attributes)
     summaries, all_rows = {}, []
     for name in names:  # one reference folder: match_cases gives every method the same cases
         case_ids, per_case = score_folder(ref_folder, pred_folders[name], labels, file_ending, nsd_tolerance,

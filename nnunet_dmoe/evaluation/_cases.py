@@ -1,19 +1,21 @@
 """Which cases to score and which group each belongs to: file matching, reading, attribute sources."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-from nnunet_dmoe.attribute import AttributeSpec, fmt_cases
+from nnunet_dmoe.attribute import attribute_specs_from_dataset_json, fmt_cases
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
 COMMON_FILE_ENDINGS = (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".tif", ".tiff", ".bmp", ".gipl")
 UNKNOWN_GROUP = "unknown"
+COMBINATION_SEPARATOR = " & "  # "T2 & centre B": one group of each attribute, in the attributes' order
 SPACING_RTOL = 1e-4
 
 _NO_FOLDER = "{flag} {folder} is not a folder. Give the folder that holds the {what} files."
@@ -93,24 +95,66 @@ def _sorted_levels(values) -> List[str]:
         return known
 
 
-def attributes_from_dataset_json(path: str) -> CaseAttributes:
-    """The ``attribute`` block of a dataset.json; ``cases`` (imagesTr ids) and ``test_cases`` (imagesTs ids) merged,
-    levels in the block's order."""
+def attributes_from_dataset_json(path: str) -> Union[CaseAttributes, List[CaseAttributes]]:
+    """The attribute of every case from a dataset.json; ``cases`` (imagesTr ids) and ``test_cases`` (imagesTs ids)
+    merged, levels in the block's order. One ``CaseAttributes`` for an ``"attribute"`` block, a list of them (in
+    order) for an ``"attributes"`` list; every function here takes either."""
     if not os.path.isfile(path):
         raise ValueError(f"-dataset_json {path} does not exist")
     with open(path) as f:
         dataset_json = json.load(f)
-    spec = AttributeSpec.from_dataset_json(dataset_json, where=path)
-    return CaseAttributes(spec.name, spec.levels, spec.all_cases, source=path)
+    specs = attribute_specs_from_dataset_json(dataset_json, where=path)
+    found = [CaseAttributes(spec.name, spec.levels, spec.all_cases, source=path) for spec in specs]
+    return found if "attributes" in dataset_json else found[0]
 
 
-def attributes_from_table(path: str, id_column: Optional[str] = None, attribute_column: Optional[str] = None,
-                          bins: Optional[Sequence[float]] = None, strip_suffix: Optional[str] = None) -> CaseAttributes:
+def attributes_from_table(path: str, id_column: Optional[str] = None,
+                          attribute_column: Union[None, str, Sequence[str]] = None,
+                          bins: Optional[Sequence[float]] = None, strip_suffix: Optional[str] = None,
+                          ) -> Union[CaseAttributes, List[CaseAttributes]]:
     """Case -> level from a CSV/TSV/JSON table (:func:`nnunet_dmoe.tables.read_attribute_table`). Levels are the
-    bin names in order when ``bins`` is given, else the sorted values (numerically when all are numbers)."""
+    bin names in order when ``bins`` is given, else the sorted values (numerically when all are numbers).
+
+    ``attribute_column`` may name several columns (several attributes): the result is then a list of
+    ``CaseAttributes``, one per column in order; ``bins`` cannot be used with several columns."""
+    if attribute_column is not None and not isinstance(attribute_column, str):
+        columns = list(attribute_column)
+        if len(columns) > 1:
+            if bins is not None:
+                raise ValueError(f"--bins bins one numeric column, but {len(columns)} attribute columns are given "
+                                 f"({', '.join(columns)}). Bin the column in the table beforehand, or give one "
+                                 f"--attribute-column.")
+            return [attributes_from_table(path, id_column, c, None, strip_suffix) for c in columns]
+        attribute_column = columns[0] if columns else None
     cases = read_attribute_table(path, id_column, attribute_column, bins=bins, strip_suffix=strip_suffix)
     levels = bin_labels(bins) if bins is not None else _sorted_levels(cases.values())
     return CaseAttributes(attribute_column or "attribute", levels, cases, source=path)
+
+
+def attribute_list(attributes) -> List[CaseAttributes]:
+    """``attributes`` as a list of :class:`CaseAttributes`: a list or tuple (several attributes, each as
+    :meth:`CaseAttributes.from_any` takes it) or one attribute. Names must differ."""
+    items = list(attributes) if isinstance(attributes, (list, tuple)) else [attributes]
+    if not items:
+        raise ValueError("attributes: give at least one attribute")
+    found = [CaseAttributes.from_any(a) for a in items]
+    names = [a.name for a in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"the attributes share the name(s) {twice}. Give every attribute its own name.")
+    return found
+
+
+def combination_groups(attributes: Sequence[CaseAttributes], case_ids: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Group of every case over several attributes (``"T2 & B"``, :data:`COMBINATION_SEPARATOR`) and the
+    combinations that have cases, in the order of the attributes' levels. A case whose attribute is unknown for any
+    attribute is in the ``"unknown"`` group."""
+    per_attribute = [a.group_of(case_ids) for a in attributes]
+    groups = [UNKNOWN_GROUP if UNKNOWN_GROUP in combo else COMBINATION_SEPARATOR.join(combo)
+              for combo in zip(*per_attribute)]
+    present = set(groups)
+    levels = [COMBINATION_SEPARATOR.join(c) for c in itertools.product(*[a.levels for a in attributes])]
+    return groups, [lv for lv in levels if lv in present]
 
 
 def _list_files(folder: str, ending: str) -> Dict[str, str]:

@@ -51,10 +51,12 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
     parser.add_argument("-o", type=str, required=True, help="[REQUIRED] output folder for the report")
     parser.add_argument("-dataset_json", type=str, default=None,
                         help="[REQUIRED unless --attributes] dataset.json whose 'attribute' block gives the level of "
-                             "each case ('cases' and 'test_cases' merged; levels in the block's order)")
+                             "each case ('cases' and 'test_cases' merged; levels in the block's order). With an "
+                             "'attributes' list every attribute is reported, alone and in combination")
     add_attribute_table_arguments(parser, "--attributes", "[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) "
                                   "with the attribute of each case; empty cells / 'unknown' mean unknown",
-                                  required=False)
+                                  required=False, column_note=" (each reported alone and every combination of their "
+                                                              "groups; the first gives report.png)")
     parser.add_argument("-fe", type=str, default=None,
                         help="[OPTIONAL] file ending of the segmentations, e.g. .nii.gz. Default: detected from -ref "
                              "(.nii.gz .nii .png .nrrd .mha .tif .tiff .bmp .gipl)")

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 PAPER_COLUMNS = ("Dice", "IoU")  # Table 1: All: ES-Dice, Dice, ES-IoU, IoU; then Dice and IoU per group
 SURFACE_COLUMNS = ("NSD", "HD95")
 WORST_MARK = "†"
+SMALL_GROUP = 5  # combinations of several attributes with fewer cases are listed as "small" (unreliable means)
 
 
 def _json_safe(obj):
@@ -94,11 +96,12 @@ def _markdown(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def _describe(first: Mapping) -> str:
+def _describe(first: Mapping, subject: Optional[str] = None) -> str:
     n_boot = first.get("n_boot")
     ci = (f"95% percentile-bootstrap CIs over cases ({n_boot} resamples, seed {first.get('seed')})" if n_boot
           else "no CIs (bootstrap off)")
-    return (f"Attribute `{first['attribute']}`, {first['n_cases']} cases, {ci}. NSD tolerance "
+    subject = subject or f"Attribute `{first['attribute']}`"
+    return (f"{subject}, {first['n_cases']} cases, {ci}. NSD tolerance "
             f"{first['nsd_tolerance_mm']:g} mm. {WORST_MARK} marks the worst group (lowest Dice/IoU/NSD, highest "
             f"HD95) among the known groups. ES-M = M_all / (1 + Σ_g |M_g − M_all|); cases with an unknown attribute "
             f"count in M_all, not in the sum. HD95 in mm, no ES (lower is better).")
@@ -108,17 +111,50 @@ def _per_label(summaries: Mapping[str, Mapping], label: Optional[str]) -> Dict[s
     return {k: (s if label is None else s["labels"][label]) for k, s in summaries.items()}
 
 
-def write_report_md(summaries: Mapping[str, Mapping], path: str) -> None:
+def _sections(summaries: Mapping[str, Mapping], depth: int = 2) -> List[str]:
+    """The Segmentation and Surface tables (overall, then per label when there are several) of one grouping."""
     first = next(iter(summaries.values()))
     labels = first["labels_scored"]
-    parts = ["# Fairness report", "", _describe(first), ""]
     sections = [(None, first["top_level"])]
     if len(labels) > 1:
         sections += [(lb, f"label {lb}") for lb in labels]
+    parts = []
     for label, title in sections:
         sub = _per_label(summaries, label)
-        parts += [f"## Segmentation ({title})", "", _markdown(table_rows(sub, PAPER_COLUMNS)), "",
-                  f"### Surface metrics ({title})", "", _markdown(table_rows(sub, SURFACE_COLUMNS)), ""]
+        parts += [f"{'#' * depth} Segmentation ({title})", "", _markdown(table_rows(sub, PAPER_COLUMNS)), "",
+                  f"{'#' * (depth + 1)} Surface metrics ({title})", "", _markdown(table_rows(sub, SURFACE_COLUMNS)),
+                  ""]
+    return parts
+
+
+def _groupings(summaries: Mapping[str, Mapping]) -> List[tuple]:
+    """``[(title, file suffix, {method: summary})]``: every attribute, then the combinations (several attributes)."""
+    first = next(iter(summaries.values()))
+    out = [(f"Attribute `{name}`", name, {k: s["attributes"][name] for k, s in summaries.items()})
+           for name in first["attributes"]]
+    combos = first["combinations"]
+    out.append((f"Combinations ({combos['attribute']})", "combinations",
+                {k: s["combinations"] for k, s in summaries.items()}))
+    return out
+
+
+def write_report_md(summaries: Mapping[str, Mapping], path: str) -> None:
+    first = next(iter(summaries.values()))
+    if "attributes" not in first:
+        parts = ["# Fairness report", "", _describe(first), ""] + _sections(summaries)
+    else:
+        combos = first["combinations"]
+        names = ", ".join(f"`{n}`" for n in combos["of"])
+        parts = ["# Fairness report", "", _describe(first, f"Attributes {names}, each and combined"), "",
+                 f"One section per attribute, then one over the combinations of groups (`{combos['separator'].strip()}`"
+                 f" joins one group of each attribute; combinations without cases are left out; a case unknown for "
+                 f"any attribute is in the combinations' unknown group).", ""]
+        groupings = _groupings(summaries)
+        for k, (title, _, sub) in enumerate(groupings):
+            parts += [f"## {title}", ""]
+            if k == len(groupings) - 1 and combos["small"]:
+                parts += [f"Fewer than {SMALL_GROUP} cases (means unreliable): {', '.join(combos['small'])}.", ""]
+            parts += _sections(sub, depth=3)
     with open(path, "w") as f:
         f.write("\n".join(parts))
 
@@ -188,14 +224,24 @@ def console_table(summaries: Mapping[str, Mapping], metrics: Sequence[str]) -> s
         lines.append(f"{'ES':<18} {'':>5}  {es_cells}")
         lines.append(f"{'worst group':<18} {'':>5}  " + "".join(f"{str(s['worst_group'].get(m)):<{w}}"
                                                                for m in metrics))
+        if "attributes" in s:  # several attributes: the table above is the first one's; one line for each grouping
+            for sub in list(s["attributes"].values()) + [s["combinations"]]:
+                es = ", ".join(f"ES-{m} {_num(sub['es'][m])}" for m in metrics if m in sub["es"])
+                worst = ", ".join(f"{m} {sub['worst_group'].get(m)}" for m in metrics)
+                lines.append(f"  {sub['attribute']}: {es}; worst group: {worst}")
     return "\n".join(lines)
 
 
 def write_report(summaries: Mapping[str, Mapping], per_case_rows: Sequence[Mapping], output_folder: str,
                  summary_json: Mapping) -> None:
-    """All four files into ``output_folder``."""
+    """All four files into ``output_folder``; with several attributes report.png shows the first attribute and
+    ``report_<attribute>.png`` / ``report_combinations.png`` the others and the combinations."""
     os.makedirs(output_folder, exist_ok=True)
     write_summary_json(summary_json, os.path.join(output_folder, "summary.json"))
     write_per_case_csv(per_case_rows, os.path.join(output_folder, "per_case.csv"))
     write_report_md(summaries, os.path.join(output_folder, "report.md"))
     plot_report(summaries, os.path.join(output_folder, "report.png"))
+    if "attributes" in next(iter(summaries.values())):
+        for _, suffix, sub in _groupings(summaries)[1:]:
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", suffix)
+            plot_report(sub, os.path.join(output_folder, f"report_{safe}.png"))
