@@ -204,13 +204,21 @@ def model_folder(preprocessed_3d, tmp_path_factory):
     return root, folder, net
 
 
-def test_cli_reports_the_hand_set_routing_of_a_model_folder(model_folder, tmp_path):
-    root, folder, net = model_folder
-    out = tmp_path / "routing"
+@pytest.fixture(scope="module")
+def routing_out(model_folder, tmp_path_factory):
+    """nnUNetv2_dmoe_routing_report on the model folder, through its command line."""
+    root = model_folder[0]
+    out = tmp_path_factory.mktemp("routing_report")
     env = nnunet_env(root, nnUNet_results=str(root / "results"))
     log = run(["nnUNetv2_dmoe_routing_report", "-i", str(root / "images"), "-o", str(out), "-d", "991",
                "-c", "3d_fullres", "-tr", TRAINER, "-device", "cpu", "--disable_progress_bar"], env)
-    assert "encoder stage 0" in log
+    return out, log
+
+
+def test_cli_reports_the_hand_set_routing_of_a_model_folder(model_folder, routing_out):
+    root, folder, net = model_folder
+    out, log = routing_out
+    assert "encoder stage 0" in log and "JS between levels: mean 0.900, max 1.000" in log
     report = json.loads((out / "routing.json").read_text())
     assert (out / "routing.png").stat().st_size > 10_000
     assert report["model"]["routing"] == "dmoe" and report["model"]["top_k"] == 2
@@ -232,6 +240,26 @@ def test_cli_reports_the_hand_set_routing_of_a_model_folder(model_folder, tmp_pa
             np.testing.assert_array_equal(rows[level]["fraction"], expected_fraction(r))
             assert rows[level]["mean_gate"][EXPERTS[r][0]] == pytest.approx(GATE, abs=1e-6)
         assert b["js_divergence"]["tstage"]["pairs"]["T1 | T2"] == pytest.approx(1.0)
+
+
+def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out, tmp_path):
+    from nnunet_dmoe.evaluation import evaluate_entry_point
+
+    out, _ = routing_out
+    raw = preprocessed_3d / "raw" / DATASET
+    report = tmp_path / "report"
+    evaluate_entry_point(["-ref", str(raw / "labelsTr"), "-pred", str(raw / "labelsTr"), "-l", "1", "-o",
+                          str(report), "-dataset_json", str(raw / "dataset.json"), "--bootstrap", "0",
+                          "--routing", str(out)])
+    assert (report / "routing.png").read_bytes() == (out / "routing.png").read_bytes()
+    md = (report / "report.md").read_text()
+    assert md.startswith("# Fairness report") and "## Routing" in md and "![routing per level](routing.png)" in md
+    assert "| encoder stage 0 | 32 | 0.900 / 1.000 | T1: 0 1; T2: 2 3; T3: 4 5; T4: 6 7; unknown: 0 7 |" in md
+    with pytest.raises(ValueError, match=rf"--routing {tmp_path}: no routing.json there.*nnUNetv2_dmoe_routing_report"):
+        evaluate_entry_point(["-ref", str(raw / "labelsTr"), "-pred", str(raw / "labelsTr"), "-l", "1", "-o",
+                              str(tmp_path / "r2"), "-dataset_json", str(raw / "dataset.json"), "--routing",
+                              str(tmp_path)])
+    assert not (tmp_path / "r2").exists()  # refused before the evaluation
 
 
 def test_bad_inputs_name_the_file_and_the_fix(model_folder, tmp_path):
