@@ -94,6 +94,22 @@ def test_hand_set_routers_give_the_known_fractions_gates_and_counts():
         assert js["max"] == pytest.approx(1.0)
 
 
+@pytest.mark.gpu
+def test_recorder_on_cuda_under_autocast_matches_cpu():
+    """As nnU-Net's predictor runs it on a GPU: CUDA tensors, autocast (the dMoE's Triton path for small widths)."""
+    net = set_routers_by_hand(tiny_net("dmoe"))
+    x = batch([1, 3, 3, 0])
+    cpu = record(net, x)
+    net.cuda()
+    with torch.autocast("cuda"):
+        gpu = record(net, x.cuda())
+    for a, b in zip(cpu, gpu):
+        for level, row in a["attributes"]["tstage"].items():
+            other = b["attributes"]["tstage"][level]
+            assert row["tokens"] == other["tokens"] and row["fraction"] == other["fraction"]
+            assert [g is None for g in row["mean_gate"] or []] == [g is None for g in other["mean_gate"] or []]
+
+
 def test_every_row_sums_to_k_and_counts_add_up_over_calls():
     net = tiny_net("dmoe")
     for m in net.modules():  # random routers: tokens spread over experts
@@ -157,6 +173,26 @@ def test_rows_per_attribute_when_there_are_several():
     assert blocks[0]["js_divergence"]["centre"]["pairs"]["A | B"] == pytest.approx(js_divergence([1, 0], [.5, .5]))
     with pytest.raises(ValueError, match="input has 2 channels, but attribute 'centre' is channel 2"):
         record(net.net, x[:, :2], [SPEC, centre])
+
+
+@pytest.mark.parametrize("placement", ["shared", "per_block"])
+def test_transformer_blocks_each_get_their_rows(placement):
+    """TransUNet: one (d)MoE block after every transformer block (shared: one module called once per block)."""
+    from nnunet_dmoe.transformer_networks import build_transunet_network
+
+    cm = unet_configuration(2, num_levels=4, attribute_channel=1, transformer_placement=placement)
+    cm.configuration["patch_size"] = [32, 32]
+    cm.configuration["transformer"] = {"embed_dim": 32, "depth": 3, "num_heads": 2, "stem_features": [8, 8, 16, 16]}
+    torch.manual_seed(0)
+    net = build_transunet_network(None, cm, 2, 2, False, routing="dmoe").eval()
+    blocks = record(net, batch([1, 2, 0], size=32))
+    assert [b["label"] for b in blocks] == ["transformer block 0", "transformer block 1", "transformer block 2"]
+    names = ["moe.0#0", "moe.0#1", "moe.0#2"] if placement == "shared" else ["moe.0", "moe.1", "moe.2"]
+    assert [b["name"] for b in blocks] == names and all(b["channels"] == 32 for b in blocks)
+    for b in blocks:
+        rows = b["attributes"]["tstage"]
+        assert rows["T1"]["tokens"] == rows["T2"]["tokens"] == rows["unknown"]["tokens"] > 0
+        assert all(sum(rows[lv]["fraction"]) == pytest.approx(2.0) for lv in ("T1", "T2", "unknown"))
 
 
 def test_a_network_without_moe_blocks_is_refused():
