@@ -311,6 +311,8 @@ def _choose_device(name: str) -> torch.device:
     if name == "cpu":
         torch.set_num_threads(multiprocessing.cpu_count())
     elif name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("-device cuda (the default) but torch sees no CUDA device here; use -device cpu")
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
     return torch.device(name)
