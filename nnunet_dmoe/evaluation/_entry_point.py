@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
 from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table, detect_file_ending
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
+from nnunet_dmoe.evaluation._routing import add_routing_to_report, read_routing
 from nnunet_dmoe.tables import add_attribute_table_arguments
 
 _BAD_COMPARE = ("--compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
@@ -70,7 +71,12 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
                              "replaces -pred. Default: off")
     parser.add_argument("-np", type=int, default=1,
                         help="[OPTIONAL] processes for reading and scoring the cases. Default: 1")
+    parser.add_argument("--routing", type=str, default=None, metavar="FOLDER",
+                        help="[OPTIONAL] output folder of nnUNetv2_dmoe_routing_report: its routing.png and a table "
+                             "of the routing per block go into report.md. Default: off")
     args = parser.parse_args(argv)
+    if args.routing is not None:
+        read_routing(args.routing)  # fail before the evaluation
 
     if args.pred is not None and args.compare is not None:
         raise ValueError(_PRED_AND_COMPARE)
@@ -98,4 +104,6 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
     else:
         name = os.path.basename(os.path.normpath(args.pred))
         print_summary({name: evaluate_folders(args.ref, args.pred, method_name=name, **common)})
+    if args.routing is not None:
+        add_routing_to_report(args.routing, args.o)
     print(f"\nReport written to {args.o} (summary.json, per_case.csv, report.md, report.png)")
