@@ -196,3 +196,17 @@ def test_two_attributes_end_to_end(tmp_path):
     assert np.abs(prob[(1, 0)] - prob[(3, 0)]).max() > 1e-3  # the stage changes the prediction
     assert np.abs(prob[(1, 0)] - prob[(1, 1)]).max() > 1e-3  # so does the centre
     assert (out / f"c_{unseen[0][0]}_{unseen[0][1]}.png").is_file()
+
+
+def test_transunet_routes_on_two_attributes():
+    from nnunet_dmoe.transformer_networks import build_transunet_network
+    torch.manual_seed(0)
+    cm = unet_configuration(2, num_levels=[4, 2], attribute_channel=[1, 2])
+    cm.configuration["patch_size"] = [32, 32]
+    cm.configuration["transformer"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_features": [8, 8, 16, 16]}
+    net = build_transunet_network(None, cm, 3, 2, False, routing="dmoe").eval()
+    assert net.moe[0].router.w_gate.shape[0] == 8  # 4 + 1 stage routers, 2 + 1 centre routers
+    _randomise_routers(net)
+    with torch.no_grad():
+        a, b, c = (net(_input(codes, size=32)) for codes in ([2, 1], [3, 1], [2, 2]))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
