@@ -85,7 +85,7 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     specs = attribute_specs_from_dataset_json(dataset_json, where="the model's dataset.json")
-    several = "attributes" in dataset_json
+    several = len(specs) > 1  # an "attributes" list of one is the single attribute
     tables = list(case_levels) if several and isinstance(case_levels, (list, tuple)) else [case_levels]
     if len(tables) != len(specs):
         raise ValueError(f"the model has {len(specs)} attributes ({', '.join(s.name for s in specs)}) but "
@@ -175,7 +175,8 @@ def attach_attribute_entry_point():
     try:
         dataset_json = load_model_dataset_json(args.dataset_json, args.d)
         columns = args.attribute_column
-        if "attributes" in dataset_json:  # several attributes: one column each, in the order of the list
+        several = isinstance(dataset_json.get("attributes"), list) and len(dataset_json["attributes"]) > 1
+        if several:  # one column each, in the order of the list
             names = [b.get("name") for b in dataset_json["attributes"] if isinstance(b, dict)]
             columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
             if len(columns) != len(names):

@@ -88,15 +88,16 @@ class DMoEConfig:
             raise ValueError(f"dmoe_expert_ratio must be >= 1, got {self.expert_ratio}")
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"dmoe_expert_dropout must be in [0, 1), got {self.expert_dropout}")
-        if isinstance(self.num_levels, (list, tuple)):
+        lists = [isinstance(v, (list, tuple)) for v in (self.num_levels, self.attribute_channel)]
+        if any(lists):
+            if not all(lists) or len(self.num_levels) != len(self.attribute_channel):
+                raise ValueError(f"num_levels {self.num_levels} and attribute_channel {self.attribute_channel} in "
+                                 f"the plans' \"dmoe\" block must be two lists of the same length (one entry per "
+                                 f"attribute) or two numbers (one attribute)")
             self.num_levels = [int(n) for n in self.num_levels]
+            self.attribute_channel = [int(c) for c in self.attribute_channel]
         if any(n < 1 for n in self.levels_per_attribute):
             raise ValueError(f"dmoe_num_levels must be >= 1 (per attribute), got {self.num_levels}")
-        if isinstance(self.attribute_channel, (list, tuple)):
-            self.attribute_channel = [int(c) for c in self.attribute_channel]
-            if len(self.attribute_channel) != len(self.levels_per_attribute):
-                raise ValueError(f"dmoe_attribute_channel {self.attribute_channel} and dmoe_num_levels "
-                                 f"{self.num_levels} must name the same number of attributes")
         if self.stages is not None:
             self.stages = [int(s) for s in self.stages]
 
@@ -142,20 +143,21 @@ def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence
     logits of a sample's A routers, so a combination of levels that no training case had still routes (each
     attribute's router was trained). MoE: everyone -> router 0, shape (b,).
     """
-    if levels.ndim == 2 and mode == "moe":
-        return torch.zeros_like(levels[:, 0])
-    if mode == "moe":
-        return torch.zeros_like(levels)
-    if levels.ndim == 1:
-        n = num_levels if isinstance(num_levels, int) else int(num_levels[0])
-        return torch.where(levels < 0, torch.full_like(levels, n), levels)
     counts = [int(num_levels)] if isinstance(num_levels, int) else [int(n) for n in num_levels]
-    if levels.shape[1] != len(counts):
-        raise ValueError(f"levels for {levels.shape[1]} attributes, but num_levels {num_levels} names {len(counts)}")
-    n = torch.tensor(counts, device=levels.device, dtype=levels.dtype)
-    offsets = torch.tensor([sum(c + 1 for c in counts[:a]) for a in range(len(counts))], device=levels.device,
-                           dtype=levels.dtype)
-    return offsets + torch.where(levels < 0, n.expand_as(levels), levels)
+    if (levels.ndim == 1 and len(counts) > 1) or (levels.ndim == 2 and levels.shape[1] != len(counts)):
+        raise ValueError(f"levels of shape {tuple(levels.shape)} for {len(counts)} attribute(s) (num_levels "
+                         f"{num_levels}): give one level per sample and attribute, shape (b, {len(counts)})"
+                         + ("" if len(counts) > 1 else " or (b,)"))
+    if mode == "moe":
+        return torch.zeros_like(levels if levels.ndim == 1 else levels[:, 0])
+    if levels.ndim == 1:
+        return torch.where(levels < 0, torch.full_like(levels, counts[0]), levels)
+    # Python numbers only (no host-to-device copy of an offsets tensor in the forward pass)
+    routers, offset = [], 0
+    for a, n in enumerate(counts):
+        routers.append(offset + torch.where(levels[:, a] < 0, torch.full_like(levels[:, a], n), levels[:, a]))
+        offset += n + 1
+    return torch.stack(routers, dim=1)
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int):

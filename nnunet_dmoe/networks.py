@@ -94,7 +94,9 @@ class AttributeInput(nn.Module):
         if len(self.attribute_channels) == 1:
             a = self.attribute_channels[0]
             return torch.cat([x[:, :a], x[:, a + 1:]], dim=1), x[:, a:a + 1]
-        return x[:, list(self.image_channels)], x[:, list(self.attribute_channels)]
+        # slices, not an index list (that would copy an index tensor to the device in every forward)
+        return (torch.cat([x[:, c:c + 1] for c in self.image_channels], dim=1),
+                torch.cat([x[:, c:c + 1] for c in self.attribute_channels], dim=1))
 
 
 class AttributeUNet(AttributeInput):

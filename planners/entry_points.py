@@ -29,7 +29,8 @@ def check_raw_dataset(dataset_id: int) -> List[AttributeSpec]:
     if problems:
         raise ValueError(f"{join(folder, 'dataset.json')}: {len(problems)} problem(s) with the attribute:\n"
                          + "\n".join(problems) + "\nWrite the channel with nnUNetv2_dmoe_attach_attribute and list "
-                         "every training case in attribute.cases.")
+                         + ("every training case in attribute.cases." if len(specs) == 1 else
+                            "every training case in the cases of every attribute."))
     return specs
 
 

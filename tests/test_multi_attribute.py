@@ -61,7 +61,7 @@ def test_route_index_offsets_each_attribute_and_its_unknown():
     assert route_index_for_levels(levels, [4, 2], "dmoe").tolist() == [[0, 6], [4, 5], [3, 7]]
     assert route_index_for_levels(levels, [4, 2], "moe").tolist() == [0, 0, 0]
     assert DMoEConfig(num_levels=[4, 2], attribute_channel=[1, 2]).num_routers == 8
-    with pytest.raises(ValueError, match="same number of attributes"):
+    with pytest.raises(ValueError, match="two lists of the same length"):
         DMoEConfig(num_levels=[4, 2], attribute_channel=[1])
 
 
@@ -79,18 +79,60 @@ def test_router_logits_are_the_sum_of_the_attributes_routers():
         torch.testing.assert_close(gates[b], torch.softmax(top, -1))
 
 
-def test_one_attribute_in_a_list_is_todays_dmoe():
-    """"attributes": [one block] writes the same plans settings, hence the same network (parameters and outputs)."""
+def test_one_attribute_is_todays_dmoe():
+    """One attribute, given as numbers or as one-entry lists, builds the dMoE of version 0.2 (before several
+    attributes existed): the same parameters and the same outputs (values printed by that version's code)."""
     spec = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE]})
-    settings = attribute_settings(spec)
+    assert attribute_settings(spec) == {"num_levels": 4, "attribute_channel": 1}  # the plans hold numbers
     a = _network(4, 1)
-    b = _network(settings["num_levels"], settings["attribute_channel"])
+    b = _network([4], [1])  # the list path: (b, 1) router indices, summed over one attribute
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    x = _input([3])[:, :2]
     _randomise_routers(a), _randomise_routers(b)
+    x = _input([3])[:, :2]
     with torch.no_grad():
-        assert torch.equal(a(x), b(x))
+        ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=1e-6)
+    # nnunet_dmoe 0.2 (commit c932de4), the same seeds: sum, sum of magnitudes, one voxel's logits
+    torch.testing.assert_close(ya.double().sum().item(), -60.120632448699325, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ya.abs().double().sum().item(), 314.28495387744624, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ya[0, :, 3, 5].tolist(), [0.3720305562019348, 0.038508620113134384], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_levels_must_name_every_attribute():
+    net = _network([4, 2], [1, 2])
+    with pytest.raises(ValueError, match=r"shape \(b, 2\)"):
+        net(_input([2, 1]), torch.tensor([1]))  # one level per sample for two attributes
+    with torch.no_grad():
+        torch.testing.assert_close(net(_input([2, 1]), torch.tensor([[1, 0]])), net(_input([2, 1])))
+    with pytest.raises(ValueError, match="two lists of the same length"):
+        DMoEConfig(num_levels=[4, 2], attribute_channel=1)
+    with pytest.raises(ValueError, match="two lists of the same length"):
+        DMoEConfig(num_levels=4, attribute_channel=[1, 2])
+
+
+def test_routing_report_rows_per_attribute_on_summed_routers():
+    """The routing report's recorder on a real two-attribute dMoE: each attribute's rows sum to k, and the centre
+    rows differ because the centre's routers take part."""
+    from nnunet_dmoe.routing_report import RoutingRecorder
+    specs = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
+    net = _network([4, 2], [1, 2])
+    _randomise_routers(net)
+    with RoutingRecorder(net, specs) as rec, torch.no_grad():
+        for s, c in ((2, 1), (2, 2), (3, 1)):
+            net(_input([s, c], seed=s * 3 + c))
+    blocks = rec.blocks()
+    assert len(blocks) == 2  # one block per encoder stage
+    for block in blocks:
+        stage, centre = block["attributes"]["tstage"], block["attributes"]["centre"]
+        assert stage["T2"]["tokens"] == 2 * 16 * 16 // 4 ** block["index"] and stage["T3"]["tokens"] > 0
+        assert stage["T1"]["tokens"] == 0 and stage["unknown"]["tokens"] == 0
+        assert centre["A"]["tokens"] == 2 * stage["T3"]["tokens"] and centre["B"]["tokens"] == stage["T3"]["tokens"]
+        for row in (stage["T2"], stage["T3"], centre["A"], centre["B"]):
+            assert sum(row["fraction"]) == pytest.approx(2.0)  # top-2: each token counted for its two experts
+        # T2 with centre A vs T2 with centre B: the same stage routers, other centre routers
+        assert block["js_divergence"]["centre"]["max"] > 0.0
 
 
 def test_second_attribute_with_silent_routers_changes_nothing():

@@ -1,4 +1,6 @@
 """The trainers' start-up check: dataset.json's attribute block against the preprocessed attribute channel."""
+from typing import List, Sequence, Union
+
 import numpy as np
 
 from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
@@ -6,31 +8,42 @@ from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
 __all__ = ["check_preprocessed_attribute"]
 
 _CASES_DISAGREE = (
-    "dataset.json's attribute block and the preprocessed attribute channel (channel {channel}) disagree for "
-    "{n} case(s):\n{lines}\nFix the attribute block or rewrite the channel (nnUNetv2_dmoe_attach_attribute), then "
+    "dataset.json's {block} and the preprocessed attribute channel (channel {channel}) disagree for "
+    "{n} case(s):\n{lines}\nFix the {block} or rewrite the channel (nnUNetv2_dmoe_attach_attribute), then "
     "run nnUNetv2_plan_and_preprocess again."
 )
 
 
-def check_preprocessed_attribute(dataset, spec: AttributeSpec) -> int:
+def check_preprocessed_attribute(dataset, specs: Union[AttributeSpec, Sequence[AttributeSpec]]) -> int:
     """Compare dataset.json's level of every case of an nnU-Net dataset object (``nnUNetDatasetBlosc2`` etc.) with
-    what its attribute channel decodes to; a code above the number of levels is an error too. Raises
-    ``ValueError`` naming every case that disagrees or is missing; returns the number of cases checked."""
-    problems = []
-    name = (lambda i: "unknown" if i is None else spec.levels[i])
+    what its attribute channel decodes to, for one attribute or each of several (every case is loaded once); a code
+    above the number of levels is an error too. Raises ``ValueError`` naming every case that disagrees or is
+    missing, per attribute; returns the number of cases checked."""
+    specs = [specs] if isinstance(specs, AttributeSpec) else list(specs)
+    several = len(specs) > 1
+    problems: List[List[str]] = [[] for _ in specs]
     for key in dataset.identifiers:
-        if key not in spec.cases:
-            problems.append(f"  {key}: missing from attribute.cases")
-            continue
-        data = dataset.load_case(key)[0]
-        try:
-            found = decode_attribute_channel(np.asarray(data[spec.channel]), spec.num_levels, case=key)
-        except ValueError as e:
-            problems.append(f"  {key}: {e}")
-            continue
-        expected = spec.case_level_index(key)
-        if found != expected:
-            problems.append(f"  {key}: dataset.json says {name(expected)}, the channel holds {name(found)}")
-    if problems:
-        raise ValueError(_CASES_DISAGREE.format(channel=spec.channel, n=len(problems), lines="\n".join(problems)))
+        data = None
+        for spec, found_problems in zip(specs, problems):
+            if key not in spec.cases:
+                where = f"the cases of attribute '{spec.name}'" if several else "attribute.cases"
+                found_problems.append(f"  {key}: missing from {where}")
+                continue
+            if data is None:
+                data = dataset.load_case(key)[0]
+            try:
+                found = decode_attribute_channel(np.asarray(data[spec.channel]), spec.num_levels, case=key)
+            except ValueError as e:
+                found_problems.append(f"  {key}: {e}")
+                continue
+            expected = spec.case_level_index(key)
+            if found != expected:
+                name = (lambda i: "unknown" if i is None else spec.levels[i])
+                found_problems.append(f"  {key}: dataset.json says {name(expected)}, the channel holds "
+                                      f"{name(found)}")
+    messages = [_CASES_DISAGREE.format(block=f"attribute '{spec.name}'" if several else "attribute block",
+                                       channel=spec.channel, n=len(lines), lines="\n".join(lines))
+                for spec, lines in zip(specs, problems) if lines]
+    if messages:
+        raise ValueError("\n\n".join(messages))
     return len(dataset.identifiers)

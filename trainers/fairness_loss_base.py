@@ -58,6 +58,12 @@ class nnUNetTrainerFairnessLossBase(nnUNetTrainerAttributeBase):
         unknown = any(level is None for level in self.attribute.cases.values())
         return list(self.attribute.levels) + ([UNKNOWN_GROUP] if unknown else [])
 
+    def on_train_start(self):
+        if len(self.attributes) > 1:
+            self.print_to_log_file(f"Groups: the levels of '{self.attribute.name}', the first of the dataset's "
+                                   f"attributes {[a.name for a in self.attributes]}.")
+        super().on_train_start()
+
     def group_losses(self) -> List[GroupLoss]:
         return [m for m in self.loss.modules() if isinstance(m, GroupLoss)]
 

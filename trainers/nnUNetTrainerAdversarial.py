@@ -17,6 +17,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainerFairnessLossBase):
         segmenter = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                        num_output_channels, enable_deep_supervision)
         num_levels = dmoe_settings(configuration_manager)[0]["dmoe_num_levels"]
+        if isinstance(num_levels, list):  # several attributes: the classifier predicts the first (its groups)
+            num_levels = num_levels[0]
         return AdversarialNetwork(segmenter, num_levels, cls.adversary_weight)
 
     def _build_loss(self):

@@ -127,9 +127,8 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
 
     # --- start-up check -------------------------------------------------------------------------------------------
     def check_attribute_channel(self):
-        dataset = self.dataset_class(self.preprocessed_dataset_folder)
+        n = check_preprocessed_attribute(self.dataset_class(self.preprocessed_dataset_folder), self.attributes)
         for spec in self.attributes:
-            n = check_preprocessed_attribute(dataset, spec)
             self.print_to_log_file(f"Attribute '{spec.name}': dataset.json and the attribute channel agree for all "
                                    f"{n} cases.")
 
