@@ -13,8 +13,8 @@ Both go through ``nnUNetv2_dmoe_plan_and_preprocess`` (2d); then ``nnUNetv2_trai
 - ``dMoE (stage)``: ``nnUNetTrainerDMoE`` on ``DATASET + 1``,
 - ``dMoE (stage+centre)``: ``nnUNetTrainerDMoE`` on ``DATASET`` (summed per-attribute routers),
 
-and the fairness report per attribute (``nnunet_dmoe.evaluation.compare_methods``, once grouped by T-stage, once by
-centre). Every stage is skipped when its result exists (a re-run resumes).
+and the fairness report (``nnunet_dmoe.evaluation.compare_methods``) per attribute and per combination of T-stage and
+centre. Every stage is skipped when its result exists (a re-run resumes).
 
     python benchmarks/two_attributes.py -o two_attributes [-replicates 1] [-epochs 10] [-iters 50]
 """
@@ -113,25 +113,29 @@ def main():
 
     with open(os.path.join(raw_both, "dataset.json")) as f:
         specs = attribute_specs_from_dataset_json(json.load(f))
-    results = {}
-    for spec in specs:
-        groups = CaseAttributes(spec.name, spec.levels, spec.all_cases)  # the test split's groups
-        result = compare_methods(predictions, os.path.join(raw_both, "labelsTs"), [1], groups,
-                                 os.path.join(out, "report", spec.name), n_boot=a.bootstrap)
-        results[spec.name] = result["methods"]
+    # one report: each attribute, and every combination of T-stage and centre (the test split's groups)
+    groups = [CaseAttributes(spec.name, spec.levels, spec.all_cases) for spec in specs]
+    result = compare_methods(predictions, os.path.join(raw_both, "labelsTs"), [1], groups,
+                             os.path.join(out, "report"), n_boot=a.bootstrap)
+    centres = specs[1].levels
     lines = ["| method | Dice | ES-Dice (T-stage) | worst T-stage | ES-Dice (centre) | "
-             + " | ".join(f"Dice centre {c}" for c in specs[1].levels) + " |",
-             "|---|---:|---:|---|---:|" + "---:|" * len(specs[1].levels)]
-    for m in predictions:
-        s, c = results["tstage"][m], results["centre"][m]
+             + " | ".join(f"Dice centre {c}" for c in centres) + " | ES-Dice (combinations) | worst combination |",
+             "|---|---:|---:|---|---:|" + "---:|" * len(centres) + "---:|---|"]
+    for m, summary in result["methods"].items():
+        s, c, k = summary["attributes"]["tstage"], summary["attributes"]["centre"], summary["combinations"]
         lines.append(f"| {m} | {s['overall']['Dice']:.3f} | {s['es']['Dice']:.3f} | {s['worst_group']['Dice']} | "
                      f"{c['es']['Dice']:.3f} | "
-                     + " | ".join(f"{c['groups'][g]['Dice']:.3f} (n={c['groups'][g]['n']})" for g in specs[1].levels)
-                     + " |")
+                     + " | ".join(f"{c['groups'][g]['Dice']:.3f} (n={c['groups'][g]['n']})" for g in centres)
+                     + f" | {k['es']['Dice']:.3f} | {k['worst_group']['Dice']} |")
     table = "\n".join(lines)
+    os.makedirs(os.path.join(out, "report"), exist_ok=True)
     with open(os.path.join(out, "report", "two_attributes.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(out, "report", "train_seconds.json"), "w") as f:
+    timing = os.path.join(out, "report", "train_seconds.json")  # kept over resumed runs
+    if os.path.isfile(timing):
+        with open(timing) as f:
+            seconds = {**json.load(f), **seconds}
+    with open(timing, "w") as f:
         json.dump(seconds, f, indent=1)
     print(table)
     print(f"\nDone in {time.time() - t0:.0f} s; reports in {os.path.join(out, 'report')}")
