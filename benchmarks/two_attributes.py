@@ -108,7 +108,8 @@ def main():
             if not os.path.isfile(os.path.join(pred, "predict_from_raw_data_args.json")):
                 _run([_bin("nnUNetv2_predict"), "-i", os.path.join(env["nnUNet_raw"], name, "imagesTs"), "-o", pred,
                       "-d", str(d), "-c", "2d", "-tr", tr, "-p", PLANS, "-f", str(r), "-device", "cpu", "-npp", "1",
-                      "-nps", "1", "--disable_progress_bar"], env, os.path.join(out, "logs", f"predict_{d}_{tr}_{r}.log"))
+                      "-nps", "1", "--disable_progress_bar"], env,
+                     os.path.join(out, "logs", f"predict_{d}_{tr}_{r}.log"))
             predictions[method if a.replicates == 1 else f"{method} r{r}"] = pred
 
     with open(os.path.join(raw_both, "dataset.json")) as f:

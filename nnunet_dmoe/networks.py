@@ -18,8 +18,8 @@ from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
-__all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network", "dmoe_settings",
-           "ROUTINGS", "PLANS_KEY"]
+__all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network",
+           "dmoe_settings", "ROUTINGS", "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
 ROUTINGS = ("dmoe", "moe")
@@ -223,5 +223,4 @@ def build_attribute_network(plans_manager, configuration_manager, num_input_chan
                            "configuration). nnunet_dmoe trainers write it (with num_levels) into the plans from "
                            "dataset.json's attribute block; train with one of them (nnUNetv2_dmoe_list_trainers).")
     return AttributeUNet(unet(num_input_channels - len(config.attribute_channels)), num_input_channels,
-                         config.attribute_channel,
-                         config if routing else None)
+                         config.attribute_channel, config if routing else None)

@@ -94,7 +94,8 @@ def _write(image: np.ndarray, attrs: Sequence[np.ndarray], label: np.ndarray, im
     if dim == 3:
         import SimpleITK as sitk
         files = [(image, os.path.join(img_dir, f"{case}_0000.nii.gz"))]
-        files += [(a.astype(np.float32), os.path.join(img_dir, f"{case}_{i + 1:04d}.nii.gz")) for i, a in enumerate(attrs)]
+        files += [(a.astype(np.float32), os.path.join(img_dir, f"{case}_{i + 1:04d}.nii.gz"))
+                  for i, a in enumerate(attrs)]
         for arr, path in files + [(label, os.path.join(lab_dir, f"{case}.nii.gz"))]:
             itk = sitk.GetImageFromArray(arr)
             itk.SetSpacing((1.0, 1.0, 1.0))
