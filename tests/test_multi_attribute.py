@@ -194,15 +194,15 @@ def test_trainer_writes_every_attribute_channel(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-TRAINER = "nnUNetTrainerDMoE_2epochs_10iters"
+TRAINER = "nnUNetTrainerDMoE_1epochs_10iters"
 
 
 def test_two_attributes_end_to_end(tmp_path):
     """Synthetic data with a T-stage margin and a centre margin, nnU-Net's CLIs: the dMoE trainer routes on both;
     its prediction changes with each attribute; a combination no training case has predicts."""
     env = nnunet_env(tmp_path, nnUNet_n_proc_DA="0")
-    run(["nnUNetv2_dmoe_make_synthetic", "-d", "995", "-dim", "2", "-num_train", "16", "-num_test", "4", "-size", "48",
-         "48", "--centres"], env)
+    run(["nnUNetv2_dmoe_make_synthetic", "-d", "995", "-dim", "2", "-num_train", "12", "-num_test", "4", "-size", "40",
+         "40", "--centres"], env)
     raw = tmp_path / "raw" / "Dataset995_SyntheticFairness"
     dj = json.loads((raw / "dataset.json").read_text())
     assert [b["name"] for b in dj["attributes"]] == ["tstage", "centre"]
