@@ -22,28 +22,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 from nnunet_dmoe.attribute import attribute_specs_from_dataset_json
-from nnunet_dmoe.demo import demo_env
+from nnunet_dmoe.demo import PLANS, _bin, _run, demo_env
 from nnunet_dmoe.evaluation import CaseAttributes, compare_methods
 from nnunet_dmoe.synthetic import DEFAULT_CENTRES, make_synthetic_dataset
 from nnunet_dmoe.trainers.training_length import variant_name
 
-PLANS = "nnUNetDMoEPlans"
 NAME = "SyntheticTwoAttributes"
-
-
-def _bin(name):
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def _run(cmd, env, log):
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "w") as f:
-        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def _stage_only_copy(src: str, dst: str) -> None:

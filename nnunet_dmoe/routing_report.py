@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_levels, fmt_cases
-from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.dmoe import DistributionAwareMoE, route_index_for_levels
 
 __all__ = ["RoutingRecorder", "js_divergence", "routing_report", "write_routing_json", "plot_routing",
            "routing_report_entry_point", "UNKNOWN"]
@@ -119,14 +119,16 @@ class RoutingRecorder:
         x = args[0]
         rows = []
         with torch.inference_mode():
-            for spec, offset in zip(self.specs, self._offsets):
+            for spec in self.specs:
                 if x.shape[1] <= spec.channel:
                     raise ValueError(f"the network's input has {x.shape[1]} channels, but attribute {spec.name!r} "
                                      f"is channel {spec.channel}: give the images with their attribute channel(s) "
                                      f"(nnUNetv2_dmoe_attach_attribute writes them)")
                 level = decode_attribute_levels(x[:, spec.channel], spec.num_levels)
-                rows.append(torch.where(level < 0, offset + spec.num_levels, offset + level))
-            self._sample_rows = torch.stack(rows)
+                rows.append(level)
+            # a row per router: the network's own level -> router rule (each attribute's levels, then its unknown)
+            self._sample_rows = route_index_for_levels(torch.stack(rows, dim=1),
+                                                       [s.num_levels for s in self.specs], "dmoe").T
         self._calls = {}
         self.windows += x.shape[0]
 
