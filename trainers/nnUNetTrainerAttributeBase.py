@@ -1,6 +1,6 @@
 """The seam every attribute-aware trainer builds on.
 
-``nnUNetTrainerAttributeBase`` is nnU-Net's trainer plus four small pieces, each in one place:
+``nnUNetTrainerAttributeBase`` is nnU-Net's trainer plus five small pieces, each in one place:
 
 1. **dataset.json -> plans** (``__init__``): reads and validates the ``attribute`` block and writes ``num_levels``
    and ``attribute_channel`` into the configuration's ``"dmoe"`` block of the plans, so that a model folder
@@ -11,6 +11,7 @@
    it: :mod:`nnunet_dmoe.trainers.attribute_augmentation`); a share of training samples is shown as "unknown".
 4. **the start-up check** (:mod:`nnunet_dmoe.trainers.attribute_checks`): dataset.json and the preprocessed channel
    agree for every case.
+5. **the optimizer** (:meth:`configure_optimizers`): nnU-Net's, as torch's fused SGD on CPU.
 
 A trainer of the plugin is one short subclass overriding one hook. The network:
 :meth:`build_network_architecture` calling :func:`nnunet_dmoe.networks.build_attribute_network` with explicit
