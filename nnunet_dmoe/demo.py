@@ -41,8 +41,8 @@ COMPARATORS = {
     "Adversarial": "nnUNetTrainerAdversarial",
     PER_LEVEL: "nnUNetTrainerNoAttribute",  # one per level (nnunet_dmoe.per_level)
 }
-# the paper's 2D setting, a ViT-B/16 TransUNet (opt-in with -methods NAME; not in --all_methods: on a CPU a
-# ViT-B takes hours where the U-Nets take minutes)
+# the paper's 2D setting, a ViT-B/16 TransUNet (opt-in with -methods NAME; not in --all_methods: on this project's
+# 2-core CPU one replicate takes about 9 min for TransUNet and 26 min for TransUNet-dMoE, the U-Nets 4-8 min)
 TRANSFORMERS = {
     "TransUNet": "nnUNetTrainerTransUNet",
     "TransUNet-MoE": "nnUNetTrainerTransUNetMoE",
