@@ -120,8 +120,9 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
 
     def configure_optimizers(self):
         """nnU-Net's SGD and schedule; on CPU the SGD runs as torch's fused kernel (the same update, equal up to
-        float rounding: one pass over each parameter instead of five elementwise passes). The (d)MoE experts multiply the
-        parameters (the demo's 2D U-Net: 7.8 -> 30.2 M), so on CPU the loop was a large share of their step."""
+        float rounding: one pass over each parameter instead of five elementwise passes). The (d)MoE experts
+        multiply the parameters (the demo's 2D U-Net: 7.8 -> 30.2 M), so on CPU the loop was a large share of
+        their step. A checkpoint's optimizer state brings its own setting back when training resumes."""
         optimizer, lr_scheduler = super().configure_optimizers()
         if self.device.type == "cpu" and type(optimizer) is torch.optim.SGD:
             for group in optimizer.param_groups:
