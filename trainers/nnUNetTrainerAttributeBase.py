@@ -118,12 +118,13 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         return super().train_step(self.prepare_attribute(batch, train=True))
 
-    def configure_optimizers(self):
+    def configure_optimizers(self, *args, **kwargs):
         """nnU-Net's SGD and schedule; on CPU the SGD runs as torch's fused kernel (the same update, equal up to
         float rounding: one pass over each parameter instead of five elementwise passes). The (d)MoE experts
         multiply the parameters (the demo's 2D U-Net: 7.8 -> 30.2 M), so on CPU the loop was a large share of
-        their step. A checkpoint's optimizer state brings its own setting back when training resumes."""
-        optimizer, lr_scheduler = super().configure_optimizers()
+        their step. A checkpoint's optimizer state brings its own setting back when training resumes. Arguments
+        pass through (nnU-Net's warm-up trainers, Primus among them, give a stage)."""
+        optimizer, lr_scheduler = super().configure_optimizers(*args, **kwargs)
         if self.device.type == "cpu" and type(optimizer) is torch.optim.SGD:
             for group in optimizer.param_groups:
                 group["fused"] = True
