@@ -92,9 +92,8 @@ class RoutingRecorder:
         self.moes = [(name, m) for name, m in self.network.named_modules() if isinstance(m, DistributionAwareMoE)]
         if not self.moes:
             raise ValueError(_NO_MOE.format(where=where))
+        # one row per router, in route_index_for_levels' order: each attribute's levels, then its unknown
         self.rows: List[Tuple[str, str]] = [(s.name, lv) for s in self.specs for lv in [*s.levels, UNKNOWN]]
-        offsets = np.cumsum([0] + [s.num_levels + 1 for s in self.specs])
-        self._offsets = [int(o) for o in offsets[:-1]]
         self._handles = []
         self._sample_rows: Optional[torch.Tensor] = None  # (A, b) row index per attribute and sample
         self._calls: Dict[str, int] = {}
@@ -178,10 +177,10 @@ class RoutingRecorder:
             block = {"name": name if self._max_calls[name] == 1 else f"{name}#{call}", "module": name, "call": call,
                      "label": label, "index": index, "channels": moe.dim, "num_experts": moe.num_experts,
                      "top_k": moe.top_k, "attributes": {}, "js_divergence": {}}
-            for spec, offset in zip(self.specs, self._offsets):
+            for spec in self.specs:
                 levels = {}
-                for j, level in enumerate([*spec.levels, UNKNOWN]):
-                    r = offset + j
+                for level in [*spec.levels, UNKNOWN]:
+                    r = self.rows.index((spec.name, level))
                     n, counts, gsum = int(acc["tokens"][r]), acc["counts"][r].double(), acc["gate_sum"][r].double()
                     levels[level] = {
                         "tokens": n,
