@@ -4,8 +4,9 @@ The demo's data and plans are made as ``nnUNetv2_dmoe_demo`` makes them (synthet
 cases; ``nnUNetv2_dmoe_plan_and_preprocess``, whose 2D plans give PlainConvUNet 32..512 at patch 80x80), in
 ``-o`` (reused when present). The networks are built from those plans through the trainers' builder; each step is
 nnU-Net's ``train_step`` on CPU: deep-supervision Dice+CE loss, backward, gradient clip 12, SGD with Nesterov
-momentum (``nnunet_dmoe.benchmark.NNUNetTrainStep``), no autocast (nnU-Net autocasts on CUDA only). Runs are
-interleaved (baseline, MoE, dMoE, ...), medians reported. Not a test; run by hand:
+momentum (``nnunet_dmoe.benchmark.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing freed memory, as
+the plugin's trainers run on CPU: ``--foreach_sgd`` / ``--glibc_default`` for torch's and glibc's defaults), no
+autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians reported. Not a test; run by hand:
 
     .venv/bin/python benchmarks/bench_demo_2d.py [-o /tmp/demo2d_bench] [--repeats 15] [-b 2]
 
@@ -22,6 +23,7 @@ import torch
 from nnunet_dmoe.benchmark import (NNUNetTrainStep, _from_plans, _inputs, _targets, build_pair, count_parameters,
                                    time_interleaved)
 from nnunet_dmoe.demo import PLANS, demo_env
+from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
 
 
 def prepare(output: str, dataset_id: int) -> None:
@@ -44,9 +46,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("-b", type=int, default=2, help="batch size (the demo's plans: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--fused_sgd", action="store_true",
-                        help="the same SGD as one fused kernel per parameter (torch.optim.SGD(fused=True))")
+    parser.add_argument("--foreach_sgd", action="store_true",
+                        help="torch's default SGD implementation (default: the fused kernel, as the trainers on CPU)")
+    parser.add_argument("--glibc_default", action="store_true",
+                        help="leave glibc's malloc as it is (default: reuse freed memory, as the trainers do on CPU)")
     args = parser.parse_args()
+    print(keep_freed_memory() if not args.glibc_default else "CPU memory: glibc's defaults (--glibc_default)")
     if args.threads:
         torch.set_num_threads(args.threads)
     prepare(os.path.abspath(args.o), args.d)
@@ -61,13 +66,13 @@ def main():
     for k, n in nets.items():
         n.train()
         steps[k] = NNUNetTrainStep(n, x, targets)
-        if args.fused_sgd:
+        if not args.foreach_sgd:
             steps[k].optimizer = torch.optim.SGD(n.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
                                                  nesterov=True, fused=True)
     arch = cm.network_arch_init_kwargs
     print(f"demo 2D plans: {cm.network_arch_class_name.split('.')[-1]} {arch['features_per_stage']}, patch "
           f"{list(patch)}, batch {args.b}, CPU {torch.get_num_threads()} threads, "
-          f"{'fused' if args.fused_sgd else 'default'} SGD; parameters (M): "
+          f"{'default' if args.foreach_sgd else 'fused'} SGD; parameters (M): "
           + ", ".join(f"{k} {count_parameters(n) / 1e6:.2f}" for k, n in nets.items()))
     cpu = {}
     t = time_interleaved(steps, repeats=args.repeats, warmup=2, cpu_times=cpu)

@@ -13,9 +13,10 @@ down by operator (torch.profiler, forward and backward). Not a test; run by hand
 
 Target: dMoE/plain <= 1.30x for forward+backward on the 2-core CPU.
 
-Large activations here are fresh ``mmap`` allocations that glibc returns after each op, and first-touch page faults
-are expensive in this VM: with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` (keep freed memory) both
-networks run faster and the dMoE, which allocates more large temporaries, gains most. Say which setting you used.
+Large activations are fresh ``mmap`` allocations that glibc by default returns after each op, and first-touch page
+faults are expensive in this VM. The plugin's trainers tell glibc to reuse freed memory on CPU
+(:mod:`nnunet_dmoe.trainers.cpu_memory`), and so does this benchmark unless ``--glibc_default`` is given. Say which
+setting you used.
 """
 import argparse
 import statistics
@@ -24,6 +25,7 @@ import torch
 
 from nnunet_dmoe.benchmark import resenc_m_configuration, build_pair, count_parameters, time_interleaved
 from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
 
 # operator name -> part of the dMoE layer it belongs to (forward and backward ops alike)
 OP_GROUPS = {
@@ -100,7 +102,10 @@ def main():
     parser.add_argument("-b", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip_network", action="store_true", help="only the --profile part")
+    parser.add_argument("--glibc_default", action="store_true",
+                        help="leave glibc's malloc as it is (default: reuse freed memory, as the trainers do on CPU)")
     args = parser.parse_args()
+    print(keep_freed_memory() if not args.glibc_default else "CPU memory: glibc's defaults (--glibc_default)")
     base, dmoe = build_pair(resenc_m_configuration(3), num_levels=4, deep_supervision=True)
     x = torch.randn(args.b, 2, *([args.patch] * 3))
     x[:, 1] = torch.arange(args.b)[:, None, None, None] % 4 + 1  # attribute channel: levels 1..4

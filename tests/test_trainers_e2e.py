@@ -44,6 +44,7 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     env = nnunet_env(root, nnUNet_n_proc_DA="0")
     log = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
+    assert "CPU memory: glibc keeps freed memory for reuse" in log  # nnunet_dmoe.trainers.cpu_memory
     model = root / "results" / "Dataset991_SyntheticFairness" / f"{TRAINER}__nnUNetPlans__3d_fullres"
     plans = json.loads((model / "plans.json").read_text())
     block = plans["configurations"]["3d_fullres"]["dmoe"]

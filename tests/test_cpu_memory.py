@@ -1,0 +1,48 @@
+"""glibc told to reuse freed memory in CPU training (nnunet_dmoe.trainers.cpu_memory): page faults counted in a
+fresh Python process, since the setting lasts for the process."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+# 64 MiB blocks (above glibc's largest mmap threshold): allocated, written and freed; minor page faults of three
+# such blocks after two of warm-up
+CODE = """
+import resource, torch
+from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
+print(keep_freed_memory())
+for _ in range(2):
+    torch.ones(16 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    torch.ones(16 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+PAGES = 3 * (64 << 20) // 4096
+
+
+def _run(**env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    p = subprocess.run([sys.executable, "-c", CODE], env={**clean, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    line, faults = p.stdout.strip().splitlines()[-2:]
+    return line, int(faults)
+
+
+def test_freed_blocks_are_reused_without_page_faults():
+    line, faults = _run()
+    assert line.startswith("CPU memory: glibc keeps freed memory")
+    assert faults < 0.01 * PAGES, faults
+
+
+@pytest.mark.parametrize("env, says", [({"NNUNET_DMOE_KEEP_FREED_MEMORY": "0"}, "off"),
+                                       ({"MALLOC_ARENA_MAX": "2"}, "left to your settings (MALLOC_ARENA_MAX)")])
+def test_turned_off_or_left_to_the_users_settings(env, says):
+    line, faults = _run(**env)
+    assert says in line
+    assert faults > 0.9 * PAGES, faults  # every block mapped and zero-filled anew
