@@ -13,7 +13,8 @@ step the same memory is reused. The process keeps its peak size (as PyTorch's CU
 GPU). This is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment would do, applied from
 inside the process so that users need not know. The trainers call it at the start of CPU training; it changes
 nothing on GPU, off glibc (macOS, musl), when ``$NNUNET_DMOE_KEEP_FREED_MEMORY=0``, or when the environment sets
-glibc's malloc itself (``MALLOC_*_`` variables or ``glibc.malloc`` tunables: yours win).
+these parameters itself (``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_TOP_PAD_`` or their ``glibc.malloc`` tunables: yours win).
 """
 import ctypes
 import os
@@ -27,8 +28,10 @@ ENV = "NNUNET_DMOE_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int: about 2 GiB
-_USER_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                   "MALLOC_ARENA_MAX")
+# the user's own settings of the same glibc parameters (environment variables and their tunables)
+_USER_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_USER_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
+                  "glibc.malloc.top_pad")
 _state = None
 
 
@@ -38,7 +41,7 @@ def _reason_to_skip():
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return "not glibc: left as it is"
     users = [v for v in _USER_VARIABLES if v in os.environ]
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in _USER_TUNABLES):
         users.append("GLIBC_TUNABLES")
     if users:
         return f"left to your settings ({', '.join(users)})"
