@@ -6,9 +6,13 @@ cases; ``nnUNetv2_dmoe_plan_and_preprocess``, whose 2D plans give PlainConvUNet 
 nnU-Net's ``train_step`` on CPU: deep-supervision Dice+CE loss, backward, gradient clip 12, SGD with Nesterov
 momentum (``nnunet_dmoe.benchmark.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing freed memory, as
 the plugin's trainers run on CPU: ``--foreach_sgd`` / ``--glibc_default`` for torch's and glibc's defaults), no
-autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians reported. Not a test; run by hand:
+autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians reported. Not a
+test; run by hand:
 
-    .venv/bin/python benchmarks/bench_demo_2d.py [-o /tmp/demo2d_bench] [--repeats 15] [-b 2]
+    .venv/bin/python benchmarks/bench_demo_2d.py [-o /tmp/demo2d_bench] [--repeats 15] [-b 2] [--parts]
+
+``--parts`` also times the four parts of a step one after the other (forward with the loss, backward, gradient clip,
+SGD step), to show where the extra time of the (d)MoE goes.
 
 Target (issue 9): MoE and dMoE train step at most 1.5x the baseline's.
 """
@@ -17,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -50,6 +55,7 @@ def main():
                         help="torch's default SGD implementation (default: the fused kernel, as the trainers on CPU)")
     parser.add_argument("--glibc_default", action="store_true",
                         help="leave glibc's malloc as it is (default: reuse freed memory, as the trainers do on CPU)")
+    parser.add_argument("--parts", action="store_true", help="also time forward, backward, clip and SGD separately")
     args = parser.parse_args()
     print(keep_freed_memory() if not args.glibc_default else "CPU memory: glibc's defaults (--glibc_default)")
     if args.threads:
@@ -83,6 +89,33 @@ def main():
         c = statistics.median(cpu[k]) / statistics.median(cpu["baseline"])
         print(f"  {k:8s} train step: median {med[k] * 1e3:6.1f} ms  ({ratio:.2f}x; per-pair {pair:.2f}x; CPU time "
               f"{c:.2f}x)   runs: " + " ".join(f"{s * 1e3:.0f}" for s in v))
+
+    if args.parts:
+        parts = {k: time_parts(s, args.repeats) for k, s in steps.items()}
+        print("  parts of a step, median ms (extra over the baseline):")
+        for part in parts["baseline"]:
+            print(f"    {part:8s} " + "  ".join(f"{k} {v[part]:6.1f}" + (
+                "" if k == "baseline" else f" (+{v[part] - parts['baseline'][part]:.1f})") for k, v in parts.items()))
+
+
+def time_parts(step: NNUNetTrainStep, repeats: int, warmup: int = 2) -> dict:
+    """Median milliseconds of the parts of ``step`` (CPU: no autocast, no GradScaler)."""
+    times = {"forward": [], "backward": [], "clip": [], "sgd": []}
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        step.optimizer.zero_grad(set_to_none=True)
+        loss = step.loss(step.net(step.x), step.targets)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(step.net.parameters(), 12)
+        t3 = time.perf_counter()
+        step.optimizer.step()
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for part, t in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[part].append(t)
+    return {part: statistics.median(t) * 1e3 for part, t in times.items()}
 
 
 if __name__ == "__main__":
