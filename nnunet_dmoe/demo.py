@@ -42,7 +42,8 @@ COMPARATORS = {
     PER_LEVEL: "nnUNetTrainerNoAttribute",  # one per level (nnunet_dmoe.per_level)
 }
 # the paper's 2D setting, a ViT-B/16 TransUNet (opt-in with -methods NAME; not in --all_methods: on this project's
-# 2-core CPU one replicate takes about 9 min for TransUNet and 26 min for TransUNet-dMoE, the U-Nets 4-8 min)
+# 2-core CPU one replicate took about 9 min for TransUNet and 26 min for TransUNet-dMoE, the U-Nets 4-8 min, when
+# the demo still made OpenMP threads sleep; the U-Nets now take 1.5-3 min)
 TRANSFORMERS = {
     "TransUNet": "nnUNetTrainerTransUNet",
     "TransUNet-MoE": "nnUNetTrainerTransUNetMoE",
