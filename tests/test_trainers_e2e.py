@@ -42,7 +42,9 @@ def test_trainer_found_in_a_clean_shell():
 def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     root = preprocessed_3d
     env = nnunet_env(root, nnUNet_n_proc_DA="0")
-    log = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    # the trainers' CPU memory setting on, as for users (conftest turns it off for the other tests)
+    log = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
+              dict(env, NNUNET_DMOE_KEEP_FREED_MEMORY="1"))
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
     assert "CPU memory: glibc keeps freed memory for reuse" in log  # nnunet_dmoe.trainers.cpu_memory
     model = root / "results" / "Dataset991_SyntheticFairness" / f"{TRAINER}__nnUNetPlans__3d_fullres"
