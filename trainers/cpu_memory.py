@@ -3,9 +3,9 @@
 On CPU, PyTorch allocates tensors with ``malloc``. glibc serves large blocks (32 MiB and more always; smaller ones
 until its adaptive threshold has grown) with a fresh ``mmap`` and unmaps them when they are freed. A training step
 frees and re-allocates the same large activations and gradients every iteration, so every iteration maps them anew
-and the kernel zero-fills each page on first touch. On small machines that costs as much as a good part of the
-arithmetic: in the demo's 2D configuration the (d)MoE's expert gradients (33.5 MiB per 512-wide block) alone made
-about 23 000 page faults and 50 ms of kernel time per step.
+and the kernel zero-fills each page on first touch. On small machines that costs a good part of a step: one dMoE
+train step in the demo's 2D configuration made about 23 000 page faults and 50 ms of kernel time, much of it for
+the expert gradients of the 512-wide block (two tensors of 33.5 MiB).
 
 :func:`keep_freed_memory` tells glibc (``mallopt``) to take every block from its heap (``M_MMAP_MAX`` = 0) and to
 give freed memory back only when more than 2 GiB are free at the heap's top (``M_TRIM_THRESHOLD``): after the first
