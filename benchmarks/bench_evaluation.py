@@ -2,7 +2,7 @@
 
 Target: within 60 s on the 2-core development machine. Not a test; run it by hand:
 
-    .venv/bin/python benchmarks/bench_evaluation.py [--repeats 3] [-np 1] [--data ../shared/data/picai_wholegland]
+    .venv/bin/python benchmarks/bench_evaluation.py [--repeats 3] [-np 1] [--data tests/data/picai_wholegland]
 
 Prints the time of each run (reading + scoring, bootstrap, writing the four files) and the median.
 """
@@ -19,8 +19,8 @@ from nnunet_dmoe.evaluation import attributes_from_table, evaluate_folders
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # default: the shared data beside the checkout, ../shared/data
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    # default: the real test data in the repository
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"
                                               / "picai_wholegland"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bootstrap", type=int, default=1000)

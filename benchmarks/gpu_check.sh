@@ -5,13 +5,13 @@
 #
 #   benchmarks/gpu_check.sh WHEEL_DIR        # run from the project root; results in $OUT (default ./gpu_check_out)
 #
-# WHEEL_DIR as filled by ../shared/gpu/wheels.sh: a/ (SimpleITK, optional: a stub module is used without it),
+# WHEEL_DIR as filled by benchmarks/gpu_wheels.sh WHEEL_DIR: a/ (SimpleITK, optional: a stub module is used without it),
 # b/ (nnU-Net and friends, the plugin); optional t/ with pytest, pluggy and iniconfig wheels where pytest is missing.
 # Budget ~7 minutes on an H100: every stage has its own timeout and later stages are skipped when the budget
 # (BUDGET seconds, default 450) would be exceeded; COMPILE_GROUPED=1 also compiles the grouped_mm backend.
 # DRY=1: the same stages on CPU with the tiny preset and the current Python (no install), to check this script.
 set -u
-WHEELS=${1:?give the wheel folder (see ../shared/gpu/wheels.sh)}
+WHEELS=${1:?give the wheel folder (benchmarks/gpu_wheels.sh WHEEL_DIR fills one)}
 OUT=${OUT:-$PWD/gpu_check_out}
 BUDGET=${BUDGET:-450}
 DRY=${DRY:-0}

@@ -19,13 +19,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("NNUNET_DMOE_KEEP_FREED_MEMORY", "0")
 
 VENV_BIN = os.path.dirname(sys.executable)
-# the project's shared, read-only data: ../shared/data beside the checkout
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the real test data sets, kept in the repository (tests/data/README.md: sources and licences)
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
-def shared_data(name: str) -> str:
-    """Path of the data set ``name`` in the shared data folder (``../shared/data/<name>`` beside the checkout)."""
-    return str(SHARED_DATA / name)
+def real_data(name: str) -> str:
+    """Path of the real data set ``name`` in ``tests/data``."""
+    return str(TEST_DATA / name)
 
 
 def nnunet_env(root, **extra):

@@ -1,4 +1,4 @@
-"""HAM10000 converter on the real sample in shared/data (read-only) and on small images named after real metadata
+"""HAM10000 converter on the real sample in tests/data (read-only) and on small images named after real metadata
 rows (to test the lesion-grouped split and missing ages)."""
 import json
 import os
@@ -10,23 +10,26 @@ import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from PIL import Image
 
-from conftest import shared_data
+from conftest import real_data
 from nnunet_dmoe.attribute import AttributeSpec
 from nnunet_dmoe.dataset_conversion.ham10000 import (IMAGE_DIR, MASK_DIR, _lesion_split, convert_ham10000,
                                                      lesion_folds)
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
-SAMPLE = shared_data("ham10000_sample")
+SAMPLE = real_data("ham10000_sample")
 METADATA = os.path.join(SAMPLE, "HAM10000_metadata.csv")
 AGES = {"ISIC_0024311": "60-80", "ISIC_0027001": "40-60", "ISIC_0027287": "40-60", "ISIC_0027533": "40-60",
         "ISIC_0027800": "60-80"}
 LEVELS = ["<20", "20-40", "40-60", "60-80", ">=80"]
 
 
-def test_shared_data_is_found_beside_the_checkout():
+def test_sample_is_in_the_repository():
+    """The real sample lives in the checkout (tests/data), with its licence note; nothing is read from beside it."""
     checkout = Path(__file__).resolve().parents[1]
-    assert Path(SAMPLE) == checkout.parent / "shared" / "data" / "ham10000_sample"
+    assert Path(SAMPLE) == checkout / "tests" / "data" / "ham10000_sample"
     assert os.path.isfile(METADATA)
+    assert len(os.listdir(os.path.join(SAMPLE, IMAGE_DIR))) == 5
+    assert "CC BY-NC" in Path(SAMPLE, "README.md").read_text()
 
 
 @pytest.fixture

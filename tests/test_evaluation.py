@@ -9,12 +9,11 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from conftest import shared_data
+from conftest import real_data
 from nnunet_dmoe.evaluation import attributes_from_table, evaluate_entry_point, evaluate_folders
 
-DATA = shared_data("picai_wholegland")
+DATA = real_data("picai_wholegland")
 REF, AUTO = os.path.join(DATA, "reference"), os.path.join(DATA, "automatic")
-pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason="PI-CAI test data not found")
 
 
 @pytest.fixture(scope="module")
