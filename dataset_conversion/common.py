@@ -1,10 +1,11 @@
 """Helpers shared by the distribution-aware (dMoE) dataset converters: output folder, problem summary, attribute
 block and attribute channel, PNG writing, split files and the table of cases per attribute level.
 
-Every converter follows the same steps: check the output folder (:func:`prepare_dataset_folder`), convert case by
-case while collecting every bad input in :class:`Problems`, stop with one ``ValueError`` listing all of them (and
-remove the half-written folder), then write ``dataset.json`` with the ``attribute`` block
-(:func:`write_dataset_json`) and print the level table (:func:`level_table`).
+Every converter follows the same steps: check the input and collect every bad input in :class:`Problems`; then,
+inside :func:`staged_dataset` (a temporary folder beside the target), convert case by case, stop with one
+``ValueError`` listing all problems, write ``dataset.json`` with the ``attribute`` block (:func:`write_dataset_json`)
+and print the level table (:func:`level_table`). The new dataset replaces the target only when all of this has
+succeeded; on any error or interruption the target is as it was.
 
 Several attributes (a converter given several names or columns): one attribute channel per attribute after the image
 channels, each ``noNorm``, and an ``"attributes"`` list of blocks in dataset.json instead of ``"attribute"``. With one
@@ -12,18 +13,20 @@ attribute everything is as before.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
-from nnunet_dmoe.tables import read_attribute_table
+from nnunet_dmoe.tables import read_attribute_table, read_text
 
 UNKNOWN = "unknown"
 _SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",
@@ -44,49 +47,151 @@ class Problems:
     def __len__(self) -> int:
         return len(self.items)
 
-    def raise_if_any(self, context: str, cleanup: Optional[str] = None, limit: int = 200) -> None:
-        """Raise one ``ValueError`` naming each problem; remove the folder ``cleanup`` first (half-written output)."""
+    def raise_if_any(self, context: str, limit: int = 200) -> None:
+        """Raise one ``ValueError`` naming each problem (inside :func:`staged_dataset`, nothing is written then)."""
         if not self.items:
             return
-        if cleanup is not None and os.path.isdir(cleanup):
-            shutil.rmtree(cleanup)
         lines = "\n".join(f"  - {p}" for p in self.items[:limit])
         more = f"\n  ... and {len(self.items) - limit} more" if len(self.items) > limit else ""
         raise ValueError(f"{context}: {len(self.items)} problem(s) in the input, nothing was written. Fix all of "
                          f"them and run the command again:\n{lines}{more}")
 
 
-def prepare_dataset_folder(dataset_id: int, dataset_name: str, overwrite: bool = False,
-                           extra_files: Sequence[str] = (), raw_folder: Optional[str] = None) -> str:
-    """Create ``raw_folder/DatasetXXX_Name`` (default ``$nnUNet_raw``; empty) and return its path.
+class StagedDataset:
+    """A raw dataset being written: everything goes into :attr:`path`, a temporary folder beside the target, and
+    reaches :attr:`final` only when :func:`staged_dataset` commits it. ``stage_file`` does the same for files outside
+    the dataset folder (a ``splits_final.json`` in ``nnUNet_preprocessed``)."""
 
-    Refuses (``RuntimeError``) when any ``DatasetXXX_*`` folder with the same id exists in ``nnUNet_raw`` or a file
-    in ``extra_files`` exists, unless ``overwrite``; with ``overwrite`` those are removed first.
-    """
-    if raw_folder is None:
-        from nnunetv2.paths import nnUNet_raw
-        raw_folder = nnUNet_raw
+    def __init__(self, tmp_root: str, final: str):
+        self.tmp_root, self.final = tmp_root, final
+        self.path = os.path.join(tmp_root, os.path.basename(final))  # same name: dataset.json's name stays right
+        self.files: Dict[str, str] = {}  # final path -> staged path
 
-    if not 0 < int(dataset_id) < 1000:
+    def stage_file(self, final: str) -> str:
+        """Where to write ``final`` now; it is moved there at the commit."""
+        staged = os.path.join(self.tmp_root, f"file{len(self.files)}_{os.path.basename(final)}")
+        self.files[os.path.abspath(final)] = staged
+        return staged
+
+
+_TMP_PREFIX = ".nnunet_dmoe_tmp_"
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _remove_stale_temporaries(raw: str) -> None:
+    """Temporary folders of writers killed without a chance to clean up (SIGKILL): their process is gone."""
+    for name in os.listdir(raw):
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        pid = name[len(_TMP_PREFIX):].split("_")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(raw, name), ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _check_dataset_target(dataset_id, dataset_name: str, overwrite: bool, extra_files: Sequence[str], raw: str,
+                          inputs: Sequence[Optional[str]]) -> List[str]:
+    """The existing folders and files that the new dataset replaces; refuses what must not be replaced."""
+    if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 0 < dataset_id < 1000:
         raise ValueError(f"-d: the dataset id must be an integer from 1 to 999, got {dataset_id!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", dataset_name):
         raise ValueError(f"-n: the dataset name may hold letters, digits, '_' and '-', got {dataset_name!r}")
-    raw = os.fspath(raw_folder)
-    os.makedirs(raw, exist_ok=True)
     prefix = f"Dataset{int(dataset_id):03d}_"
     existing = sorted(os.path.join(raw, d) for d in os.listdir(raw)
                       if d.startswith(prefix) and os.path.isdir(os.path.join(raw, d)))
     existing += [f for f in extra_files if os.path.exists(f)]
     if existing and not overwrite:
         raise RuntimeError(f"Dataset id {int(dataset_id)} is taken: {', '.join(existing)} exist(s). Choose another "
-                           f"id with -d, or pass --overwrite to delete and rewrite it.")
+                           f"id with -d, or pass --overwrite to replace it (it is replaced only after the new "
+                           f"dataset has been written completely).")
+    targets = existing + [os.path.join(raw, prefix + dataset_name)]
+    for given in filter(None, inputs):
+        for target in targets:
+            if _inside(given, target):
+                raise ValueError(f"the input {given} lies inside {target}, which this command would replace. Move "
+                                 f"the input out of it first, or write the dataset under another id (-d).")
+    return existing
+
+
+def _commit(staged: StagedDataset, existing: Sequence[str]) -> None:
+    """Replace ``existing`` by the staged dataset: renames on one file system, the old data removed last."""
+    trash = os.path.join(staged.tmp_root, ".replaced")
+    os.makedirs(trash)
+    moved = []
+    try:
+        for k, path in enumerate(existing):
+            if os.path.abspath(path) in staged.files:
+                continue  # os.replace below swaps it
+            os.replace(path, os.path.join(trash, str(k)))
+            moved.append((path, os.path.join(trash, str(k))))
+        os.replace(staged.path, staged.final)
+    except BaseException:
+        for path, aside in reversed(moved):  # put the old dataset back
+            os.replace(aside, path)
+        raise
+    for final, path in staged.files.items():
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        shutil.move(path, final)
+
+
+@contextlib.contextmanager
+def staged_dataset(dataset_id: int, dataset_name: str, overwrite: bool = False, extra_files: Sequence[str] = (),
+                   raw_folder: Optional[str] = None, inputs: Sequence[Optional[str]] = ()):
+    """Write ``raw_folder/DatasetXXX_Name`` (default ``$nnUNet_raw``) atomically; yields a :class:`StagedDataset`.
+
+    Refuses (before anything is written) a taken id unless ``overwrite`` (any ``DatasetXXX_*`` folder with the same
+    id, or a file in ``extra_files``), and any of ``inputs`` that lies inside a folder it would replace. The body
+    writes into ``staged.path``, a temporary folder beside the target; only when the body returns does the new dataset
+    replace the old one (renames), and with ``overwrite`` the old one is removed then. On any error or interruption
+    (Ctrl-C; SIGTERM in the commands) the temporary folder is removed and the old dataset is exactly as before.
+    """
+    if raw_folder is None:
+        from nnunetv2.paths import nnUNet_raw
+        raw_folder = nnUNet_raw
+    raw = os.fspath(raw_folder)
+    os.makedirs(raw, exist_ok=True)
+    _remove_stale_temporaries(raw)
+    existing = _check_dataset_target(dataset_id, dataset_name, overwrite, extra_files, raw, inputs)
+    final = os.path.join(raw, f"Dataset{int(dataset_id):03d}_{dataset_name}")
+    staged = StagedDataset(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}_", dir=raw), final)
+    try:
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            os.makedirs(os.path.join(staged.path, sub))
+        yield staged
+        _commit(staged, existing)
+    finally:
+        shutil.rmtree(staged.tmp_root, ignore_errors=True)
     for path in existing:
-        print(f"--overwrite: removing {path}")
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    out = os.path.join(raw, prefix + dataset_name)
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(out, sub))
-    return out
+        if os.path.abspath(path) != os.path.abspath(final) and os.path.abspath(path) not in staged.files:
+            print(f"--overwrite: replaced {path}")
+    _warn_stale_preprocessed(final)
+    print(f"Wrote {final}")
+
+
+def _warn_stale_preprocessed(final: str) -> None:
+    """Preprocessed data of this id were made from the data just replaced."""
+    try:
+        from nnunetv2.paths import nnUNet_preprocessed
+    except ImportError:
+        return
+    if not nnUNet_preprocessed:
+        return
+    prefix = os.path.basename(final)[:len("Dataset000_")]
+    folder = os.fspath(nnUNet_preprocessed)
+    stale = [os.path.join(folder, d) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if d.startswith(prefix) and os.path.isdir(os.path.join(folder, d))
+             and any(f.endswith(".json") and f != "splits_final.json" for f in os.listdir(os.path.join(folder, d)))]
+    for path in stale:
+        print(f"Warning: {path} holds preprocessed data of the dataset that was just replaced; they are stale. Rerun "
+              f"nnUNetv2_plan_and_preprocess -d {int(prefix[7:10])} (or nnUNetv2_dmoe_plan_and_preprocess) before "
+              f"training.")
 
 
 def attribute_block(name: str, levels: Sequence[str], channel: int, values: Mapping[str, Optional[str]],
@@ -189,8 +294,10 @@ def normalise_split(value: str) -> Optional[str]:
 def read_split_file(path: str) -> Dict[str, str]:
     """Case id -> ``"train"`` / ``"test"`` from a split file (see ``_SPLIT_FILE_HELP``)."""
     if path.lower().endswith(".json") and os.path.isfile(path):
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            data = json.loads(read_text(path, "split file"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"-split {path}: not valid JSON ({e}). {_SPLIT_FILE_HELP}") from None
         if isinstance(data, Mapping) and data and all(isinstance(v, list) for v in data.values()):
             raw = {str(c): k for k, cases in data.items() for c in cases}
         elif isinstance(data, Mapping):
@@ -237,7 +344,6 @@ def finish(out: str, channel_names: Mapping[str, str], labels: Mapping[str, int]
     table = "\n\n".join(level_table(f"Cases per {b['name']} level in {os.path.basename(out)}", b["levels"],
                                     b["cases"], b["test_cases"]) for b in _blocks(block))
     print(table)
-    print(f"Wrote {out}")
     return table
 
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from nnunet_dmoe.dataset_conversion.common import (Problems, add_split_and_age_arguments, attribute_block,
                                                     attribute_channel_index, attribute_names, finish, make_parser,
-                                                    normalise_split, prepare_dataset_folder, progress,
+                                                    normalise_split, progress, staged_dataset,
                                                     split_from_file, to_uint8, write_png_case, write_png_label)
+from nnunet_dmoe.errors import command
 from nnunet_dmoe.tables import bin_labels, bin_value
 
 IMAGE_KEYS = ("slo_fundus", "fundus_slo")
@@ -44,14 +45,14 @@ AGE_BINS = (20, 40, 60, 80)
 
 
 def _first_key(data, keys: Sequence[str]) -> Optional[str]:
-    return next((k for k in keys if k in data.files), None)
+    return next((k for k in keys if k in data), None)
 
 
 def _level(data, attribute: str, age_bins: Sequence[float]):
     """(level or None, error text or None) of one npz file."""
     key = _first_key(data, ATTRIBUTE_KEYS[attribute])
     if key is None:
-        return None, f"has no key {' or '.join(ATTRIBUTE_KEYS[attribute])} (keys: {sorted(data.files)})"
+        return None, f"has no key {' or '.join(ATTRIBUTE_KEYS[attribute])} (keys: {sorted(data)})"
     value = np.asarray(data[key])
     if value.size != 1:
         return None, f"{key} holds {value.size} values, expected one code"
@@ -73,16 +74,18 @@ def _level(data, attribute: str, age_bins: Sequence[float]):
 def _read_case(path: str, attributes: Sequence[str], age_bins: Sequence[float], problems: Problems):
     """(image uint8, label, [level of each attribute]) of one npz file, or ``None`` after recording every problem it
     has."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as e:  # a truncated or non-npz file
-        problems.add(path, f"cannot be read as .npz ({e})", "Download the file again.")
+    try:  # every array read now: a truncated file or an object array fails here, not later
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except Exception as e:  # a truncated or non-npz file, an object (pickled) array
+        problems.add(path, f"cannot be read as .npz of plain arrays ({e})",
+                     "Download the file again; it must hold numeric arrays only.")
         return None
     n = len(problems)
     image_key, mask_key = _first_key(data, IMAGE_KEYS), _first_key(data, MASK_KEYS)
     if image_key is None or mask_key is None:
         what, keys = ("image", IMAGE_KEYS) if image_key is None else ("mask", MASK_KEYS)
-        problems.add(path, f"has no {what} key ({' or '.join(keys)}; keys: {sorted(data.files)})",
+        problems.add(path, f"has no {what} key ({' or '.join(keys)}; keys: {sorted(data)})",
                      "Use the official Harvard-FairSeg .npz files.")
         return None
     image, mask = to_uint8(data[image_key]), np.asarray(data[mask_key])
@@ -152,7 +155,23 @@ def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: Union[
                                                                                              problems)
 
     levels = {a: bin_labels(age_bins) if a == "age" else list(CODEBOOKS[a].values()) for a in attributes}
-    out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite)
+    with staged_dataset(nnunet_dataset_id, dataset_name, overwrite, inputs=[input_folder, split_file]) as staged:
+        values = _write_cases(staged.path, cases, files, split, attributes, levels, age_bins, problems)
+        problems.raise_if_any("Harvard-FairSeg")
+        blocks = [attribute_block(a, levels[a], attribute_channel_index(1) + k, values[a], split)
+                  for k, a in enumerate(attributes)]
+        channel_names = {**CHANNEL_NAMES,
+                         **{str(attribute_channel_index(1) + k): "noNorm" for k in range(len(attributes))}}
+        finish(staged.path, channel_names, LABELS, ".png", blocks, reference="Tian et al., Harvard FairSeg, ICLR 2024",
+               license="CC BY-NC-ND 4.0",
+               description=f"Harvard-FairSeg optic disc (rim + cup) and cup; attribute{'s' * (len(attributes) > 1)} "
+                           f"{', '.join(attributes)}",
+               converted_by="nnUNetv2_dmoe_convert_fairseg")
+    return staged.final
+
+
+def _write_cases(out: str, cases, files, split, attributes, levels, age_bins, problems: Problems):
+    """Each readable case as PNGs into ``out``; returns attribute -> case -> level."""
     values: Dict[str, Dict[str, Optional[str]]] = {a: {} for a in attributes}
     for case in progress(cases, "Harvard-FairSeg"):
         read = _read_case(files[case], attributes, age_bins, problems)
@@ -165,19 +184,10 @@ def convert_fairseg(input_folder: str, nnunet_dataset_id: int, attribute: Union[
         write_png_case(os.path.join(out, "images" + suffix), case, [image],
                        [None if lv is None else levels[a].index(lv) for a, lv in zip(attributes, case_levels)])
         write_png_label(os.path.join(out, "labels" + suffix), case, label)
-    problems.raise_if_any("Harvard-FairSeg", cleanup=out)
-
-    blocks = [attribute_block(a, levels[a], attribute_channel_index(1) + k, values[a], split)
-              for k, a in enumerate(attributes)]
-    channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(1) + k): "noNorm" for k in range(len(attributes))}}
-    finish(out, channel_names, LABELS, ".png", blocks, reference="Tian et al., Harvard FairSeg, ICLR 2024",
-           license="CC BY-NC-ND 4.0",
-           description=f"Harvard-FairSeg optic disc (rim + cup) and cup; attribute{'s' * (len(attributes) > 1)} "
-                       f"{', '.join(attributes)}",
-           converted_by="nnUNetv2_dmoe_convert_fairseg")
-    return out
+    return values
 
 
+@command("nnUNetv2_dmoe_convert_fairseg")
 def convert_fairseg_entry_point():
     parser = make_parser("Convert Harvard-FairSeg into an nnU-Net raw dataset with a distribution-aware (dMoE) "
                          "attribute.", "Folder of Harvard-FairSeg .npz files (official split: Training/ and Test/).",

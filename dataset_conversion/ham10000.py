@@ -25,8 +25,9 @@ from PIL import Image
 from nnunet_dmoe.attribute import fmt_cases
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
                                                     add_split_and_age_arguments, attribute_names, finish, make_parser,
-                                                    prepare_dataset_folder,
-                                                    progress, split_from_file, write_png_case, write_png_label)
+                                                    progress, split_from_file, staged_dataset, write_png_case,
+                                                    write_png_label)
+from nnunet_dmoe.errors import command
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
@@ -69,8 +70,15 @@ def lesion_folds(lesions: Dict[str, str], num_folds: int, seed: int) -> list:
 
 def _read_case(image_path: str, mask_path: str, problems: Problems):
     """RGB array (3, H, W) and label (H, W) of one case, or ``None`` after recording what is wrong."""
-    image = np.asarray(Image.open(image_path))
-    mask = np.asarray(Image.open(mask_path))
+    arrays = []
+    for path in (image_path, mask_path):
+        try:
+            with Image.open(path) as img:
+                arrays.append(np.asarray(img))
+        except (OSError, ValueError) as e:  # truncated or not an image
+            problems.add(path, f"cannot be read as an image ({e})", "Download or export the file again.")
+            return None
+    image, mask = arrays
     if image.ndim != 3 or image.shape[2] != 3:
         problems.add(image_path, f"expected an RGB image, got shape {image.shape}", "Convert it to 8-bit RGB.")
         return None
@@ -108,6 +116,9 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
             raise ValueError(f"-i {input_folder}: the official ISIC 2018 folder {os.path.basename(folder)} is missing "
                              f"(expected {IMAGE_DIR}/ and {MASK_DIR}/ inside -i).")
     names = attribute_names(attribute, "-a", ATTRIBUTES)
+    if num_folds < 2:
+        raise ValueError(f"-num_folds must be at least 2 (nnU-Net's cross-validation needs two folds), got "
+                         f"{num_folds}")
     if not 0 <= test_fraction < 1:
         raise ValueError(f"-test_fraction must be in [0, 1), got {test_fraction}")
     bins = {a: (list(age_bins) if a == "age" else None) for a in names}
@@ -146,8 +157,25 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
     name = f"Dataset{int(nnunet_dataset_id):03d}_{dataset_name}"
     splits_path = (os.path.join(os.fspath(nnUNet_preprocessed), name, "splits_final.json")
                    if nnUNet_preprocessed.is_set() else None)
-    out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite,
-                                 extra_files=[splits_path] if splits_path else [])
+    with staged_dataset(nnunet_dataset_id, dataset_name, overwrite, extra_files=[splits_path] if splits_path else [],
+                        inputs=[input_folder, metadata, split_file]) as staged:
+        _write_cases(staged.path, cases, image_files, mask_files, split, names, levels, all_values, problems)
+        problems.raise_if_any("HAM10000")
+        blocks = [attribute_block(a, levels[a], attribute_channel_index(3) + k, {c: all_values[a][c] for c in cases},
+                                  split) for k, a in enumerate(names)]
+        channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(3) + k): "noNorm" for k in range(len(names))}}
+        finish(staged.path, channel_names, LABELS, ".png", blocks,
+               reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
+               license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
+               description=f"HAM10000 lesion segmentation; attribute{'s' * (len(names) > 1)} {', '.join(names)}; "
+                           f"split {split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}",
+               converted_by="nnUNetv2_dmoe_convert_ham10000")
+        if splits_path:
+            _write_folds(staged, splits_path, {c: lesion_of[c] for c in blocks[0]["cases"]}, num_folds, seed)
+    return staged.final
+
+
+def _write_cases(out, cases, image_files, mask_files, split, names, levels, all_values, problems: Problems):
     for case in progress(cases, "HAM10000"):
         has_mask = os.path.isfile(mask_files[case])
         read = _read_case(image_files[case], mask_files[case], problems) if has_mask else None
@@ -157,29 +185,20 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
         indices = [None if all_values[a][case] is None else levels[a].index(all_values[a][case]) for a in names]
         write_png_case(os.path.join(out, "images" + suffix), case, list(read[0]), indices)
         write_png_label(os.path.join(out, "labels" + suffix), case, read[1])
-    problems.raise_if_any("HAM10000", cleanup=out)
 
-    blocks = [attribute_block(a, levels[a], attribute_channel_index(3) + k, {c: all_values[a][c] for c in cases},
-                              split) for k, a in enumerate(names)]
-    channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(3) + k): "noNorm" for k in range(len(names))}}
-    finish(out, channel_names, LABELS, ".png", blocks,
-           reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
-           license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
-           description=f"HAM10000 lesion segmentation; attribute{'s' * (len(names) > 1)} {', '.join(names)}; split "
-                       f"{split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}",
-           converted_by="nnUNetv2_dmoe_convert_ham10000")
-    train_lesions = {c: lesion_of[c] for c in blocks[0]["cases"]}
+
+def _write_folds(staged, splits_path: str, train_lesions, num_folds: int, seed: int) -> None:
+    """splits_final.json, folds grouped by lesion, staged to land with the dataset."""
     n_folds = min(num_folds, len(set(train_lesions.values())))
-    if splits_path and n_folds >= 2:
-        os.makedirs(os.path.dirname(splits_path), exist_ok=True)
-        with open(splits_path, "w") as f:
-            json.dump(lesion_folds(train_lesions, n_folds, seed), f, indent=2)
-        print(f"Wrote {splits_path} ({n_folds} folds grouped by lesion_id)")
-    elif splits_path:
+    if n_folds < 2:
         print(f"Not writing {splits_path}: fewer than 2 training lesions.")
-    return out
+        return
+    with open(staged.stage_file(splits_path), "w") as f:
+        json.dump(lesion_folds(train_lesions, n_folds, seed), f, indent=2)
+    print(f"Writing {splits_path} ({n_folds} folds grouped by lesion_id)")
 
 
+@command("nnUNetv2_dmoe_convert_ham10000")
 def convert_ham10000_entry_point():
     parser = make_parser("Convert HAM10000 / ISIC 2018 Task 1 into an nnU-Net raw dataset with a distribution-aware "
                          "(dMoE) attribute.", f"Folder holding {IMAGE_DIR}/ and {MASK_DIR}/.", "HAM10000")

@@ -32,8 +32,9 @@ import SimpleITK as sitk
 
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
                                                     finish, make_parser, normalise_split,
-                                                    prepare_dataset_folder, progress, write_nifti_case)
-from nnunet_dmoe.tables import DEFAULT_MISSING
+                                                    progress, staged_dataset, write_nifti_case)
+from nnunet_dmoe.errors import command
+from nnunet_dmoe.tables import DEFAULT_MISSING, read_text
 
 _TSTAGE = re.compile(r"^(?:[cpyra]{1,3})?T?(is|[0-4])[a-d]?\d?$", re.IGNORECASE)
 _STAGE_ORDER = ["T0", "Tis", "T1", "T2", "T3", "T4"]
@@ -59,8 +60,7 @@ def _same_grid(a: tuple, b: tuple) -> bool:
 
 
 def _read_manifest(manifest: str, id_column: str, tstage_column: str, attribute_columns: Sequence[str] = ()):
-    with open(manifest, newline="") as f:
-        text = f.read()
+    text = read_text(manifest, "manifest")
     delimiter = "\t" if manifest.lower().endswith(".tsv") else ","
     rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
     columns = list(rows[0]) if rows else []
@@ -179,6 +179,10 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
         levels = [normalise_tstage(lv) for lv in levels] if levels else [s for s in _STAGE_ORDER if s in found]
     except ValueError as e:
         raise ValueError(f"-levels: {e}; give T-stages such as T1 T2 T3 T4") from None
+    twice = sorted({lv for lv in levels if levels.count(lv) > 1})
+    if twice:
+        raise ValueError(f"-levels: {', '.join(twice)} given more than once (after normalising, e.g. t2 = T2). "
+                         f"Give each T-stage once, in router order.")
     for entry in [e for e in entries if e[2] is not None and e[2] not in levels]:
         problems.add(f"{manifest} ({entry[0]})", f"T-stage {entry[2]} is not one of -levels {levels}",
                      "Add it to -levels or correct the row.")
@@ -192,13 +196,18 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
             problems.add(manifest, f"no case has a known {column}", "Fill the column, or leave it out of "
                                                                     "-attribute_columns.")
 
-    out = prepare_dataset_folder(nnunet_dataset_id, dataset_name, overwrite)
-    for entry in progress(entries, "radiotherapy"):
-        indices = [None if entry[2] is None else levels.index(entry[2])]
-        indices += [None if v is None else lv.index(v) for v, lv in zip(extra[entry[0]], extra_levels)]
-        _convert_case(out, entry, indices, len(labels), image_columns, manifest, problems)
-    problems.raise_if_any("radiotherapy manifest", cleanup=out)
+    with staged_dataset(nnunet_dataset_id, dataset_name, overwrite, inputs=[manifest]) as staged:
+        for entry in progress(entries, "radiotherapy"):
+            indices = [None if entry[2] is None else levels.index(entry[2])]
+            indices += [None if v is None else lv.index(v) for v, lv in zip(extra[entry[0]], extra_levels)]
+            _convert_case(staged.path, entry, indices, len(labels), image_columns, manifest, problems)
+        problems.raise_if_any("radiotherapy manifest")
+        _finish_rt(staged.path, manifest, labels, levels, entries, extra, attribute_columns, extra_levels,
+                   image_columns)
+    return staged.final
 
+
+def _finish_rt(out, manifest, labels, levels, entries, extra, attribute_columns, extra_levels, image_columns):
     channel_names = {str(k): c[len("image_"):] for k, c in enumerate(image_columns)}
     first = attribute_channel_index(len(image_columns))
     split = {e[0]: e[1] for e in entries}
@@ -210,9 +219,9 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
            description=f"Radiotherapy target volumes from {os.path.abspath(manifest)}; attribute T-stage"
                        + "".join(f", {c}" for c in attribute_columns),
            converted_by="nnUNetv2_dmoe_convert_rt")
-    return out
 
 
+@command("nnUNetv2_dmoe_convert_rt")
 def convert_rt_entry_point():
     parser = make_parser("Convert a radiotherapy manifest (images, label, T-stage) into an nnU-Net raw dataset with "
                          "the T-stage as distribution-aware (dMoE) attribute.",

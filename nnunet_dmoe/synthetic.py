@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from nnunet_dmoe.attribute import encode_attribute_channel
+from nnunet_dmoe.errors import command
 
 __all__ = ["make_synthetic_dataset", "allocate_levels", "DEFAULT_LEVELS", "DEFAULT_PROPORTIONS", "DEFAULT_MARGINS",
            "DEFAULT_CENTRES", "DEFAULT_CENTRE_PROPORTIONS", "DEFAULT_CENTRE_MARGINS", "DEFAULT_CENTRE_SHIFTS"]
@@ -37,6 +38,8 @@ __all__ = ["make_synthetic_dataset", "allocate_levels", "DEFAULT_LEVELS", "DEFAU
 DEFAULT_LEVELS = ("T1", "T2", "T3", "T4")
 DEFAULT_PROPORTIONS = (0.04, 0.31, 0.59, 0.06)
 DEFAULT_MARGINS = (0, 1, 2, 3)
+# smallest image axis: below it the smallest targets (radius 8 % of the image) can miss every voxel
+MIN_SIZE = 16
 # the second attribute (opt-in): a frequent centre A and a rare centre B that contours 2 voxels more generously on
 # a brighter scanner
 DEFAULT_CENTRES = ("A", "B")
@@ -119,8 +122,19 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
                            centre_shifts: Sequence[float] = DEFAULT_CENTRE_SHIFTS) -> str:
     """Write ``Dataset{id:03d}_{name}`` into ``raw_folder`` (default ``$nnUNet_raw``) and return its path.
     ``centres``: the second attribute (see the module's docstring), ``None`` for the single-attribute dataset."""
-    from nnunet_dmoe.dataset_conversion.common import attribute_block, finish, prepare_dataset_folder
+    from nnunet_dmoe.dataset_conversion.common import staged_dataset
 
+    size = _check_settings(dim, num_train, num_test, size, levels, proportions, margins, centres, centre_proportions,
+                           centre_margins, centre_shifts)
+    with staged_dataset(dataset_id, name, overwrite, raw_folder=raw_folder) as staged:
+        _write_dataset(staged.path, dim, num_train, num_test, size, seed, levels, proportions, margins, centres,
+                       centre_proportions, centre_margins, centre_shifts)
+    return staged.final
+
+
+def _check_settings(dim, num_train, num_test, size, levels, proportions, margins, centres, centre_proportions,
+                    centre_margins, centre_shifts) -> tuple:
+    """Every setting checked before anything is written; returns the image size."""
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
     if not (len(levels) == len(proportions) == len(margins)):
@@ -132,14 +146,27 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
                          f"({len(centre_margins)}) and centre_shifts ({len(centre_shifts)}) must have the same length")
     if centres is not None and min(centre_margins) < 0:
         raise ValueError(f"centre_margins must be >= 0, got {list(centre_margins)}")
+    for flag, values in (("-proportions", proportions), ("centre_proportions", centre_proportions if centres else [1])):
+        if min(values) <= 0 or not np.all(np.isfinite(values)):
+            raise ValueError(f"{flag}: every level's frequency must be a positive number, got {list(values)}")
+    if min(margins) < 0:
+        raise ValueError(f"-margins: margins are voxel counts >= 0, got {list(margins)}")
     for what, n in (("num_train", num_train), ("num_test", num_test)):
         if n < max(len(levels), len(centres or ())):
             raise ValueError(f"{what} = {n}: need at least one case per level ({len(levels)} levels"
                              + (f", {len(centres)} centres)" if centres else ")"))
     size = tuple(size) if size is not None else ((40, 40, 40) if dim == 3 else (96, 96))
     if len(size) != dim:
-        raise ValueError(f"size {size} does not have {dim} dimensions")
-    out = prepare_dataset_folder(dataset_id, name, overwrite, raw_folder=raw_folder)
+        raise ValueError(f"-size {' '.join(map(str, size))} does not have {dim} dimensions (-dim {dim})")
+    if min(size) < MIN_SIZE:
+        raise ValueError(f"-size {' '.join(map(str, size))}: every axis needs at least {MIN_SIZE} voxels, or the "
+                         f"targets are empty. Give a larger -size.")
+    return size
+
+
+def _write_dataset(out, dim, num_train, num_test, size, seed, levels, proportions, margins, centres,
+                   centre_proportions, centre_margins, centre_shifts) -> None:
+    from nnunet_dmoe.dataset_conversion.common import attribute_block, finish
 
     rng = np.random.default_rng(seed)
     split_levels = {"train": allocate_levels(num_train, proportions, rng),  # both first: fixed draw order
@@ -154,6 +181,9 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
             case, level, centre = f"{prefix}_{i:04d}", int(level), int(centre)
             extra = (centre_margins[centre], centre_shifts[centre], max_extra) if centres else ()
             image, label = _make_case(size, level, margins, rng, *extra)
+            if not label.any():
+                raise ValueError(f"-size {' '.join(map(str, size))}: case {case} has an empty target. Give a larger "
+                                 f"-size.")
             attrs = [encode_attribute_channel(image[None], level)]
             if centres:
                 attrs.append(encode_attribute_channel(image[None], centre))
@@ -173,9 +203,9 @@ def make_synthetic_dataset(dataset_id: int = 990, dim: int = 3, num_train: int =
         description += " + centre-dependent margin (two attributes)"
     finish(out, channels, {"background": 0, "target": 1}, ".nii.gz" if dim == 3 else ".png",
            blocks[0] if len(blocks) == 1 else blocks, description=description, synthetic=synthetic)
-    return out
 
 
+@command("nnUNetv2_dmoe_make_synthetic")
 def make_synthetic_entry_point():
     import argparse
     parser = argparse.ArgumentParser(description="Write the synthetic fairness dataset (target margin depends on "
