@@ -12,15 +12,17 @@ The channel carries a sensitive attribute into the folder: delete it with the im
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
-import sys
+import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from nnunet_dmoe.attribute import attribute_specs_from_dataset_json, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.errors import command
 
 __all__ = ["attach_attribute", "load_model_dataset_json"]
 
@@ -129,30 +131,77 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
     existing = sorted(p for p in writes if os.path.lexists(p))
     if existing and not overwrite:
         raise FileExistsError(f"{len(existing)} file(s) exist already in {output_folder}: "
-                              f"{fmt_cases(os.path.basename(p) for p in existing)}. "
-                              f"Pass --overwrite (overwrite=True) to replace them.")
+                              f"{fmt_cases(os.path.basename(p) for p in existing)}. Pass --overwrite (overwrite=True) "
+                              f"to replace them: only attribute-channel files are replaced, never an image.")
     os.makedirs(output_folder, exist_ok=True)
 
     example = cases[next(iter(cases))][image_channels[0]]
     rw = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
-    for case, files in cases.items():
-        image_files = [files[i] for i in image_channels]
-        images, properties = rw.read_images(image_files)
+    _check_replaceable(rw, existing, set(targets.values()), specs, cases, image_channels)
+    staging = tempfile.mkdtemp(prefix=".nnunet_dmoe_tmp_", dir=output_folder)
+    try:  # everything is written beside the targets first; they are replaced only when all cases are done
+        staged = _write_channels(rw, cases, image_channels, specs, tables, targets, staging, several, verbose)
         if copy_images:
-            for f in image_files:
-                shutil.copy2(f, output_folder)
-        for k, (spec, table) in enumerate(zip(specs, tables)):
-            channel = encode_attribute_channel(images, spec.level_index(table[case]))
-            target = targets[(case, k)]
-            if os.path.lexists(target):  # overwrite: replace the file, never write through a link
-                os.remove(target)
-            rw.write_seg(channel, target, properties)
-            if verbose:
-                print(f"{case}: {(spec.name + ' ') if several else ''}{table[case] or 'unknown'} -> {target}")
+            staged += [(f, os.path.join(output_folder, os.path.basename(f))) for c in cases
+                       for f in (cases[c][i] for i in image_channels)]
+        for source, target in staged:
+            if os.path.dirname(source) == staging:
+                os.replace(source, target)  # a rename: replaces a link itself, never writes through it
+            elif not os.path.lexists(target):  # an existing copy equals its source (_check_replaceable)
+                shutil.copy2(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     written = [{c: table[c] for c in cases} for table in tables]
     return written if several else written[0]
 
 
+def _write_channels(rw, cases, image_channels, specs, tables, targets, staging: str, several: bool, verbose: bool):
+    """Each case's attribute channel(s) into ``staging``; returns (staged file, target) pairs."""
+    staged = []
+    for case, files in cases.items():
+        images, properties = rw.read_images([files[i] for i in image_channels])
+        for k, (spec, table) in enumerate(zip(specs, tables)):
+            channel = encode_attribute_channel(images, spec.level_index(table[case]))
+            path = os.path.join(staging, os.path.basename(targets[(case, k)]))
+            rw.write_seg(channel, path, properties)
+            staged.append((path, targets[(case, k)]))
+            if verbose:
+                name = (spec.name + " ") if several else ""
+                print(f"{case}: {name}{table[case] or 'unknown'} -> {targets[(case, k)]}")
+    return staged
+
+
+def is_attribute_channel(values: np.ndarray, num_levels: int) -> bool:
+    """Whether ``values`` can be an attribute channel of ``num_levels`` levels: whole numbers, 0 and at most one
+    code in 1..num_levels (the code inside the image footprint, 0 outside; all 0 = unknown)."""
+    found = np.unique(np.asarray(values))
+    if not np.all(np.isfinite(found)) or not np.all(found == np.round(found)):
+        return False
+    positive = found[found != 0]
+    return len(positive) <= 1 and bool(np.all((positive >= 1) & (positive <= num_levels)))
+
+
+def _check_replaceable(rw, existing, channel_files, specs, cases, image_channels) -> None:
+    """--overwrite replaces attribute channels only: an existing channel file must decode as one, and an image copy
+    in the output folder must equal its source."""
+    sources = {os.path.basename(cases[c][i]): cases[c][i] for c in cases for i in image_channels}
+    levels = max(len(s.levels) for s in specs)
+    for path in existing:
+        if path in channel_files:
+            values = rw.read_images([path])[0]
+            if not is_attribute_channel(values, levels):
+                found = np.unique(values)
+                shown = fmt_cases([f"{v:g}" for v in found], limit=8)
+                raise ValueError(f"{path} is not an attribute channel (values {shown}; expected 0 and one code "
+                                 f"in 1..{levels}): it may be an image channel. Nothing was written. Check the model's dataset.json (attribute 'channel') and the file "
+                                 f"names, or move the file away.")
+        elif not filecmp.cmp(sources[os.path.basename(path)], path, shallow=False):
+            raise ValueError(f"{path} exists and differs from {sources[os.path.basename(path)]}: --overwrite "
+                             f"replaces attribute channels only, not images. Nothing was written. Choose an empty "
+                             f"output folder (-o) or move the file away.")
+
+
+@command("nnUNetv2_dmoe_attach_attribute")
 def attach_attribute_entry_point():
     import argparse
     from nnunet_dmoe.tables import add_attribute_table_arguments, read_attribute_table
@@ -172,31 +221,27 @@ def attach_attribute_entry_point():
     parser.add_argument("-o", default=None, help="[OPTIONAL] output folder. Default: write into -i")
     parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace existing attribute channels")
     args = parser.parse_args()
-    try:
-        dataset_json = load_model_dataset_json(args.dataset_json, args.d)
-        columns = args.attribute_column
-        several = isinstance(dataset_json.get("attributes"), list) and len(dataset_json["attributes"]) > 1
-        if several:  # one column each, in the order of the list
-            names = [b.get("name") for b in dataset_json["attributes"] if isinstance(b, dict)]
-            columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
-            if len(columns) != len(names):
-                raise ValueError(f"the model has {len(names)} attributes ({', '.join(map(str, names))}); "
-                                 f"--attribute-column names {len(columns)} column(s) ({', '.join(columns)}) of "
-                                 f"{args.t}. Repeat --attribute-column once per attribute, in this order.")
-            if args.bins is not None:
-                raise ValueError("--bins bins one numeric column; this model has several attributes. Bin the "
-                                 "column in the table beforehand (its level names as in the model's dataset.json).")
-            case_levels = [read_attribute_table(args.t, args.id_column, c,
-                                                strip_suffix=dataset_json.get("file_ending")) for c in columns]
-            sources = [f"column {c!r} of {args.t}" for c in columns]
-        elif not isinstance(columns, (str, type(None))):
-            raise ValueError(f"--attribute-column is given {len(columns)} times ({', '.join(columns)}) but the model "
-                             f"has one attribute. Give one column.")
-        else:
-            case_levels = read_attribute_table(args.t, args.id_column, columns, args.bins,
-                                               strip_suffix=dataset_json.get("file_ending"))
-            sources = None
-        attach_attribute(args.i, case_levels, dataset_json, args.o, args.overwrite, sources=sources)
-    except (ValueError, FileExistsError, RuntimeError) as e:
-        # bad input: one clear message instead of a traceback
-        sys.exit(f"nnUNetv2_dmoe_attach_attribute: error: {e}")
+    dataset_json = load_model_dataset_json(args.dataset_json, args.d)
+    columns = args.attribute_column
+    several = isinstance(dataset_json.get("attributes"), list) and len(dataset_json["attributes"]) > 1
+    if several:  # one column each, in the order of the list
+        names = [b.get("name") for b in dataset_json["attributes"] if isinstance(b, dict)]
+        columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
+        if len(columns) != len(names):
+            raise ValueError(f"the model has {len(names)} attributes ({', '.join(map(str, names))}); "
+                             f"--attribute-column names {len(columns)} column(s) ({', '.join(columns)}) of "
+                             f"{args.t}. Repeat --attribute-column once per attribute, in this order.")
+        if args.bins is not None:
+            raise ValueError("--bins bins one numeric column; this model has several attributes. Bin the "
+                             "column in the table beforehand (its level names as in the model's dataset.json).")
+        case_levels = [read_attribute_table(args.t, args.id_column, c,
+                                            strip_suffix=dataset_json.get("file_ending")) for c in columns]
+        sources = [f"column {c!r} of {args.t}" for c in columns]
+    elif not isinstance(columns, (str, type(None))):
+        raise ValueError(f"--attribute-column is given {len(columns)} times ({', '.join(columns)}) but the model "
+                         f"has one attribute. Give one column.")
+    else:
+        case_levels = read_attribute_table(args.t, args.id_column, columns, args.bins,
+                                           strip_suffix=dataset_json.get("file_ending"))
+        sources = None
+    attach_attribute(args.i, case_levels, dataset_json, args.o, args.overwrite, sources=sources)
