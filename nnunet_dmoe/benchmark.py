@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nnunet_dmoe.dmoe import BACKENDS
+from nnunet_dmoe.errors import command
 
 __all__ = ["PRESETS", "PRESET_NETWORKS", "preset_configuration", "resenc_m_configuration", "build_pair",
            "count_parameters", "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
@@ -475,6 +476,7 @@ def _from_plans(dataset: str, configuration: str, plans_identifier: str):
     return cm, spec.num_levels, channels, num_outputs, spec.channel, tuple(cm.patch_size)
 
 
+@command("nnUNetv2_dmoe_benchmark")
 def benchmark_entry_point():
     import argparse
 

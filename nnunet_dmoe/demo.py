@@ -27,6 +27,8 @@ import time
 from contextlib import contextmanager
 from typing import Dict, List, Sequence
 
+from nnunet_dmoe.errors import command
+
 METHODS = {  # report name -> trainer class
     "Baseline": "nnUNetTrainerNoAttribute",
     "Attr-channel": "nnUNetTrainerAttributeChannel",
@@ -249,6 +251,7 @@ def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], re
         f.write("\n".join(lines) + "\n")
 
 
+@command("nnUNetv2_dmoe_demo")
 def demo_entry_point():
     import argparse
     p = argparse.ArgumentParser(description="Synthetic data -> nnU-Net plan/preprocess -> train baseline, "

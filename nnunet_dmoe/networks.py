@@ -34,8 +34,10 @@ def check_levels(levels: torch.Tensor, channel: torch.Tensor, num_levels: int) -
     synchronisation; used at inference only."""
     from nnunet_dmoe.attribute import decode_attribute_levels
 
-    if bool((levels >= num_levels).any()):
-        decode_attribute_levels(channel, num_levels, check=True)  # raises, with the samples and codes named
+    if bool((levels >= num_levels).any()):  # at inference a batch holds patches of the case being predicted
+        names = [f"the case being predicted (its name is in nnU-Net's last 'Predicting CASE' line; patch {i} of the "
+                 f"batch)" for i in range(channel.shape[0])]
+        decode_attribute_levels(channel, num_levels, check=True, names=names)  # raises, with the codes named
 
 
 def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) -> torch.Tensor:

@@ -26,6 +26,7 @@ import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
+from nnunet_dmoe.errors import command
 
 __all__ = ["PER_LEVEL_FOLDER", "level_folder_name", "level_splits", "make_level_view", "level_model_folder",
            "per_level_training_commands", "train_per_level", "case_levels_from_channel", "predict_per_level",
@@ -331,6 +332,7 @@ def _cost_table(dataset: str, configuration: str, plans: str, flops_size: Option
 
 
 # ------------------------------------------------------------------------------------------------ entry points
+@command("nnUNetv2_dmoe_train_per_level")
 def train_per_level_entry_point():
     import argparse
     parser = argparse.ArgumentParser(
@@ -353,17 +355,15 @@ def train_per_level_entry_point():
     parser.add_argument("--cost_only", action="store_true",
                         help="[OPTIONAL] print the parameter/GFLOPs table without training")
     args = parser.parse_args()
-    try:
-        if not args.cost_only:
-            extra = [f for f, on in (("--c", args.c), ("--npz", args.npz)) if on]
-            folders = train_per_level(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p,
-                                      args.device, extra, args.min_cases)
-            print("\nModels:\n" + "\n".join(f"  {lv}: {f}" for lv, f in folders.items()))
-        print("\n" + _cost_table(args.dataset_name_or_id, args.configuration, args.p, args.flops_size))
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"nnUNetv2_dmoe_train_per_level: error: {e}")
+    if not args.cost_only:
+        extra = [f for f, on in (("--c", args.c), ("--npz", args.npz)) if on]
+        folders = train_per_level(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p,
+                                  args.device, extra, args.min_cases)
+        print("\nModels:\n" + "\n".join(f"  {lv}: {f}" for lv, f in folders.items()))
+    print("\n" + _cost_table(args.dataset_name_or_id, args.configuration, args.p, args.flops_size))
 
 
+@command("nnUNetv2_dmoe_predict_per_level")
 def predict_per_level_entry_point():
     import argparse
     parser = argparse.ArgumentParser(
@@ -390,14 +390,11 @@ def predict_per_level_entry_point():
                         help="[OPTIONAL] predict in this process, no worker processes (quicker for a few cases)")
     parser.add_argument("--save_probabilities", action="store_true", help="[OPTIONAL] also write .npz probabilities")
     args = parser.parse_args()
-    try:
-        levels = None
-        if args.t:
-            from nnunet_dmoe.tables import read_attribute_table
-            levels = read_attribute_table(args.t, args.id_column, args.attribute_column)
-        chosen = predict_per_level(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, args.device, levels,
-                                   args.chk, args.save_probabilities, args.sequential, args.npp)
-        counts = {lv: sum(1 for v in chosen.values() if v == lv) for lv in dict.fromkeys(chosen.values())}
-        print("Predicted " + ", ".join(f"{n} case(s) of {lv}" for lv, n in counts.items()) + f" into {args.o}")
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"nnUNetv2_dmoe_predict_per_level: error: {e}")
+    levels = None
+    if args.t:
+        from nnunet_dmoe.tables import read_attribute_table
+        levels = read_attribute_table(args.t, args.id_column, args.attribute_column)
+    chosen = predict_per_level(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, args.device, levels,
+                               args.chk, args.save_probabilities, args.sequential, args.npp)
+    counts = {lv: sum(1 for v in chosen.values() if v == lv) for lv in dict.fromkeys(chosen.values())}
+    print("Predicted " + ", ".join(f"{n} case(s) of {lv}" for lv, n in counts.items()) + f" into {args.o}")

@@ -30,6 +30,7 @@ from torch import nn
 
 from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_levels, fmt_cases
 from nnunet_dmoe.dmoe import DistributionAwareMoE, route_index_for_levels
+from nnunet_dmoe.errors import command
 
 __all__ = ["RoutingRecorder", "js_divergence", "routing_report", "write_routing_json", "plot_routing",
            "routing_report_entry_point", "UNKNOWN"]
@@ -382,6 +383,7 @@ def routing_report(input_folder: str, output_folder: str, model_folder: str, fol
     return report
 
 
+@command("nnUNetv2_dmoe_routing_report")
 def routing_report_entry_point(argv: Optional[List[str]] = None):
     import argparse
 

@@ -38,18 +38,30 @@ def bin_value(value: float, edges: Sequence[float]) -> str:
     return labels[idx]
 
 
+def read_text(path: str, what: str = "table") -> str:
+    """The text of a UTF-8 file (a byte-order mark, as Excel writes it, is dropped); other encodings are refused
+    with a message that names the file."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the {what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}). "
+                         f"Save it as UTF-8 (in Excel: 'CSV UTF-8') and run the command again.") from None
+
+
 def _read_rows(path: str) -> List[Dict[str, object]]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json":
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            data = json.loads(read_text(path, "attribute table"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}). Fix the file, or give a CSV/TSV table.") from None
         if isinstance(data, Mapping):
             return [{"case": k, "value": v} for k, v in data.items()]
         if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
             return [dict(r) for r in data]
         raise ValueError(f"{path}: a JSON attribute table must be an object {{case: value}} or a list of records")
-    with open(path, newline="") as f:
-        text = f.read()
+    text = read_text(path, "attribute table")
     if not text.strip():
         raise ValueError(f"{path}: the attribute table is empty")
     if ext == ".tsv":
@@ -85,11 +97,12 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the attribute table has no rows")
-    id_column = id_column or ("case" if "case" in rows[0] else None)
-    attribute_column = attribute_column or ("value" if "value" in rows[0] else None)
+    given = {"id column": id_column, "attribute column": attribute_column}
+    id_column, attribute_column = id_column or "case", attribute_column or "value"
     for what, col in (("id column", id_column), ("attribute column", attribute_column)):
-        if col is None or col not in rows[0]:
-            raise ValueError(f"{path}: {what} {col!r} not found; the table has the columns {list(rows[0])}. "
+        if col not in rows[0]:
+            name = repr(col) if given[what] else f"{col!r} (the default)"
+            raise ValueError(f"{path}: {what} {name} not found; the table has the columns {list(rows[0])}. "
                              f"Name it with --id-column / --attribute-column.")
     missing = {m.casefold() for m in missing_values}
     out: Dict[str, Optional[str]] = {}

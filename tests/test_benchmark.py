@@ -1,5 +1,6 @@
 """Cost report: parameter and FLOP counts against independent formulas, peak memory, the CLI."""
 import math
+import re
 
 import pytest
 import torch
@@ -77,10 +78,12 @@ def test_cli_preset_writes_markdown(tmp_path, monkeypatch, capsys):
                                           (["-preset", "tiny_3d", "-patch", "8", "8"], "-patch"),
                                           (["-preset", "tiny_3d", "-patch", "4", "8", "8"], "too small"),
                                           (["-preset", "tiny_3d", "-device", "tpu"], "tpu")])
-def test_cli_bad_arguments(monkeypatch, argv, message):
+def test_cli_bad_arguments(monkeypatch, capsys, argv, message):
     monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", *argv])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as exit_:
         benchmark.benchmark_entry_point()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("nnUNetv2_dmoe_benchmark: error: ") and re.search(message, err)
 
 
 def test_cli_from_plans(preprocessed_3d, tmp_path):

@@ -9,6 +9,8 @@ import importlib
 import pkgutil
 from typing import List
 
+from nnunet_dmoe.errors import command
+
 __all__ = ["trainer_classes", "list_trainers_entry_point"]
 
 
@@ -34,6 +36,7 @@ def _summary(cls) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+@command("nnUNetv2_dmoe_list_trainers")
 def list_trainers_entry_point():
     import argparse
     from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS, variant_name
