@@ -1,0 +1,127 @@
+"""Bad input, command by command: each row runs the real console script and asserts the exit status, the one-line
+message (``<command>: error: ...``, no traceback) and, for the commands that write, that what they would replace is
+byte-identical afterwards. One table, in the style of fairlearn's parametrised tests: a new finding is a new row."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import nnunet_env, real_data, run
+from test_convert_fairseg import _npz, _official_layout
+from test_convert_rt import GOOD, _manifest
+from test_data_safety import snapshot
+
+HAM = real_data("ham10000_sample")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One nnUNet_raw with a dataset of each converter (the targets that bad runs must leave alone), the inputs they
+    came from, and a folder of new cases with a real image where an attribute channel would go."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    env = nnunet_env(root)
+    rt = root / "rt"
+    rt.mkdir()
+    _manifest(rt, GOOD)
+    run(["nnUNetv2_dmoe_convert_rt", "-i", str(rt / "manifest.csv"), "-d", "702"], env)
+    _official_layout(root / "fairseg")
+    run(["nnUNetv2_dmoe_convert_fairseg", "-i", str(root / "fairseg"), "-d", "703"], env)
+    run(["nnUNetv2_dmoe_convert_ham10000", "-i", HAM, "-d", "704"], env)
+    shutil.copytree(HAM, root / "raw" / "Dataset704_HAM10000" / "source_isic")
+    run(["nnUNetv2_dmoe_make_synthetic", "-d", "701", "-dim", "2", "-num_train", "4", "-num_test", "4", "-size", "32",
+         "32"], env)
+    # inputs with one bad value each
+    _manifest(rt, [("RT_001", "TX", "train", {})] + GOOD[1:])
+    os.replace(rt / "manifest.csv", rt / "bad_stage.csv")
+    _manifest(rt, GOOD)
+    shutil.copytree(root / "fairseg", root / "fairseg_bad")
+    _npz(root / "fairseg_bad" / "Training" / "data_00002.npz", race=7)
+    new = root / "new_cases"
+    new.mkdir()
+    image = np.random.default_rng(0).integers(1, 256, (32, 32)).astype(np.uint8)
+    Image.fromarray(image).save(new / "n1_0000.png")
+    Image.fromarray(image).save(new / "n1_0001.png")  # an image channel where the attribute channel would go
+    (root / "table.csv").write_text("case,stage\nn1,T2\n")
+    (root / "table_unknown_level.csv").write_text("case,stage\nn1,T9\n")
+    (root / "table_other_case.csv").write_text("case,stage\nn2,T2\n")
+    return root
+
+
+RAW = "raw"
+# (command, arguments ({root} = the world's folder), message fragment, folder that must stay byte-identical)
+BAD_INPUTS = [
+    ("nnUNetv2_dmoe_convert_rt", ["-i", "{root}/nope.csv", "-d", "710"], "-i {root}/nope.csv: the manifest does not "
+     "exist", None),
+    ("nnUNetv2_dmoe_convert_rt", ["-i", "{root}/rt/bad_stage.csv", "-d", "702", "--overwrite"],
+     "RT_001", f"{RAW}/Dataset702_RT"),
+    ("nnUNetv2_dmoe_convert_rt", ["-i", "{root}/rt/manifest.csv", "-d", "702"], "Dataset id 702 is taken",
+     f"{RAW}/Dataset702_RT"),
+    ("nnUNetv2_dmoe_convert_rt", ["-i", "{root}/rt/manifest.csv", "-d", "702", "--overwrite", "-levels", "T1", "T1"],
+     "-levels: T1 given more than once", f"{RAW}/Dataset702_RT"),
+    ("nnUNetv2_dmoe_convert_rt", ["-i", "{root}/rt/manifest.csv", "-d", "1000"],
+     "-d: the dataset id must be an integer from 1 to 999", None),
+    ("nnUNetv2_dmoe_convert_fairseg", ["-i", "{root}/nope", "-d", "710"], "-i {root}/nope is not a folder", None),
+    ("nnUNetv2_dmoe_convert_fairseg", ["-i", "{root}/fairseg_bad", "-d", "703", "--overwrite"], "race = 7",
+     f"{RAW}/Dataset703_FairSeg"),
+    ("nnUNetv2_dmoe_convert_ham10000", ["-i", "{root}", "-d", "710"], "the official ISIC 2018 folder", None),
+    ("nnUNetv2_dmoe_convert_ham10000", ["-i", HAM, "-d", "710", "-num_folds", "0"], "-num_folds must be at least 2",
+     None),
+    ("nnUNetv2_dmoe_convert_ham10000", ["-i", HAM, "-d", "710", "-test_fraction", "1.5"], "-test_fraction must be in",
+     None),
+    ("nnUNetv2_dmoe_convert_ham10000", ["-i", "{root}/raw/Dataset704_HAM10000/source_isic", "-d", "704",
+                                        "--overwrite"], "lies inside", f"{RAW}/Dataset704_HAM10000"),
+    ("nnUNetv2_dmoe_make_synthetic", ["-d", "701", "-dim", "2"], "Dataset id 701 is taken",
+     f"{RAW}/Dataset701_SyntheticFairness"),
+    ("nnUNetv2_dmoe_make_synthetic", ["-d", "701", "-dim", "2", "-size", "2", "2", "--overwrite"],
+     "-size 2 2: every axis needs at least 16 voxels", f"{RAW}/Dataset701_SyntheticFairness"),
+    ("nnUNetv2_dmoe_make_synthetic", ["-d", "701", "-dim", "2", "-proportions", "1", "-1", "1", "1", "--overwrite"],
+     "-proportions: every level's frequency must be a positive number", f"{RAW}/Dataset701_SyntheticFairness"),
+    ("nnUNetv2_dmoe_make_synthetic", ["-d", "711", "-num_train", "2"], "num_train = 2: need at least one case per "
+     "level", None),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/nope", "-t", "{root}/table.csv", "-d", "701",
+                                        "--attribute-column", "stage"], "input folder {root}/nope does not exist",
+     None),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "--attribute-column",
+                                        "stage"], "give the model's dataset.json (-dataset_json) or the dataset (-d)",
+     "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table_other_case.csv", "-d", "701",
+                                        "--attribute-column", "stage"], "have no row in the attribute table: n1",
+     "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table_unknown_level.csv", "-d", "701",
+                                        "--attribute-column", "stage"], "levels that the model does not know",
+     "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "701",
+                                        "--attribute-column", "stage"], "exist already", "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "701",
+                                        "--attribute-column", "stage", "--overwrite"],
+     "n1_0001.png is not an attribute channel", "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "701",
+                                        "--attribute-column", "nope"], "attribute column 'nope' not found", "new_cases"),
+    ("nnUNetv2_dmoe_benchmark", ["-preset", "nope"], "nope", None),
+    ("nnUNetv2_dmoe_routing_report", ["-i", "{root}/nope", "-o", "{root}/routing", "-d", "701", "-c", "2d", "-tr",
+                                      "nnUNetTrainerDMoE", "-device", "cpu"],
+     "nnUNetTrainerDMoE__nnUNetPlans__2d is not a trained model folder (no dataset.json)", None),
+    ("nnUNetv2_dmoe_predict_per_level", ["-i", "{root}/nope", "-o", "{root}/pl", "-d", "701", "-c", "2d", "-device",
+                                         "cpu"], "no per-level models nnUNetTrainerNoAttribute__nnUNetPlans__2d of "
+     "Dataset701_SyntheticFairness", None),
+]
+
+
+@pytest.mark.parametrize("command, args, message, keep", BAD_INPUTS,
+                         ids=[f"{r[0].replace('nnUNetv2_dmoe_', '')}-{k}" for k, r in enumerate(BAD_INPUTS)])
+def test_bad_input(world, command, args, message, keep):
+    before = snapshot(world / keep) if keep else None
+    args = [a.format(root=world) for a in args]
+    p = subprocess.run([command, *args], env=nnunet_env(world), capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and lines, p.stderr[-2000:]
+    first = next(k for k, line in enumerate(lines) if line.startswith(f"{command}: error: "))
+    assert message.format(root=world) in "\n".join(lines[first:])
+    if keep:
+        assert snapshot(world / keep) == before
+    assert not [d for d in os.listdir(world / RAW) if d.startswith(".") or d.startswith("Dataset71")]
