@@ -1,6 +1,7 @@
 """Hand-made tables for the fairness statistics, the empty-mask conventions and bad input of the evaluation."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -275,15 +276,17 @@ def test_case_without_attribute(small):
     (["-l", "1", "--compare", "broken"], "is not NAME=PRED_FOLDER"),
     (["-l", "1", "--bins", "60"], "--bins goes with --attributes"),
 ])
-def test_cli_bad_arguments(small, argv_tail, message):
+def test_cli_bad_arguments(small, argv_tail, message, capsys):
     ref, pred, tmp = small
     dj = {"channel_names": {"0": "x", "1": "noNorm"}, "attribute": {"name": "s", "levels": ["a"], "channel": 1,
                                                                     "cases": {f"c{i}": "a" for i in range(4)}}}
     (tmp / "dataset.json").write_text(json.dumps(dj))
     argv = ["-ref", ref, "-o", str(tmp / "o"), "-dataset_json", str(tmp / "dataset.json")]
     argv += argv_tail if "--compare" in argv_tail else ["-pred", pred] + argv_tail
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as e:
         evaluate_entry_point(argv)
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_png_2d_cases_and_table_ids_with_ending(tmp_path):

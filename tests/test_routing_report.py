@@ -278,7 +278,9 @@ def test_cli_reports_the_hand_set_routing_of_a_model_folder(model_folder, routin
         assert b["js_divergence"]["tstage"]["pairs"]["T1 | T2"] == pytest.approx(1.0)
 
 
-def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out, tmp_path):
+def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out, tmp_path, capsys):
+    import re
+
     from nnunet_dmoe.evaluation import evaluate_entry_point
 
     out, _ = routing_out
@@ -291,10 +293,14 @@ def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out,
     md = (report / "report.md").read_text()
     assert md.startswith("# Fairness report") and "## Routing" in md and "![routing per level](routing.png)" in md
     assert "| encoder stage 0 | 32 | 0.900 / 1.000 | T1: 0 1; T2: 2 3; T3: 4 5; T4: 6 7; unknown: 0 7 |" in md
-    with pytest.raises(ValueError, match=rf"--routing {tmp_path}: no routing.json there.*nnUNetv2_dmoe_routing_report"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         evaluate_entry_point(["-ref", str(raw / "labelsTr"), "-pred", str(raw / "labelsTr"), "-l", "1", "-o",
                               str(tmp_path / "r2"), "-dataset_json", str(raw / "dataset.json"), "--routing",
                               str(tmp_path)])
+    assert e.value.code == 2
+    assert re.search(rf"--routing {tmp_path}: no routing.json there.*nnUNetv2_dmoe_routing_report",
+                     capsys.readouterr().err)
     assert not (tmp_path / "r2").exists()  # refused before the evaluation
 
 

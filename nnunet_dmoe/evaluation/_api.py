@@ -10,6 +10,8 @@ import numpy as np
 
 from nnunet_dmoe.evaluation._cases import (COMBINATION_SEPARATOR, attribute_list, combination_groups, match_cases,
                                            read_pair, reader_for)
+from nnunet_dmoe.evaluation._checks import (DeclaredLabels, check_case_values, check_label_arguments,
+                                            check_output_folder, check_processes, declared_labels, label_values)
 from nnunet_dmoe.evaluation._fairness import DEFAULT_CI_QUANTILES, FairnessFrame
 from nnunet_dmoe.evaluation._metrics import (DEFAULT_NSD_TOLERANCE_MM, HIGHER_IS_BETTER, METRICS, LabelOrRegion,
                                              label_name, metrics_for_labels, parse_label_or_region)
@@ -32,16 +34,33 @@ def _labels(labels: Sequence[Union[str, int, Sequence[int]]]) -> List[LabelOrReg
     return parsed
 
 
-def _score_one(args) -> Dict[str, Dict[str, float]]:
+def _check_run(ref_folder: str, pred_folders: Mapping[str, str], output_folder: Optional[str],
+               num_processes: int) -> None:
+    """The refusals that need no file: fewer than one process, an output folder inside an input folder."""
+    check_processes(num_processes)
+    if output_folder is not None:
+        check_output_folder(("output_folder", output_folder), {"reference": ref_folder, **pred_folders},
+                            "the reference and prediction folders")
+
+
+def _score_one(args) -> Tuple[Dict[str, Dict[str, float]], Tuple[int, ...], Tuple[int, ...]]:
     reader, case, ref_file, pred_file, labels, nsd_tolerance = args
     seg_ref, seg_pred, spacing = read_pair(reader, case, ref_file, pred_file)
-    return metrics_for_labels(seg_ref, seg_pred, spacing, labels, nsd_tolerance)
+    values = (label_values(seg_ref, "reference", ref_file, case), label_values(seg_pred, "prediction", pred_file, case))
+    return (metrics_for_labels(seg_ref, seg_pred, spacing, labels, nsd_tolerance), *values)
 
 
 def score_folder(ref_folder: str, pred_folder: str, labels: Sequence[LabelOrRegion], file_ending: Optional[str] = None,
                  nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1,
-                 ) -> Tuple[List[str], List[Dict[str, Dict[str, float]]]]:
-    """Case ids and ``[{label: {metric: value}}]`` per case, cases matched by id between the two folders."""
+                 declared: Optional[DeclaredLabels] = None) -> Tuple[List[str], List[Dict[str, Dict[str, float]]]]:
+    """Case ids and ``[{label: {metric: value}}]`` per case, cases matched by id between the two folders.
+
+    Refuses (``ValueError``, naming the file or ``-l``) a label that does not exist and a label map holding a value
+    that is not a label: ``declared`` are the dataset's labels (``None``: the values found in the references plus
+    0), see :mod:`nnunet_dmoe.evaluation._checks`. The values are taken from the arrays read for scoring.
+    """
+    check_processes(num_processes)
+    check_label_arguments(labels, declared)
     ending, triples = match_cases(ref_folder, pred_folder, file_ending)
     reader = reader_for(ending, triples[0][1])
     jobs = [(reader, case, r, p, list(labels), nsd_tolerance) for case, r, p in triples]
@@ -50,7 +69,8 @@ def score_folder(ref_folder: str, pred_folder: str, labels: Sequence[LabelOrRegi
             results = pool.map(_score_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))
     else:
         results = [_score_one(j) for j in jobs]
-    return [t[0] for t in triples], results
+    check_case_values(ref_folder, triples, [r[1] for r in results], [r[2] for r in results], labels, declared)
+    return [t[0] for t in triples], [r[0] for r in results]
 
 
 def _lo_hi(ci: Sequence[Mapping[str, float]]) -> Dict[str, List[float]]:
@@ -134,8 +154,15 @@ def summarise(case_ids: Sequence[str], per_case: Sequence[Mapping[str, Mapping[s
 def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[str, int, Sequence[int]]],
                      attributes, output_folder: Optional[str], n_boot: int = 1000, seed: int = 0,
                      file_ending: Optional[str] = None, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
-                     num_processes: int = 1, method_name: Optional[str] = None) -> dict:
+                     num_processes: int = 1, method_name: Optional[str] = None,
+                     dataset_json: Optional[str] = None) -> dict:
     """Fairness report of one folder of predictions against a folder of references.
+
+    Impossible input is refused with a ``ValueError`` before anything is written: a label that does not exist (0,
+    negative, or not declared), a file holding a value that is not a label (non-integer, or not declared), an output
+    folder inside an input folder, ``num_processes < 1``. The declared labels are ``dataset_json``'s ``"labels"``,
+    else those of a dataset.json next to ``ref_folder``, else the values found in the references plus 0 (the rule:
+    :mod:`nnunet_dmoe.evaluation._checks`).
 
     Parameters
     ----------
@@ -159,15 +186,21 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
         Worker processes for reading and scoring (default 1).
     method_name : str, optional
         Row name in report.md and report.png. Default: the name of ``pred_folder``.
+    dataset_json : str, optional
+        dataset.json whose ``"labels"`` declare the labels. Default: ``ref_folder/dataset.json``, or the one in its
+        parent when ``ref_folder`` is ``labelsTr``, ``labelsTs`` or ``gt_segmentations``, if there is one.
 
     Returns
     -------
     dict
         The summary as written to summary.json (NaN stays ``float('nan')`` here; the file holds ``null``).
     """
+    _check_run(ref_folder, {"prediction": pred_folder}, output_folder, num_processes)
+    declared = declared_labels(ref_folder, dataset_json)
     labels = _labels(labels)
     attributes = attribute_list(attributes)
-    case_ids, per_case = score_folder(ref_folder, pred_folder, labels, file_ending, nsd_tolerance, num_processes)
+    case_ids, per_case = score_folder(ref_folder, pred_folder, labels, file_ending, nsd_tolerance, num_processes,
+                                      declared)
     summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
     summary.update(reference=ref_folder, prediction=pred_folder)
     if output_folder is not None:
@@ -179,10 +212,12 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
 def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
                     labels: Sequence[Union[str, int, Sequence[int]]], attributes, output_folder: Optional[str],
                     n_boot: int = 1000, seed: int = 0, file_ending: Optional[str] = None,
-                    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1) -> dict:
+                    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1,
+                    dataset_json: Optional[str] = None) -> dict:
     """Several methods against the same references, in one table (the paper's Table 1) and one figure.
 
-    Every method is bootstrapped with the same seed, so the resamples are the same case sets for all methods (paired).
+    Refuses impossible input as :func:`evaluate_folders` does (``dataset_json`` as there). Every method is
+    bootstrapped with the same seed, so the resamples are the same case sets for all methods (paired).
     Returns ``{"reference": ref_folder, "methods": {name: summary}}`` (summary as in :func:`evaluate_folders`, with
     ``prediction`` set to the method's folder); per_case.csv gets a ``method`` column.
     """
@@ -191,12 +226,14 @@ def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
         raise ValueError(_NO_METHODS)
     if any(not str(n).strip() for n in names) or len(set(names)) != len(names):
         raise ValueError(_BAD_METHOD_NAME.format(names=names))
+    _check_run(ref_folder, {f"{n!r} prediction": pred_folders[n] for n in names}, output_folder, num_processes)
+    declared = declared_labels(ref_folder, dataset_json)
     labels = _labels(labels)
     attributes = attribute_list(attributes)
     summaries, all_rows = {}, []
     for name in names:  # one reference folder: match_cases gives every method the same cases
         case_ids, per_case = score_folder(ref_folder, pred_folders[name], labels, file_ending, nsd_tolerance,
-                                          num_processes)
+                                          num_processes, declared)
         summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
         summary.update(reference=ref_folder, prediction=pred_folders[name])
         summaries[name] = summary

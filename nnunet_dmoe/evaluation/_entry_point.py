@@ -5,8 +5,10 @@ import os
 
 from typing import Dict, List, Optional, Sequence
 
+from nnunet_dmoe.errors import command
 from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
 from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table, detect_file_ending
+from nnunet_dmoe.evaluation._checks import check_output_folder, check_processes
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
 from nnunet_dmoe.evaluation._routing import add_routing_to_report, read_routing
 from nnunet_dmoe.tables import add_attribute_table_arguments
@@ -34,7 +36,7 @@ def parse_compare(items: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def evaluate_entry_point(argv: Optional[List[str]] = None):
+def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -48,12 +50,16 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
                         help="[REQUIRED unless --compare] folder with the predictions, matched to -ref by case id")
     parser.add_argument("-l", nargs="+", type=str, required=True,
                         help="[REQUIRED] labels to score, e.g. -l 1 2. A region (union of labels) is written with "
-                             "commas and no spaces: -l 1 2 1,2 scores label 1, label 2 and their union")
-    parser.add_argument("-o", type=str, required=True, help="[REQUIRED] output folder for the report")
+                             "commas and no spaces: -l 1 2 1,2 scores label 1, label 2 and their union. Labels that "
+                             "do not exist (0, negative, not in the dataset) are refused")
+    parser.add_argument("-o", type=str, required=True,
+                        help="[REQUIRED] output folder for the report; not inside -ref, -pred or a --compare folder")
     parser.add_argument("-dataset_json", type=str, default=None,
                         help="[REQUIRED unless --attributes] dataset.json whose 'attribute' block gives the level of "
                              "each case ('cases' and 'test_cases' merged; levels in the block's order). With an "
-                             "'attributes' list every attribute is reported, alone and in combination")
+                             "'attributes' list every attribute is reported, alone and in combination. Its "
+                             "'labels' (if any) are the labels -l and the files may hold; without -dataset_json a "
+                             "dataset.json next to -ref is used, else the labels found in -ref")
     add_attribute_table_arguments(parser, "--attributes", "[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) "
                                   "with the attribute of each case; empty cells / 'unknown' mean unknown",
                                   required=False, column_note=" (each reported alone and every combination of their "
@@ -70,18 +76,26 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
                         help="[OPTIONAL] several methods in one table and one figure, each as NAME=PRED_FOLDER; "
                              "replaces -pred. Default: off")
     parser.add_argument("-np", type=int, default=1,
-                        help="[OPTIONAL] processes for reading and scoring the cases. Default: 1")
+                        help="[OPTIONAL] processes (1 or more) for reading and scoring the cases. Default: 1")
     parser.add_argument("--routing", type=str, default=None, metavar="FOLDER",
                         help="[OPTIONAL] output folder of nnUNetv2_dmoe_routing_report: its routing.png and a table "
                              "of the routing per block go into report.md. Default: off")
-    args = parser.parse_args(argv)
-    if args.routing is not None:
-        read_routing(args.routing)  # fail before the evaluation
+    return parser
 
+
+def _input_folders(args) -> Dict[str, str]:
+    """``{flag: folder}`` of every input folder (-ref, -pred or each --compare method) for the -o check."""
     if args.pred is not None and args.compare is not None:
         raise ValueError(_PRED_AND_COMPARE)
     if args.pred is None and args.compare is None:
         raise ValueError(_NO_PRED)
+    if args.pred is not None:
+        return {"-ref": args.ref, "-pred": args.pred}
+    return {"-ref": args.ref, **{f"--compare {n}": f for n, f in parse_compare(args.compare).items()}}
+
+
+def _attributes(args):
+    """The attribute(s) of every case from -dataset_json or from --attributes (a table)."""
     if args.dataset_json is not None and args.attributes is not None:
         raise ValueError(_BOTH_ATTRIBUTE_SOURCES)
     if args.dataset_json is not None:
@@ -89,15 +103,25 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
                             ("--bins", args.bins)):
             if value is not None:
                 raise ValueError(_TABLE_ONLY.format(flag=flag))
-        attributes = attributes_from_dataset_json(args.dataset_json)
-    elif args.attributes is not None:
+        return attributes_from_dataset_json(args.dataset_json)
+    if args.attributes is not None:
         ending = args.fe or (detect_file_ending(args.ref) if os.path.isdir(args.ref) else None)
-        attributes = attributes_from_table(args.attributes, args.id_column, args.attribute_column, bins=args.bins,
-                                           strip_suffix=ending)
-    else:
-        raise ValueError(_NO_ATTRIBUTE_SOURCE)
-    common = dict(labels=args.l, attributes=attributes, output_folder=args.o, n_boot=args.bootstrap,
-                  seed=args.seed, file_ending=args.fe, nsd_tolerance=args.nsd_tolerance, num_processes=args.np)
+        return attributes_from_table(args.attributes, args.id_column, args.attribute_column, bins=args.bins,
+                                     strip_suffix=ending)
+    raise ValueError(_NO_ATTRIBUTE_SOURCE)
+
+
+@command("nnUNetv2_dmoe_evaluate")
+def evaluate_entry_point(argv: Optional[List[str]] = None):
+    """``nnUNetv2_dmoe_evaluate``; ``argv`` defaults to the command line. Bad input: one line on stderr, exit 2."""
+    args = _parser().parse_args(argv)
+    check_processes(args.np, "-np ")  # refusals that need no file come before any work
+    check_output_folder(("-o", args.o), _input_folders(args), "-ref, -pred and the --compare folders")
+    if args.routing is not None:
+        read_routing(args.routing)  # fail before the evaluation
+    common = dict(labels=args.l, attributes=_attributes(args), output_folder=args.o, n_boot=args.bootstrap,
+                  seed=args.seed, file_ending=args.fe, nsd_tolerance=args.nsd_tolerance, num_processes=args.np,
+                  dataset_json=args.dataset_json)
     if args.compare is not None:
         result = compare_methods(parse_compare(args.compare), args.ref, **common)
         print_summary(result["methods"])
