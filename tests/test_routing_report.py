@@ -140,8 +140,12 @@ def test_moe_routes_every_level_alike_and_dmoe_does_not():
 
     for b in rows("moe"):
         levels = b["attributes"]["tstage"]
-        for level in LEVELS[1:] + ["unknown"]:
-            assert levels[level] == levels["T1"]  # identical fractions, gates and counts
+        for level in LEVELS[1:] + ["unknown"]:  # identical fractions, gates and counts
+            # (a sample's float32 gates may differ from another sample's in the last bits: batch position changes
+            # the order of summation)
+            assert {k: v for k, v in levels[level].items() if k != "mean_gate"} == \
+                {k: v for k, v in levels["T1"].items() if k != "mean_gate"}
+            assert levels[level]["mean_gate"] == pytest.approx(levels["T1"]["mean_gate"], rel=1e-6, abs=1e-7)
         assert b["js_divergence"]["tstage"]["max"] == 0.0
     assert all(b["js_divergence"]["tstage"]["max"] > 0.05 for b in rows("dmoe"))
 
