@@ -78,7 +78,7 @@ def _routing(configuration_manager, routing: Optional[str]) -> Tuple[Optional[DM
     if placement not in PLACEMENTS:
         raise ValueError(f"\"transformer_placement\" in the plans' \"dmoe\" block must be one of {PLACEMENTS}, got "
                          f"{placement!r}")
-    if settings.get("dmoe_stages") is not None:
+    if isinstance(settings.get("dmoe_stages"), (list, tuple)):  # the named rules concern U-Nets only
         raise ValueError(f"\"stages\" in the plans' \"dmoe\" block ({settings['dmoe_stages']}) places blocks after "
                          f"U-Net encoder stages; transformers use \"transformer_placement\" ({PLACEMENTS})")
     config = DMoEConfig.pop_from_arch_kwargs(settings, **({"mode": routing} if routing else {}))
@@ -320,7 +320,8 @@ class AttributeTransformer(AttributeInput):
             n = 1 if placement == "shared" else len(backbone.blocks)
             self.moe = nn.ModuleList([
                 DistributionAwareMoE(backbone.embed_dim, config.num_experts, config.num_routers, config.top_k,
-                                     config.expert_ratio, config.expert_dropout, config.router_noise)
+                                     config.expert_ratio, config.expert_dropout, config.router_noise,
+                                     router_init=config.router_init)
                 for _ in range(n)])
 
     @property
