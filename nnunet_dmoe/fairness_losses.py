@@ -4,9 +4,9 @@ Each is a :class:`GroupLoss`: the trainer hands it the levels of the batch's sam
 ``batch["attribute"]``) before nnU-Net calls the loss, so nnU-Net's ``train_step`` stays unchanged. Formulas and
 their sources: ``documentation/reference/fairness-comparators.md``.
 
-- :class:`GroupDROLoss` wraps nnU-Net's whole loss (Dice+CE with deep supervision): per-sample losses, per-group
-  sums, an exponentiated-gradient step on the group weights ``q`` (Sagawa et al., ICLR 2020), each sample
-  weighted by ``G q_g``.
+- :class:`GroupDROLoss` wraps nnU-Net's whole loss (Dice+CE with deep supervision): per-sample losses, the
+  batch's mean loss ``L_g`` per group, an exponentiated-gradient step on the group weights ``q`` from them and
+  the loss ``sum_g q_g L_g`` (Sagawa et al., ICLR 2020, as their code computes it).
 - :class:`FEBSDiceLoss` replaces the Dice term inside nnU-Net's Dice+CE: the softmax probabilities of each sample
   are scaled by its group's weight ``tanh((min_h L_h / L_g)^gamma)`` before the Dice (fair error-bound scaling,
   Tian et al., ICLR 2024, as in the FairSeg code).
@@ -107,53 +107,63 @@ class GroupLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- Group DRO
-def group_dro_step(log_q: torch.Tensor, loss_ema: torch.Tensor, seen: torch.Tensor, group_loss: torch.Tensor,
-                   counts: torch.Tensor, step_size: float, ema: float):
-    """One online Group DRO update of the group weights (no gradient).
+def group_dro_step(log_q: torch.Tensor, group_loss: torch.Tensor, step_size: float,
+                   adjustment: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One online Group DRO update of the group weights (no gradient), Sagawa et al.'s
+    ``LossComputer.compute_robust_loss``: ``q_g <- q_g exp(step_size * (L_g + adj_g))``, then ``q / sum q``.
 
-    ``group_loss`` (G,) is the batch's mean loss per group (any value where ``counts`` is 0). The running loss of
-    each group present in the batch moves towards it (``ema``: weight of the new value; 1 = last batch only), then
-    every group seen so far takes the exponentiated-gradient step ``q_g <- q_g exp(step_size * running_loss_g)``
-    and ``q`` is normalised (in log space: ``log_q`` holds ``log q``). Returns ``(log_q, loss_ema, seen)``.
+    ``group_loss`` (G,) is the batch's mean loss per group, 0 for a group absent from the batch (as their
+    ``compute_group_avg``); ``adjustment`` (G,) their generalization adjustment ``C / sqrt(n_g)`` (``None``: 0).
+    Works in log space (``log_q`` holds ``log q``); returns the new ``log_q``.
     """
-    present = counts > 0
-    moved = torch.where(seen, (1 - ema) * loss_ema + ema * group_loss, group_loss)
-    loss_ema = torch.where(present, moved, loss_ema)
-    seen = seen | present
-    log_q = log_q + step_size * torch.where(seen, loss_ema, torch.zeros_like(loss_ema))
-    return log_q - torch.logsumexp(log_q, 0), loss_ema, seen
+    adjusted = group_loss if adjustment is None else group_loss + adjustment
+    log_q = log_q + step_size * adjusted
+    return log_q - torch.logsumexp(log_q, 0)
 
 
 class GroupDROLoss(GroupLoss):
     """Online Group DRO over nnU-Net's loss (Sagawa et al., "Distributionally Robust Neural Networks for Group
-    Shifts", ICLR 2020, Algorithm 1 and its code's minibatch form).
+    Shifts", ICLR 2020, Algorithm 1 as their code computes it: ``LossComputer`` in github.com/kohpangwei/group_DRO).
 
     Per step: nnU-Net's loss of every sample alone (``loss``: Dice+CE with deep supervision, the Dice not pooled
-    over DDP ranks), per-group sums and counts all-reduced over the ranks, the update :func:`group_dro_step` on the
-    group losses shifted by ``loss_offset`` (nnU-Net's Dice term is -Dice; with +1 a perfect prediction scores 0,
-    so groups never seen cannot gain weight), then the loss ``sum_i G q_{g(i)} l_i / B`` over the global batch of
-    ``B`` samples (times the world size, as DDP averages the ranks' gradients). With uniform ``q`` this is nnU-Net's
-    mean loss; for a batch with the same number of samples from every group it is Sagawa's ``sum_g q_g L_g``.
+    over DDP ranks), per-group sums and counts all-reduced over the ranks, the batch's mean loss ``L_g`` of each
+    group present, the update :func:`group_dro_step` on ``L_g + loss_offset`` (0 for absent groups; nnU-Net's Dice
+    term is -Dice, with the offset 1 a perfect prediction scores 0 like the reference's cross-entropy), then the
+    loss ``sum_g q_g L_g`` over the groups of the (global) batch with the new ``q`` (times the world size on each
+    rank's share, as DDP averages the ranks' gradients). ``adjustment`` (G,): Sagawa's ``adj / sqrt(n_g)``.
     """
 
-    def __init__(self, loss: nn.Module, group_names: Sequence[str], step_size: float = 0.01, ema: float = 0.1,
-                 loss_offset: float = 1.0, num_levels: Optional[int] = None):
+    def __init__(self, loss: nn.Module, group_names: Sequence[str], step_size: float = 0.01,
+                 loss_offset: float = 1.0, num_levels: Optional[int] = None,
+                 adjustment: Optional[Sequence[float]] = None):
         super().__init__(group_names, num_levels)
-        if not 0 < ema <= 1:
-            raise ValueError(f"ema must be in (0, 1], got {ema}")
         for m in loss.modules() if isinstance(loss, nn.Module) else ():
             if hasattr(m, "ddp"):  # nnU-Net's Dice would pool each "per-sample" Dice over the ranks
                 m.ddp = False
         self.loss = loss
-        self.step_size, self.ema, self.loss_offset = float(step_size), float(ema), float(loss_offset)
+        self.step_size, self.loss_offset = float(step_size), float(loss_offset)
         g = self.num_groups
         self.register_buffer("log_q", torch.full((g,), -math.log(g)))
-        self.register_buffer("loss_ema", torch.zeros(g))
-        self.register_buffer("seen", torch.zeros(g, dtype=torch.bool))
+        self.register_buffer("adjustment", torch.zeros(g))
+        self._adjust = False
+        if adjustment is not None:
+            self.set_adjustment(adjustment)
+        self.register_buffer("_epoch_sums", torch.zeros(g))
+        self.register_buffer("_epoch_counts", torch.zeros(g))
 
     @property
     def q(self) -> torch.Tensor:
         return self.log_q.exp()
+
+    def set_adjustment(self, adjustment: Sequence[float]) -> None:
+        """Sagawa et al.'s generalization adjustment, one value per group (``C / sqrt(n_g)``, ``n_g`` the group's
+        training cases), added to every group's loss in the update of ``q`` (not to the loss)."""
+        values = torch.as_tensor(adjustment, dtype=torch.float32).flatten()
+        if values.numel() != self.num_groups or not torch.isfinite(values).all():
+            raise ValueError(f"adjustment needs one finite value per group ({self.num_groups}), got "
+                             f"{values.tolist()}")
+        self.adjustment = values.to(self.log_q.device)
+        self._adjust = bool((values != 0).any())  # decided here, not in the step: no host synchronisation
 
     def forward(self, output, target):
         b = (output[0] if isinstance(output, (list, tuple)) else output).shape[0]
@@ -165,26 +175,30 @@ class GroupDROLoss(GroupLoss):
         sums, counts = group_sums(per_sample, groups.to(per_sample.device), g)
         reduced, world = all_reduce_sum(torch.cat([sums.detach(), counts]))
         total_sums, total_counts = reduced[:g], reduced[g:]
+        present = total_counts > 0
         if self.updating:
             with torch.no_grad():
-                mean = total_sums / total_counts.clamp_min(1) + self.loss_offset
-                self.log_q, self.loss_ema, self.seen = group_dro_step(
-                    self.log_q, self.loss_ema, self.seen, mean, total_counts, self.step_size, self.ema)
-        weights = g * self.log_q.exp()
-        return world * (weights * sums).sum() / total_counts.sum()
+                mean = torch.where(present, total_sums / total_counts.clamp_min(1) + self.loss_offset,
+                                   torch.zeros_like(total_sums))
+                self.log_q = group_dro_step(self.log_q, mean, self.step_size,
+                                            self.adjustment if self._adjust else None)
+                self._epoch_sums += total_sums
+                self._epoch_counts += total_counts
+        # sum_g q_g L_g, L_g = (global sum of group g) / (global count): this rank's share of the sums
+        return world * (self.log_q.exp() * sums / total_counts.clamp_min(1)).sum()
 
     def epoch_stats(self) -> Dict[str, object]:
-        running = torch.where(self.seen, self.loss_ema - self.loss_offset, torch.full_like(self.loss_ema, math.nan))
-        return {"dro_weights": self.q.tolist(), "dro_group_loss": running.tolist()}
+        mean = self._epoch_sums / self._epoch_counts  # NaN for a group absent all epoch
+        self._epoch_sums, self._epoch_counts = torch.zeros_like(mean), torch.zeros_like(mean)
+        return {"dro_weights": self.q.tolist(), "dro_group_loss": mean.tolist()}
 
     def describe(self, stats: Dict[str, object]) -> List[str]:
         fmt = lambda key: ", ".join(f"{n} {v:.4f}" for n, v in zip(self.group_names, stats[key]))  # noqa: E731
         return [f"GroupDRO weights q: {fmt('dro_weights')}",
-                f"GroupDRO running group loss (nnU-Net's scale): {fmt('dro_group_loss')}"]
+                f"GroupDRO mean group loss this epoch (nnU-Net's scale): {fmt('dro_group_loss')}"]
 
     def restore(self, history: Dict[str, list]) -> None:
-        weights, losses = history.get("dro_weights") or [], history.get("dro_group_loss") or []
-        last = [w for w in weights if w is not None]
+        last = [w for w in history.get("dro_weights") or [] if w is not None]
         if not last:
             return
         q = torch.tensor(last[-1], dtype=torch.float32, device=self.log_q.device)
@@ -192,11 +206,6 @@ class GroupDROLoss(GroupLoss):
             raise ValueError(f"the checkpoint's GroupDRO weights have {q.numel()} groups, this trainer has "
                              f"{self.num_groups} ({self.group_names})")
         self.log_q = q.clamp_min(1e-30).log()
-        running = [v for v in losses if v is not None]
-        if running:
-            ema = torch.tensor(running[-1], dtype=torch.float32, device=self.log_q.device)
-            self.seen = torch.isfinite(ema)
-            self.loss_ema = torch.where(self.seen, ema + self.loss_offset, torch.zeros_like(ema))
 
 
 # --------------------------------------------------------------------------------------------------------- FEBS

@@ -16,11 +16,28 @@ def _free_port():
 
 
 def _batch():
-    """A global batch of 4 samples (2 per rank) and the groups of its samples."""
+    """A global batch of 4 samples (2 per rank) and the groups of its samples (two Group DRO steps: the second
+    with one group only on rank 0 and another only on rank 1)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 2, 6, 6, generator=g)
     target = torch.randint(0, 2, (4, 1, 6, 6), generator=g).float()
     return logits, target, torch.tensor([0, 0, 1, 2])
+
+
+DRO_STEPS = (torch.tensor([0, 0, 1, 2]), torch.tensor([2, 2, 1, 1]))
+
+
+def _dro_steps(dro, logits, target, mine=slice(None)):
+    """The Group DRO steps on ``logits[mine]``: (q after each step, loss values, gradients of the last step)."""
+    qs, values = [], []
+    for groups in DRO_STEPS:
+        x = logits[mine].clone().requires_grad_()
+        dro.set_groups(groups[mine], train=True)
+        value = dro(x, target[mine])
+        value.backward()
+        qs.append(dro.q.clone())
+        values.append(value.detach())
+    return torch.stack(qs), torch.stack(values), x.grad
 
 
 def _losses():
@@ -44,12 +61,10 @@ def _worker(rank, world, port, out_dir):
         logits, target, groups = _batch()
         mine = slice(2 * rank, 2 * rank + 2)
         dro, febs = _losses()
-        x = logits[mine].clone().requires_grad_()
-        dro.set_groups(groups[mine], train=True)
-        dro(x, target[mine]).backward()
+        q, values, grad = _dro_steps(dro, logits, target, mine)
         febs.set_groups(groups[mine], train=False)
         w = febs.group_weights(torch.softmax(logits[mine], 1), target[mine])
-        torch.save({"q": dro.q, "febs": w, "grad": x.grad}, os.path.join(out_dir, f"losses{rank}.pt"))
+        torch.save({"q": q, "values": values, "febs": w, "grad": grad}, os.path.join(out_dir, f"losses{rank}.pt"))
 
         # the adversary: rank 1 has only samples of unknown level
         from nnunet_dmoe.configuration import unet_configuration
@@ -82,16 +97,15 @@ def test_group_statistics_all_reduced_and_adversary_under_ddp(tmp_path):
     # single process on the whole batch of 4
     logits, target, groups = _batch()
     dro, febs = _losses()
-    x = logits.clone().requires_grad_()
-    dro.set_groups(groups, train=True)
-    dro(x, target).backward()
+    q, values, grad = _dro_steps(dro, logits, target)
     febs.set_groups(groups, train=False)
     w = febs.group_weights(torch.softmax(logits, 1), target)
     for r in (r0, r1):
-        torch.testing.assert_close(r["q"], dro.q)
+        torch.testing.assert_close(r["q"], q)  # every rank holds the q of the global batch, step after step
         torch.testing.assert_close(r["febs"], w)
-    # DDP averages the ranks' gradients: (grad on rank r) / world = the single-process gradient of its samples
-    torch.testing.assert_close(torch.cat([r0["grad"], r1["grad"]]) / 2, x.grad)
+    # DDP averages the ranks' gradients (and the logged losses): (rank r's) / world summed = the global batch's
+    torch.testing.assert_close((r0["values"] + r1["values"]) / 2, values)
+    torch.testing.assert_close(torch.cat([r0["grad"], r1["grad"]]) / 2, grad)
 
     a0, a1 = (torch.load(tmp_path / f"adversary{r}.pt") for r in (0, 1))
     torch.testing.assert_close(a0["params"], a1["params"], rtol=0, atol=0)

@@ -30,64 +30,96 @@ def test_group_sums():
     assert sums.tolist() == [2.0, 0.0, 5.0] and counts.tolist() == [1.0, 0.0, 2.0]
 
 
-@pytest.mark.parametrize("ema,q2", [(1.0, softmax([3.0, 2.0])), (0.5, softmax([3.5, 2.0]))])
-def test_group_dro_weights_after_two_known_steps(ema, q2):
-    """Two groups, step size 1, no offset. Step 1: batch of group 0 with losses 1 and 3 (mean 2); group 1 unseen.
-    log q = (2, 0). Step 2: group 0 loss 1, group 1 loss 2. Running loss of group 0: 1 (ema 1) or 0.5*2 + 0.5*1 =
-    1.5 (ema 0.5); group 1 first seen: 2. log q = (2 + 1, 0 + 2) or (2 + 1.5, 0 + 2)."""
-    loss = GroupDROLoss(AbsLoss(), ["a", "b"], step_size=1.0, ema=ema, loss_offset=0.0)
-    out = torch.tensor([[1.0], [3.0]], requires_grad=True)
-    loss.set_groups(torch.tensor([0, 0]), train=True)
-    value = loss(out, torch.zeros(2, 1))
-    q1 = softmax([2.0, 0.0])
-    torch.testing.assert_close(loss.q, torch.tensor(q1))
-    # sum_i G q_g(i) l_i / B = 2 * q1[0] * (1 + 3) / 2
-    assert value.item() == pytest.approx(4 * q1[0], rel=1e-6)
+def sagawa_reference(q, per_sample, groups, eta, adj=None):
+    """Sagawa et al.'s LossComputer (compute_group_avg + compute_robust_loss) in plain Python: the batch's mean loss
+    per group (0 for an absent group), q_g <- q_g exp(eta (L_g + adj_g)) / sum, loss sum_g q_g L_g with the new q.
+    Returns (new q, loss, d loss / d l_i)."""
+    n = len(q)
+    counts = [sum(1 for g in groups if g == k) for k in range(n)]
+    mean = [sum(l for l, g in zip(per_sample, groups) if g == k) / max(counts[k], 1) for k in range(n)]
+    adj = adj or [0.0] * n
+    q = [qk * math.exp(eta * (mk + ak)) for qk, mk, ak in zip(q, mean, adj)]
+    q = [qk / sum(q) for qk in q]
+    return q, sum(qk * mk for qk, mk in zip(q, mean)), [q[g] / counts[g] for g in groups]
 
-    out = torch.tensor([[1.0], [2.0]], requires_grad=True)
-    loss.set_groups(torch.tensor([0, 1]), train=True)
-    value = loss(out, torch.zeros(2, 1))
-    torch.testing.assert_close(loss.q, torch.tensor(q2))
-    assert value.item() == pytest.approx(q2[0] * 1 + q2[1] * 2, rel=1e-6)
-    value.backward()  # each sample's gradient is weighted by G q_g / B = q_g here
-    torch.testing.assert_close(out.grad, torch.tensor([[q2[0]], [q2[1]]]))
 
-    # validation: the weights are used, not changed
-    loss.set_groups(torch.tensor([1, 1]), train=False)
+def test_group_dro_three_steps_against_sagawa_by_hand():
+    """Two groups, step size 1, no offset. Step 1: group 0 only, losses 1 and 3: L = (2, 0), log q = (2, 0), loss
+    q_0 * 2, each sample's gradient q_0 / 2. Step 2: losses 1 (group 0), 2 (group 1): log q = (3, 2), loss
+    q_0 + 2 q_1. Step 3: group 1 only, losses 4 and 6: L = (0, 5), log q = (3, 7). Validation changes nothing."""
+    loss = GroupDROLoss(AbsLoss(), ["a", "b"], step_size=1.0, loss_offset=0.0)
+    steps = [([1.0, 3.0], [0, 0], softmax([2.0, 0.0])), ([1.0, 2.0], [0, 1], softmax([3.0, 2.0])),
+             ([4.0, 6.0], [1, 1], softmax([3.0, 7.0]))]
+    q_ref = [0.5, 0.5]
+    for values, groups, q_hand in steps:
+        out = torch.tensor([[v] for v in values], requires_grad=True)
+        loss.set_groups(torch.tensor(groups), train=True)
+        value = loss(out, torch.zeros(2, 1))
+        value.backward()
+        q_ref, value_ref, grad_ref = sagawa_reference(q_ref, values, groups, 1.0)
+        assert q_ref == pytest.approx(q_hand)
+        torch.testing.assert_close(loss.q, torch.tensor(q_hand))
+        assert value.item() == pytest.approx(value_ref, rel=1e-6)
+        torch.testing.assert_close(out.grad[:, 0], torch.tensor(grad_ref))
+    q3 = softmax([3.0, 7.0])
+    assert value.item() == pytest.approx(q3[1] * 5, rel=1e-6)
+    # at uniform q a batch of one group trains on half its mean loss (Sagawa's sum_g q_g L_g), not the mean
+    fresh = GroupDROLoss(AbsLoss(), ["a", "b"], step_size=1e-9, loss_offset=0.0)
+    fresh.set_groups(torch.tensor([1, 1]), train=True)
+    assert fresh(torch.tensor([[4.0], [6.0]]), torch.zeros(2, 1)).item() == pytest.approx(2.5, rel=1e-6)
+
+    loss.set_groups(torch.tensor([0, 0]), train=False)
     loss(torch.tensor([[5.0], [5.0]]), torch.zeros(2, 1))
-    torch.testing.assert_close(loss.q, torch.tensor(q2))
+    torch.testing.assert_close(loss.q, torch.tensor(q3))
     stats = loss.epoch_stats()
-    assert stats["dro_weights"] == pytest.approx(q2)
-    assert stats["dro_group_loss"] == pytest.approx([1.0 if ema == 1 else 1.5, 2.0])
+    assert stats["dro_weights"] == pytest.approx(q3)
+    assert stats["dro_group_loss"] == pytest.approx([5 / 3, 4.0])  # the epoch's mean per group (training only)
+    assert all(math.isnan(v) for v in loss.epoch_stats()["dro_group_loss"])  # reset: no group seen since
+
+
+def test_group_dro_offset_and_adjustment_move_only_the_update():
+    """The offset (+1) is added to the losses of the groups present, Sagawa's adjustment C / sqrt(n_g) to every
+    group, both in the update of q only: the loss is sum_g q_g L_g of the raw losses."""
+    loss = GroupDROLoss(AbsLoss(), ["a", "b", "c"], step_size=0.5, loss_offset=1.0,
+                        adjustment=[0.3, 0.0, 0.6])
+    loss.set_groups(torch.tensor([0, 2, 2]), train=True)
+    value = loss(torch.tensor([[2.0], [1.0], [3.0]]), torch.zeros(3, 1))
+    # Sagawa's update on the shifted per-sample losses (the absent group b keeps L_b = 0, no offset)
+    q, _, _ = sagawa_reference([1 / 3] * 3, [3.0, 2.0, 4.0], [0, 2, 2], 0.5, [0.3, 0.0, 0.6])
+    torch.testing.assert_close(loss.q, torch.tensor(q))
+    assert value.item() == pytest.approx(q[0] * 2.0 + q[2] * 2.0, rel=1e-6)
+    with pytest.raises(ValueError, match="one finite value per group"):
+        loss.set_adjustment([1.0, 2.0])
 
 
 def test_group_dro_step_is_the_exponentiated_gradient_rule():
-    """All groups present, ema 1: q_g <- q_g exp(eta l_g) / sum (Sagawa et al.'s update)."""
+    """q_g <- q_g exp(eta (l_g + adj_g)) / sum (Sagawa et al.'s update)."""
     q = torch.tensor([0.2, 0.3, 0.5])
-    losses = torch.tensor([0.7, 0.1, 0.4])
-    log_q, _, seen = group_dro_step(q.log(), torch.zeros(3), torch.zeros(3, dtype=torch.bool), losses,
-                                    torch.ones(3), 0.5, 1.0)
+    losses = torch.tensor([0.7, 0.1, 0.0])
     expected = q * torch.exp(0.5 * losses)
-    torch.testing.assert_close(log_q.exp(), expected / expected.sum())
-    assert seen.all()
+    torch.testing.assert_close(group_dro_step(q.log(), losses, 0.5).exp(), expected / expected.sum())
+    adj = torch.tensor([0.1, 0.0, 0.2])
+    expected = q * torch.exp(0.5 * (losses + adj))
+    torch.testing.assert_close(group_dro_step(q.log(), losses, 0.5, adj).exp(), expected / expected.sum())
 
 
 def test_group_dro_unknown_group_and_restore():
-    loss = GroupDROLoss(AbsLoss(), ["T1", "T2", "unknown"], step_size=1.0, ema=1.0, loss_offset=0.0, num_levels=2)
+    loss = GroupDROLoss(AbsLoss(), ["T1", "T2", "unknown"], step_size=1.0, loss_offset=0.0, num_levels=2)
     loss.set_groups(torch.tensor([-1, 1]), train=True)  # level -1 -> the unknown group (index 2)
     loss(torch.tensor([[2.0], [1.0]]), torch.zeros(2, 1))
     torch.testing.assert_close(loss.q, torch.tensor(softmax([0.0, 1.0, 2.0])))
     stats = loss.epoch_stats()
-    assert math.isnan(stats["dro_group_loss"][0])  # never seen
-    fresh = GroupDROLoss(AbsLoss(), ["T1", "T2", "unknown"], step_size=1.0, ema=1.0, loss_offset=0.0, num_levels=2)
+    assert math.isnan(stats["dro_group_loss"][0]) and stats["dro_group_loss"][1:] == [1.0, 2.0]
+    fresh = GroupDROLoss(AbsLoss(), ["T1", "T2", "unknown"], step_size=1.0, loss_offset=0.0, num_levels=2)
     fresh.restore({"dro_weights": [None, stats["dro_weights"]], "dro_group_loss": [None, stats["dro_group_loss"]]})
     torch.testing.assert_close(fresh.q, loss.q)
-    assert fresh.seen.tolist() == [False, True, True] and fresh.loss_ema[1:].tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="have 2 groups, this trainer has 3"):
+        fresh.restore({"dro_weights": [[0.5, 0.5]]})
 
 
 def test_group_dro_per_sample_nnunet_loss():
-    """Wrapped around nnU-Net's Dice+CE with deep supervision: uniform weights give the mean of nnU-Net's loss of
-    each sample alone; the loss offset shifts only the weight update, not the loss."""
+    """Wrapped around nnU-Net's Dice+CE with deep supervision: the per-sample losses are nnU-Net's loss of each
+    sample alone; at uniform q the loss is sum_g L_g / G; the loss offset shifts only the weight update."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -105,7 +137,8 @@ def test_group_dro_per_sample_nnunet_loss():
     dro = GroupDROLoss(nnunet_loss(True), ["a", "b"], step_size=0.01)  # as the trainer builds it under DDP
     assert all(not m.ddp for m in dro.modules() if hasattr(m, "ddp"))
     dro.set_groups(torch.tensor([0, 1, 1]), train=False)
-    assert dro(out, tgt).item() == pytest.approx(sum(per_sample).item() / 3, rel=1e-5)
+    expected = 0.5 * per_sample[0] + 0.5 * (per_sample[1] + per_sample[2]) / 2
+    assert dro(out, tgt).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_febs_weights_on_a_known_loss_vector():
