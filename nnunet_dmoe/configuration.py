@@ -42,6 +42,7 @@ def unet_configuration(dim: int = 3, features: Sequence[int] = (32, 64, 128, 256
         kw["n_blocks_per_stage"] = list(blocks_per_stage)
     configuration = {"architecture": {"network_class_name": network_class, "arch_kwargs": kw,
                                       "_kw_requires_import": list(_KW_REQUIRES_IMPORT)}}
-    if dmoe:
-        configuration["dmoe"] = dict(dmoe)
+    if dmoe:  # complete, as the trainers write it
+        from nnunet_dmoe.networks import current_settings
+        configuration["dmoe"] = current_settings(dmoe)
     return ConfigurationManager(configuration)

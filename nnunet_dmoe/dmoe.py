@@ -42,8 +42,15 @@ from torch import nn
 
 from nnunet_dmoe._expert_ops import experts_torch
 
-__all__ = ["DMoEConfig", "Experts", "NoisyTopKRouter", "DistributionAwareMoE", "route_index_for_levels", "BACKENDS",
+__all__ = ["DMoEConfig", "EARLIER_VALUES", "STAGE_RULES", "ROUTER_INITS", "Experts", "NoisyTopKRouter", "DistributionAwareMoE", "route_index_for_levels", "BACKENDS",
            "BACKEND_ENV", "resolve_backend", "triton_available"]
+
+
+STAGE_RULES = ("downsampling", "all")
+ROUTER_INITS = ("linear", "zero")
+# The settings whose default changed after version 0.2. Blocks written since record them; a block without them was
+# written by an earlier version, and its model is rebuilt with the earlier value (see dmoe_settings in networks.py).
+EARLIER_VALUES = {"stages": "all", "router_init": "zero"}
 
 
 @dataclass
@@ -56,7 +63,13 @@ class DMoEConfig:
         mode ("dmoe": one router per level plus one for "unknown"; "moe": one shared router), router_noise
         (noisy top-k gating in training; eval is always deterministic), num_levels (attribute levels).
     Placement
-        stages: encoder stages followed by a (d)MoE block, ``None`` = all stages (bottleneck included).
+        stages: encoder stages followed by a (d)MoE block: ``"downsampling"`` (the paper's Table 5: every stage
+        whose stride is not 1, bottleneck included; in nnU-Net's plans all but stage 0), ``"all"`` (stage 0 at
+        full resolution too; ``None`` means the same, as plans of versions up to 0.2 wrote it) or a list.
+    Router
+        router_init: ``"linear"`` (the paper's code: ``nn.Linear(C, E)`` with a bias and PyTorch's default
+        initialisation, for the logits and the noise scale) or ``"zero"`` (no bias, zero weights: versions up to
+        0.2).
     Input
         attribute_channel: index of the attribute channel in the network input (stripped before the U-Net).
 
@@ -75,7 +88,8 @@ class DMoEConfig:
     router_noise: bool = True
     num_levels: Union[int, Sequence[int]] = 1
     # placement
-    stages: Optional[Sequence[int]] = None
+    stages: Union[None, str, Sequence[int]] = "downsampling"
+    router_init: str = "linear"
     # input
     attribute_channel: Union[int, Sequence[int]] = -1
 
@@ -98,8 +112,24 @@ class DMoEConfig:
             self.attribute_channel = [int(c) for c in self.attribute_channel]
         if any(n < 1 for n in self.levels_per_attribute):
             raise ValueError(f"dmoe_num_levels must be >= 1 (per attribute), got {self.num_levels}")
-        if self.stages is not None:
+        if isinstance(self.stages, str) and self.stages not in STAGE_RULES:
+            raise ValueError(f"dmoe stages must be one of {STAGE_RULES} or a list of stage indices, got "
+                             f"{self.stages!r}")
+        if self.stages is not None and not isinstance(self.stages, str):
             self.stages = [int(s) for s in self.stages]
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"dmoe router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+
+    def stage_indices(self, strides: Sequence) -> List[int]:
+        """The encoder stages followed by a block, for an encoder with these per-stage ``strides``."""
+        if self.stages is None or self.stages == "all":
+            return list(range(len(strides)))
+        if self.stages == "downsampling":
+            return [s for s, stride in enumerate(strides) if np.any(np.asarray(stride) != 1)]
+        bad = [s for s in self.stages if not 0 <= s < len(strides)]
+        if bad:
+            raise ValueError(f"dmoe_stages {bad} out of range: the encoder has {len(strides)} stages")
+        return list(self.stages)
 
     @property
     def levels_per_attribute(self) -> List[int]:
@@ -274,20 +304,39 @@ def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
 class NoisyTopKRouter(nn.Module):
     """Noisy top-k gating (Shazeer et al. 2017), one router per index along a leading router axis.
 
-    ``logits = h W_r`` plus, in training, ``N(0, 1) * softplus(h W_noise_r)``; keep the top ``k`` logits and softmax
-    over them. Eval mode is deterministic (no noise), unlike the paper's reference code.
+    ``logits = h W_r + b_r`` plus, in training, ``N(0, 1) * softplus(h W_noise_r + b_noise_r)``; keep the top ``k``
+    logits and softmax over them. Eval mode is deterministic (no noise), unlike the paper's reference code.
     """
 
-    def __init__(self, dim: int, num_experts: int, num_routers: int, top_k: int = 2, noisy: bool = True):
+    def __init__(self, dim: int, num_experts: int, num_routers: int, top_k: int = 2, noisy: bool = True,
+                 init: str = "linear"):
         super().__init__()
         self.top_k, self.noisy = top_k, noisy
-        # zero-initialised as in the reference noisy-gating code: routing starts uniform/random
+        if init not in ROUTER_INITS:
+            raise ValueError(f"router init must be one of {ROUTER_INITS}, got {init!r}")
+        # "linear": each router is the paper's nn.Linear(C, E) (bias, uniform +-1/sqrt(C)), so the levels' routers
+        # differ from the start; "zero": no bias, zero weights (routing starts uniform; versions up to 0.2)
         self.w_gate = nn.Parameter(torch.zeros(num_routers, dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(num_routers, dim, num_experts)) if noisy else None
+        self.b_gate = nn.Parameter(torch.zeros(num_routers, num_experts)) if init == "linear" else None
+        self.b_noise = nn.Parameter(torch.zeros(num_routers, num_experts)) if init == "linear" and noisy else None
+        if init == "linear":
+            with torch.no_grad():
+                for w, b in ((self.w_gate, self.b_gate), (self.w_noise, self.b_noise)):
+                    if w is not None:
+                        _linear_init_(w, b, dim)
+
+    def _logits(self, tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                router_index: torch.Tensor) -> torch.Tensor:
+        logits = torch.bmm(tokens, self.router_weights(weight, router_index).to(tokens.dtype))
+        if bias is not None:
+            logits = logits + self.router_weights(bias, router_index).to(tokens.dtype)[:, None, :]
+        return logits
 
     def router_weights(self, weight: torch.Tensor, router_index: torch.Tensor) -> torch.Tensor:
-        """(b, c, e) weights of each sample's router: ``router_index`` (b,), or (b, A) for several attributes, whose
-        A routers are summed (``h W_1 + h W_2 = h (W_1 + W_2)``: the sum of the attributes' router logits)."""
+        """(b, c, e) weights (or (b, e) biases) of each sample's router: ``router_index`` (b,), or (b, A) for several
+        attributes, whose A routers are summed (``h W_1 + h W_2 = h (W_1 + W_2)``: the sum of the attributes' router
+        logits)."""
         w = weight[router_index]
         return w if router_index.ndim == 1 else w.sum(1)
 
@@ -298,9 +347,9 @@ class NoisyTopKRouter(nn.Module):
         For k = 2 (the paper's setting) the top two come from two max reductions (the second over the logits with
         the first masked), and the softmax over two logits is ``sigmoid(l1 - l2)``, ``1 - sigmoid(l1 - l2)``: cheaper
         than ``topk`` + ``softmax``, the same values (ties resolve to the lower expert index)."""
-        logits = torch.bmm(tokens, self.router_weights(self.w_gate, router_index).to(tokens.dtype))
+        logits = self._logits(tokens, self.w_gate, self.b_gate, router_index)
         if self.training and self.noisy:
-            noise_std = F.softplus(torch.bmm(tokens, self.router_weights(self.w_noise, router_index).to(tokens.dtype)))
+            noise_std = F.softplus(self._logits(tokens, self.w_noise, self.b_noise, router_index))
             logits = logits + torch.randn_like(logits) * noise_std
         if self.top_k == 2:
             top1, index1 = logits.max(dim=-1, keepdim=True)
@@ -320,10 +369,11 @@ class DistributionAwareMoE(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int = 8, num_routers: int = 1, top_k: int = 2, expert_ratio: int = 4,
-                 expert_dropout: float = 0.1, router_noise: bool = True, backend: Optional[str] = None):
+                 expert_dropout: float = 0.1, router_noise: bool = True, backend: Optional[str] = None,
+                 router_init: str = "linear"):
         super().__init__()
         self.dim, self.num_experts, self.top_k, self.backend = dim, num_experts, top_k, backend
-        self.router = NoisyTopKRouter(dim, num_experts, num_routers, top_k, router_noise)
+        self.router = NoisyTopKRouter(dim, num_experts, num_routers, top_k, router_noise, router_init)
         self.experts = Experts(num_experts, dim, expert_ratio, expert_dropout)
 
     def forward(self, x: torch.Tensor, router_index: torch.Tensor) -> torch.Tensor:

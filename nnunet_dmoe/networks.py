@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, route_index_for_levels
+from nnunet_dmoe.dmoe import EARLIER_VALUES, DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
 __all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network",
-           "dmoe_settings", "ROUTINGS", "PLANS_KEY"]
+           "dmoe_settings", "current_settings", "ROUTINGS", "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
 ROUTINGS = ("dmoe", "moe")
@@ -125,13 +125,11 @@ class AttributeUNet(AttributeInput):
             self.moe = None
         else:
             encoder = unet.encoder
-            stages = range(len(encoder.stages)) if config.stages is None else config.stages
-            bad = [s for s in stages if not 0 <= s < len(encoder.stages)]
-            if bad:
-                raise ValueError(f"dmoe_stages {bad} out of range: the encoder has {len(encoder.stages)} stages")
+            stages = config.stage_indices(encoder.strides)
             self.moe = nn.ModuleList([
                 DistributionAwareMoE(c, config.num_experts, config.num_routers, config.top_k, config.expert_ratio,
-                                     config.expert_dropout, config.router_noise) if s in stages else nn.Identity()
+                                     config.expert_dropout, config.router_noise, router_init=config.router_init)
+                if s in stages else nn.Identity()
                 for s, c in enumerate(encoder.output_channels)])
 
     @property
@@ -176,13 +174,25 @@ def dmoe_settings(configuration_manager) -> tuple:
     Settings live in the configuration's ``"dmoe"`` block of the plans (keys without prefix, e.g.
     ``{"num_experts": 8, "num_levels": 4, "attribute_channel": 1}``). Plans written by nnunet_dmoe 0.1 kept them
     in ``arch_kwargs`` with the prefix ``dmoe_``: those are read too, and removed from the returned kwargs.
+    A setting whose default changed since (:data:`nnunet_dmoe.dmoe.EARLIER_VALUES`: the stages, the router
+    initialisation) takes its earlier value when the plans do not record it, so that a model folder of an earlier
+    version rebuilds its network; the trainers and the planner write every setting (:func:`current_settings`).
     Returns ``(settings with the dmoe_ prefix, arch_kwargs)``, ready for :meth:`DMoEConfig.pop_from_arch_kwargs`.
     """
     arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
     settings = {k: arch_kwargs.pop(k) for k in list(arch_kwargs) if k.startswith("dmoe_")}
     block = configuration_manager.configuration.get(PLANS_KEY) or {}
     settings.update({f"dmoe_{k}": v for k, v in block.items()})
+    for key, value in EARLIER_VALUES.items():
+        settings.setdefault(f"dmoe_{key}", value)
     return settings, arch_kwargs
+
+
+def current_settings(block: Optional[dict] = None) -> dict:
+    """A plans ``"dmoe"`` block with the current defaults of the settings that changed after version 0.2 filled in
+    where ``block`` does not set them (what a trainer writes when it starts a new training)."""
+    defaults = DMoEConfig()
+    return {**{key: getattr(defaults, key) for key in EARLIER_VALUES}, **(block or {})}
 
 
 def build_attribute_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,

@@ -19,9 +19,13 @@ def dense_reference(block: DistributionAwareMoE, x: torch.Tensor, router_index: 
     b, c = x.shape[:2]
     tokens = x.flatten(2).transpose(1, 2)  # b n c
     router, ex = block.router, block.experts
-    logits = torch.bmm(tokens, router.w_gate[router_index])
+    def linear(weight, bias):  # each sample's router as nn.Linear(C, E): h W + b (no bias: version 0.2's routers)
+        out = torch.bmm(tokens, weight[router_index])
+        return out if bias is None else out + bias[router_index][:, None, :]
+
+    logits = linear(router.w_gate, router.b_gate)
     if router.training and router.noisy:
-        logits = logits + torch.randn_like(logits) * F.softplus(torch.bmm(tokens, router.w_noise[router_index]))
+        logits = logits + torch.randn_like(logits) * F.softplus(linear(router.w_noise, router.b_noise))
     top, index = logits.topk(block.top_k, dim=-1)
     gates = torch.softmax(top, dim=-1)
     outs = [torch.relu(tokens @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e] for e in range(ex.num_experts)]

@@ -16,7 +16,8 @@ def test_plain_2d_values():
     assert kw["conv_op"] == "torch.nn.modules.conv.Conv2d"
     assert kw["norm_op"] == "torch.nn.modules.instancenorm.InstanceNorm2d"
     assert kw["n_conv_per_stage_decoder"] == [1, 1]
-    assert cm.configuration["dmoe"] == {"num_levels": 4, "attribute_channel": 1}
+    assert cm.configuration["dmoe"] == {"num_levels": 4, "attribute_channel": 1, "stages": "downsampling",
+                                        "router_init": "linear"}  # complete, as the trainers write it
     assert not any(k.startswith("dmoe") for k in kw)
     assert cm.network_arch_init_kwargs_req_import == ["conv_op", "norm_op", "dropout_op", "nonlin"]
 

@@ -42,8 +42,8 @@ def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, grouped,
         keep = keep_rows_to_pairs(seen["keep"], seen["expert_index"], 8)
     torch.manual_seed(3)
     ref = gradients(block, x, dense_reference(block, x, r, keep))
-    assert set(got) == {"x", "out", "router.w_gate", "experts.w1", "experts.b1", "experts.w2", "experts.b2"} | (
-        {"router.w_noise"} if train else set())
+    assert set(got) == {"x", "out", "router.w_gate", "router.b_gate", "experts.w1", "experts.b1", "experts.w2",
+                        "experts.b2"} | ({"router.w_noise", "router.b_noise"} if train else set())
     assert_close_relative(got, ref, 1e-5)
 
 
@@ -58,7 +58,7 @@ def test_top1_and_chunked_cpu_loop(monkeypatch):
     ref = gradients(block, x, dense_reference(block, x, r))
     assert_close_relative(got, ref, 1e-5)
     # softmax over one logit is constant: the router still gets a (zero) gradient, as DDP needs
-    assert got["router.w_gate"].abs().sum() == 0
+    assert got["router.w_gate"].abs().sum() == 0 and got["router.b_gate"].abs().sum() == 0
 
 
 def test_top2_gates_equal_softmax_of_topk():

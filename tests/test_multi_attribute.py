@@ -19,9 +19,11 @@ CENTRE = {"name": "centre", "levels": ["A", "B"], "channel": 2, "cases": {"a": "
 CHANNELS = {"0": "CT", "1": "noNorm", "2": "noNorm"}
 
 
-def _network(num_levels, channels, routing="dmoe", seed=0, features=(4, 8)):
+def _network(num_levels, channels, routing="dmoe", seed=0, features=(4, 8), **dmoe):
+    """A two-stage U-Net with a block after both stages ("stages": "all")."""
     torch.manual_seed(seed)
-    cm = unet_configuration(2, features, num_levels=num_levels, attribute_channel=channels)
+    dmoe.setdefault("stages", "all")
+    cm = unet_configuration(2, features, num_levels=num_levels, attribute_channel=channels, **dmoe)
     n_in = 1 + (len(channels) if isinstance(channels, list) else 1)
     return build_attribute_network(None, cm, n_in, 2, False, routing=routing).eval()
 
@@ -72,8 +74,9 @@ def test_router_logits_are_the_sum_of_the_attributes_routers():
     tokens = torch.randn(3, 7, 6)
     index = torch.tensor([[0, 6], [4, 5], [3, 7]])
     gates, experts = router(tokens, index)
+    w, bias = router.w_gate, router.b_gate  # each router is nn.Linear(C, E): h W + b
     for b in range(3):
-        logits = tokens[b] @ router.w_gate[index[b, 0]] + tokens[b] @ router.w_gate[index[b, 1]]
+        logits = (tokens[b] @ w[index[b, 0]] + bias[index[b, 0]]) + (tokens[b] @ w[index[b, 1]] + bias[index[b, 1]])
         top, top_index = logits.topk(2, dim=-1)
         assert torch.equal(experts[b], top_index)
         torch.testing.assert_close(gates[b], torch.softmax(top, -1))
@@ -84,8 +87,8 @@ def test_one_attribute_is_todays_dmoe():
     attributes existed): the same parameters and the same outputs (values printed by that version's code)."""
     spec = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE]})
     assert attribute_settings(spec) == {"num_levels": 4, "attribute_channel": 1}  # the plans hold numbers
-    a = _network(4, 1)
-    b = _network([4], [1])  # the list path: (b, 1) router indices, summed over one attribute
+    a = _network(4, 1, router_init="zero")  # version 0.2's routers
+    b = _network([4], [1], router_init="zero")  # the list path: (b, 1) router indices, summed over one attribute
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     _randomise_routers(a), _randomise_routers(b)
@@ -141,7 +144,7 @@ def test_second_attribute_with_silent_routers_changes_nothing():
     _randomise_routers(one)
     state = two.state_dict()
     for k, v in one.state_dict().items():
-        if k.endswith("router.w_gate") or k.endswith("router.w_noise"):
+        if k.split(".")[-1] in ("w_gate", "w_noise", "b_gate", "b_noise"):
             state[k] = torch.cat([v, torch.zeros(3, *v.shape[1:])])  # tstage's 5 routers, then the centre's 3
         else:
             state[k] = v
@@ -179,7 +182,8 @@ def test_trainer_writes_every_attribute_channel(tmp_path, monkeypatch):
     plans = {"configurations": {"2d": {"dmoe": {"num_experts": 4}}}}
     specs = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
     block = with_attribute_settings(plans, "2d", specs)["configurations"]["2d"]["dmoe"]
-    assert block == {"num_experts": 4, "num_levels": [4, 2], "attribute_channel": [1, 2]}
+    assert block == {"num_experts": 4, "num_levels": [4, 2], "attribute_channel": [1, 2], "stages": "downsampling",
+                     "router_init": "linear"}  # a new training records the current defaults
     # the batch hook, without building a whole trainer: every attribute's clean code inside the footprint
     t = nnUNetTrainerAttributeBase.__new__(nnUNetTrainerAttributeBase)
     t.attributes, t.attribute, t.unknown_attribute_rate = specs, specs[0], 0.0

@@ -1,5 +1,6 @@
 """Network builders: the plans' U-Nets with the attribute front end and (d)MoE blocks."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -34,13 +35,18 @@ def randomise_routers(net, seed=1):
                 m.router.w_gate.copy_(torch.randn(m.router.w_gate.shape, generator=g))
 
 
+def blocks(net):
+    return [m for m in net.moe if isinstance(m, DistributionAwareMoE)]
+
+
 @pytest.mark.parametrize("dim,residual", [(3, False), (3, True), (2, False), (2, True)])
-def test_dmoe_after_every_encoder_stage_and_shapes(dim, residual):
+def test_dmoe_after_every_downsampling_stage_and_shapes(dim, residual):
+    """The paper's placement (Table 5): after every encoder stage that downsamples, none at full resolution."""
     net = build("dmoe", dim, residual, ds=True)
     assert isinstance(net, AttributeUNet)
-    assert [type(m) for m in net.moe] == [DistributionAwareMoE] * 3
-    assert [m.dim for m in net.moe] == [8, 16, 32]
-    assert net.moe[0].router.w_gate.shape[0] == 5  # 4 levels + unknown
+    assert [type(m) for m in net.moe] == [torch.nn.Identity, DistributionAwareMoE, DistributionAwareMoE]
+    assert [m.dim for m in blocks(net)] == [16, 32]
+    assert net.moe[1].router.w_gate.shape[0] == 5  # 4 levels + unknown
     x = with_channel(torch.randn(2, 1, *([16] * dim)), [1, 4])
     out = net(x)
     assert isinstance(out, (list, tuple)) and out[0].shape == (2, 3, *([16] * dim))  # deep supervision kept
@@ -52,6 +58,13 @@ def test_moe_has_one_router_and_stage_selection():
     net = build("moe", stages=[2])
     assert isinstance(net.moe[0], torch.nn.Identity) and isinstance(net.moe[2], DistributionAwareMoE)
     assert net.moe[2].router.w_gate.shape[0] == 1
+    assert [type(m) for m in build("dmoe", stages="all").moe] == [DistributionAwareMoE] * 3  # full resolution too
+    anisotropic = unet_configuration(3, (8, 16, 32), num_levels=4, attribute_channel=1)
+    anisotropic.configuration["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    net = build_attribute_network(None, anisotropic, 2, 3, False, routing="dmoe")
+    assert [type(m) for m in net.moe] == [torch.nn.Identity, DistributionAwareMoE, DistributionAwareMoE]
+    with pytest.raises(ValueError, match=r"stages must be one of \('downsampling', 'all'\) or a list"):
+        build("dmoe", stages="most")
 
 
 def test_channel_mode_is_plain_unet_with_all_channels():
@@ -64,7 +77,7 @@ def test_zero_initialised_experts_reproduce_plain_resenc_unet():
     base = build("none", residual=True)
     dmoe = build("dmoe", residual=True, seed=3)
     dmoe.unet.load_state_dict(base.unet.state_dict())
-    for m in dmoe.moe:
+    for m in blocks(dmoe):
         with torch.no_grad():
             m.experts.w2.zero_()
             m.experts.b2.zero_()
@@ -137,7 +150,7 @@ def test_builder_arguments_and_settings_block():
     for c in (current, ConfigurationManager(legacy)):
         torch.manual_seed(0)
         nets.append(build_attribute_network(None, c, 2, 3, False, routing="dmoe"))
-    assert nets[0].moe[0].router.w_gate.shape == (4, 8, 4) and nets[0].config.top_k == 1
+    assert nets[0].moe[1].router.w_gate.shape == (4, 16, 4) and nets[0].config.top_k == 1
     assert nets[0].attribute_channel == nets[1].attribute_channel == 0
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -171,5 +184,44 @@ def test_feature_map_size_counts_experts():
     plain, dmoe = build("none"), build("dmoe")
     a = plain.compute_conv_feature_map_size((32, 32, 32))
     b = dmoe.compute_conv_feature_map_size((32, 32, 32))
-    extra = sum(m.compute_conv_feature_map_size((32 // 2 ** i,) * 3) for i, m in enumerate(dmoe.moe))
-    assert b == a + extra and extra > 0.5 * a
+    extra = sum(m.compute_conv_feature_map_size((32 // 2 ** i,) * 3) for i, m in enumerate(dmoe.moe)
+                if isinstance(m, DistributionAwareMoE))
+    assert b == a + extra and extra > 0.1 * a
+
+
+PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned", "dmoe_unet_v0.2.pt")
+
+
+def test_model_of_version_0_2_keeps_its_network_and_predictions():
+    """A model folder trained by version 0.2 (plans block without "stages"/"router_init": a dMoE after every stage,
+    zero-initialised routers without bias) rebuilds that network and predicts as then. The file was written by
+    tests/data/pinned/make_dmoe_unet_v0.2.py with that version's code."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    saved = torch.load(PINNED, weights_only=False)
+    assert saved["configuration"]["dmoe"] == {"num_levels": 4, "attribute_channel": 1}
+    net = build_attribute_network(None, ConfigurationManager(saved["configuration"]), 2, 3, False, routing="dmoe")
+    assert [type(m) for m in net.moe] == [DistributionAwareMoE] * 3 and net.moe[0].router.b_gate is None
+    net.load_state_dict(saved["state_dict"])  # strict: the same parameters
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(saved["input"]), saved["output"], rtol=1e-6, atol=1e-6)
+    # a new training of the same plans records and gets the paper's network
+    from nnunet_dmoe.networks import current_settings
+    assert current_settings(saved["configuration"]["dmoe"]) == {"num_levels": 4, "attribute_channel": 1,
+                                                                "stages": "downsampling", "router_init": "linear"}
+    new = build("dmoe", dim=2)
+    assert isinstance(new.moe[0], torch.nn.Identity) and new.moe[1].router.b_gate.shape == (5, 8)
+
+
+def test_routers_start_as_nn_linear():
+    """Each level's router is the paper's nn.Linear(C, E): a bias, uniform +-1/sqrt(C) weights, for the logits and
+    the noise scale; so the levels' routers differ from the first step."""
+    router = build("dmoe", dim=2).moe[2].router
+    bound = 1 / 32 ** 0.5
+    for p in (router.w_gate, router.b_gate, router.w_noise, router.b_noise):
+        assert bound >= p.detach().abs().max() > 0.8 * bound
+    for w in (router.w_gate, router.w_noise):  # 5 x 32 x 8 draws of U(-bound, bound)
+        assert abs(w.mean().item()) < 0.1 * bound and w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    assert not torch.equal(router.w_gate[0], router.w_gate[1])
+    zero = build("dmoe", dim=2, router_init="zero").moe[2].router
+    assert zero.b_gate is None and zero.w_gate.abs().sum() == 0

@@ -28,7 +28,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dmoe.attribute import AttributeSpec, attribute_settings, attribute_specs_from_dataset_json
-from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network
+from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network, current_settings
 from nnunet_dmoe.trainers.attribute_augmentation import protect_attribute_channel
 from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
 from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
@@ -41,7 +41,8 @@ def with_attribute_settings(plans: dict, configuration: str,
                             specs: Union[AttributeSpec, Sequence[AttributeSpec]]) -> dict:
     """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel`` of
     the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.attribute.attribute_settings`;
-    other settings kept, inherited ones included)."""
+    other settings kept, inherited ones included) and the current defaults of the settings the plans do not set
+    (:func:`nnunet_dmoe.networks.current_settings`), so that the model folder records the network it trains."""
     specs = [specs] if isinstance(specs, AttributeSpec) else list(specs)
     plans = deepcopy(plans)
     configs = plans["configurations"]
@@ -55,7 +56,7 @@ def with_attribute_settings(plans: dict, configuration: str,
     for cfg in reversed(chain):
         block.update(cfg.get(PLANS_KEY) or {})
     block.update(attribute_settings(specs))
-    configs[configuration][PLANS_KEY] = block
+    configs[configuration][PLANS_KEY] = current_settings(block)
     return plans
 
 
