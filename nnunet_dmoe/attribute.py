@@ -298,3 +298,17 @@ def decode_attribute_channel(channel: np.ndarray, num_levels: int, case: str = "
         values = values.copy()
     level = int(decode_attribute_levels(torch.from_numpy(values).reshape(1, -1), num_levels, names=[case])[0])
     return None if level < 0 else level
+
+
+def channel_disagreement(spec: AttributeSpec, case: str, channel, name: Optional[str] = None) -> Optional[str]:
+    """The rule of the trainers' start-up check (:mod:`nnunet_dmoe.trainers.attribute_checks`), which
+    ``nnUNetv2_dmoe_plan_and_preprocess`` applies to the raw channel files: one case's attribute channel (any shape)
+    decoded by :func:`decode_attribute_channel` against the level that ``spec.cases`` gives ``case`` (unknown =
+    code 0). Returns ``None`` when they agree, else ``"dataset.json says T2, the channel holds T3"``; raises
+    ``ValueError`` (naming ``name``, default the case) for a code above the number of levels."""
+    found = decode_attribute_channel(np.asarray(channel), spec.num_levels, case=name or case)
+    expected = spec.case_level_index(case)
+    if found == expected:
+        return None
+    level = (lambda i: "unknown" if i is None else spec.levels[i])
+    return f"dataset.json says {level(expected)}, the channel holds {level(found)}"

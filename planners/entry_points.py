@@ -1,14 +1,21 @@
 """``nnUNetv2_dmoe_plan_and_preprocess``: checks the attribute set-up of a raw dataset first, then runs nnU-Net's
 fingerprinting, planning (with a dMoE-aware planner) and preprocessing through nnU-Net's own API."""
+import functools
+import multiprocessing
 import os
-from typing import List, Optional, Sequence
+import signal
+import time
+from typing import List, Optional, Sequence, Tuple
 
-from nnunet_dmoe.attribute import AttributeSpec, attribute_specs_from_dataset_json
+from nnunet_dmoe.attribute import AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement
+from nnunet_dmoe.errors import command
+
+Problem = Tuple[str, str]  # (kind, line of the message)
+_POOL_WORTH_S = 20.0
 
 
-def check_raw_dataset(dataset_id: int) -> List[AttributeSpec]:
-    """Validate the attribute block(s) and that every training case has each attribute's channel file; returns
-    the attributes (one, or several for dataset.json's ``"attributes"``)."""
+def _raw_dataset(dataset_id: int) -> Tuple[str, dict, dict]:
+    """The raw folder, its dataset.json and nnU-Net's training cases (case -> images, label)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
@@ -16,22 +23,149 @@ def check_raw_dataset(dataset_id: int) -> List[AttributeSpec]:
 
     folder = join(nnUNet_raw.require(), convert_id_to_dataset_name(dataset_id))
     dataset_json = load_json(join(folder, "dataset.json"))
-    specs = attribute_specs_from_dataset_json(dataset_json, where=join(folder, "dataset.json"))
-    dataset = get_filenames_of_train_images_and_targets(folder, dataset_json)
+    return folder, dataset_json, get_filenames_of_train_images_and_targets(folder, dataset_json)
+
+
+def _shown(path: str, folder: str) -> str:
+    """``path`` relative to the raw dataset folder when inside it."""
+    rel = os.path.relpath(path, folder)
+    return path if rel.startswith("..") else rel
+
+
+def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict, folder: str) -> List[Problem]:
+    """Training cases missing from an attribute's cases or without its channel file; cases listed in ``cases``
+    that have no image files."""
+    ending, several = dataset_json["file_ending"], len(specs) > 1
     problems = []
     for spec in specs:
-        suffix = f"_{spec.channel:04d}{dataset_json['file_ending']}"
-        cases, what = (("attribute.cases", "attribute") if len(specs) == 1 else
-                       (f"the cases of attribute '{spec.name}'", spec.name))
-        problems += [f"  {case}: missing from {cases}" for case in dataset if case not in spec.cases]
-        problems += [f"  {case}: no {what}-channel file {case}{suffix}" for case, entry in dataset.items()
-                     if not any(os.path.basename(f) == case + suffix for f in entry["images"])]
+        suffix = f"_{spec.channel:04d}{ending}"
+        cases, what = ((f"the cases of attribute '{spec.name}'", spec.name) if several else
+                       ("attribute.cases", "attribute"))
+        problems += [("missing", f"  {case}: missing from {cases}") for case in dataset if case not in spec.cases]
+        problems += [("missing", f"  {case}: no {what}-channel file {case}{suffix}") for case, entry in dataset.items()
+                     if not any(os.path.basename(f) == case + suffix and os.path.isfile(f) for f in entry["images"])]
+    channels = sorted(int(c) for c in dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    listed = {case: spec for spec in reversed(specs) for case in spec.cases}  # the first attribute listing it
+    for case in sorted(set(listed) - set(dataset)):
+        cases = f"the cases of attribute '{listed[case].name}'" if several else "attribute.cases"
+        expected = ", ".join(f"imagesTr/{case}_{c:04d}{ending}" for c in channels)
+        problems.append(("no_images", f"  {case}: listed in {cases} but has no image files (expected {expected})"))
+    return problems
+
+
+def _case_channel_problems(specs: List[AttributeSpec], reader_class, folder: str,
+                           task: Tuple[str, List[Optional[str]]]) -> List[Problem]:
+    """Read one case's attribute-channel file(s) (each once) and apply the trainers' rule
+    (:func:`nnunet_dmoe.attribute.channel_disagreement`): a code above the number of levels, or a level other than
+    the one ``cases`` gives."""
+    case, paths = task
+    problems = []
+    for spec, path in zip(specs, paths):
+        if path is None or case not in spec.cases:  # reported by _file_problems
+            continue
+        what = f"attribute '{spec.name}': " if len(specs) > 1 else ""
+        try:
+            channel = reader_class().read_images((path,))[0]
+        except Exception as e:  # an unreadable file is the user's to fix; name it
+            problems.append(("unreadable", f"  {case}: cannot read {_shown(path, folder)} ({type(e).__name__}: {e})"))
+            continue
+        try:
+            disagreement = channel_disagreement(spec, case, channel, name=_shown(path, folder))
+        except ValueError as e:
+            problems.append(("code", f"  {case}: {what}{e}"))
+            continue
+        if disagreement:
+            problems.append(("disagree", f"  {case}: {what}{disagreement} ({_shown(path, folder)})"))
+    return problems
+
+
+def _channel_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict, folder: str,
+                      num_processes: int) -> List[Problem]:
+    """:func:`_case_channel_problems` for every training case: in this process, and in ``num_processes`` processes
+    once the cases read so far say that the rest would take more than ``_POOL_WORTH_S`` here (a process pool costs
+    seconds to start: worth it for hundreds of CT volumes, not for small images)."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    suffixes = [f"_{spec.channel:04d}{dataset_json['file_ending']}" for spec in specs]
+    tasks = [(case, [next((f for f in entry["images"] if os.path.basename(f) == case + s and os.path.isfile(f)),
+                          None) for s in suffixes]) for case, entry in dataset.items()]
+    # the reader is chosen by the file ending (no example file: nnU-Net prints a traceback for a file it can't open)
+    reader_class = determine_reader_writer_from_dataset_json(dataset_json, verbose=False)
+    work = functools.partial(_case_channel_problems, specs, reader_class, folder)
+    results = [work(task) for task in tasks[:1]]  # the first case also pays for the imports: not timed
+    start = time.perf_counter()
+    for done, task in enumerate(tasks[1:], 1):
+        results.append(work(task))
+        rest = tasks[done + 1:]
+        if num_processes > 1 and len(rest) >= num_processes and \
+                (time.perf_counter() - start) / done * len(rest) > _POOL_WORTH_S:
+            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+                results += pool.map(work, rest, chunksize=max(1, len(rest) // (4 * num_processes)))
+            break
+    return [problem for found in results for problem in found]
+
+
+_FIXES = {
+    "missing": "Write the missing channels with nnUNetv2_dmoe_attach_attribute and list every training case in "
+               "{cases}.",
+    "no_images": "Add the image files of the cases listed without images to {images}, or remove them from {cases}.",
+    "unreadable": "Rewrite or replace the files that cannot be read.",
+    "code": "A code above the number of levels names no level (code k = level k-1, 0 = unknown): rewrite the channel "
+            "with nnUNetv2_dmoe_attach_attribute -i {images} -t <table: case, level> -d {id} --overwrite, or correct "
+            "the level list ('levels') in dataset.json.",
+    "disagree": "Where the channel and {cases} disagree, correct the level in {cases} or rewrite the channel "
+                "(nnUNetv2_dmoe_attach_attribute -i {images} -t <table: case, level> -d {id} --overwrite).",
+}
+
+
+def check_raw_dataset(dataset_id: int, num_processes: int = 1,
+                      raw: Optional[Tuple[str, dict, dict]] = None) -> List[AttributeSpec]:
+    """Validate the attribute block(s) of a raw dataset and its training cases before anything is planned: every
+    case in each attribute's ``cases`` with its channel file, every case of ``cases`` with image files, and every
+    channel file read once (in up to ``num_processes`` processes) and decoded by the trainers' rule: no code above the
+    number of levels, the level that ``cases`` gives. Raises one ``ValueError`` listing every problem; returns the
+    attributes (one, or several for dataset.json's ``"attributes"``). ``raw``: what :func:`_raw_dataset` returned."""
+    folder, dataset_json, dataset = raw or _raw_dataset(dataset_id)
+    where = os.path.join(folder, "dataset.json")
+    specs = attribute_specs_from_dataset_json(dataset_json, where=where)
+    problems = _file_problems(specs, dataset, dataset_json, folder)
+    problems += _channel_problems(specs, dataset, dataset_json, folder, num_processes)
     if problems:
-        raise ValueError(f"{join(folder, 'dataset.json')}: {len(problems)} problem(s) with the attribute:\n"
-                         + "\n".join(problems) + "\nWrite the channel with nnUNetv2_dmoe_attach_attribute and list "
-                         + ("every training case in attribute.cases." if len(specs) == 1 else
-                            "every training case in the cases of every attribute."))
+        names = dict(cases="attribute.cases" if len(specs) == 1 else "the cases of every attribute",
+                     images=os.path.join(folder, "imagesTr"), id=dataset_id)
+        fixes = [fix.format(**names) for kind, fix in _FIXES.items() if any(k == kind for k, _ in problems)]
+        raise ValueError(f"{where}: {len(problems)} problem(s) with the attribute:\n"
+                         + "\n".join(line for _, line in problems) + "\n" + "\n".join(fixes))
     return specs
+
+
+def warn_if_preprocessed_is_stale(dataset_id: int, configurations: Sequence[str], no_preprocessing: bool,
+                                  raw: Optional[Tuple[str, dict, dict]] = None) -> bool:
+    """Print a warning when ``$nnUNet_preprocessed/<dataset>`` exists and the raw data (dataset.json, a training
+    image or label) are newer than its dataset.json (or, without one, its newest plans); returns whether it did."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    folder, _, dataset = raw or _raw_dataset(dataset_id)
+    target = os.path.join(os.fspath(nnUNet_preprocessed), os.path.basename(folder)) if nnUNet_preprocessed else None
+    if target is None or not os.path.isdir(target):
+        return False
+    made = [os.path.join(target, f) for f in os.listdir(target) if f.endswith(".json") and f != "splits_final.json"]
+    reference = os.path.join(target, "dataset.json")
+    reference = reference if reference in made else max(made, key=os.path.getmtime, default=None)
+    if reference is None:
+        return False
+    files = [os.path.join(folder, "dataset.json")] + [f for e in dataset.values() for f in e["images"] + [e["label"]]]
+    newest = max((f for f in files if os.path.isfile(f)), key=os.path.getmtime)
+    if os.path.getmtime(newest) <= os.path.getmtime(reference):
+        return False
+    when = lambda f: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(f)))
+    then = (f"this run (--no_pp) rewrites only the fingerprint and plans: rerun without --no_pp (or "
+            f"nnUNetv2_plan_and_preprocess) before training." if no_preprocessing else
+            f"this run rewrites them for -c {' '.join(configurations)}; the data of other configurations there stay "
+            f"stale until you preprocess those too.")
+    print(f"Warning: the preprocessed data in {target} are stale: the raw file {newest} ({when(newest)}) is newer than "
+          f"{reference} ({when(reference)}); {then}")
+    return True
 
 
 def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlannerDMoE",
@@ -45,8 +179,10 @@ def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlanne
 
     if planner not in PLANNERS:
         raise ValueError(f"-pl {planner!r}: choose one of {sorted(PLANNERS)}")
-    for d in dataset_ids:
-        check_raw_dataset(d)
+    for d in dataset_ids:  # before anything is written
+        raw = _raw_dataset(d)
+        warn_if_preprocessed_is_stale(d, configurations, no_preprocessing, raw)
+        check_raw_dataset(d, max(num_processes or [2]), raw)
     identifiers = []
     for d in dataset_ids:
         extract_fingerprint_dataset(d, num_processes=max(num_processes or [2]),
@@ -58,10 +194,22 @@ def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlanne
     return identifiers
 
 
+def _default_sigterm_in_forked_children() -> None:
+    """:func:`command` turns SIGTERM into KeyboardInterrupt; nnU-Net's fork pools (the listing of imagesTr) inherit
+    that, and ``Pool.terminate`` then interrupts a worker that may hold the pool's queue lock: a traceback, or a
+    hang. Forked children get the default SIGTERM back (they end silently when the pool terminates them)."""
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+
+
+@command("nnUNetv2_dmoe_plan_and_preprocess")
 def plan_and_preprocess_entry_point():
     import argparse
+    _default_sigterm_in_forked_children()
     parser = argparse.ArgumentParser(description="nnU-Net's plan and preprocess with a dMoE-aware planner. Checks the "
-                                                 "attribute block and channel of the raw dataset first.")
+                                                 "raw dataset first: the attribute block, and every training case's "
+                                                 "attribute channel (its file, a code within the levels, the level "
+                                                 "that dataset.json gives the case); warns when the preprocessed "
+                                                 "data are older than the raw data.")
     parser.add_argument("-d", nargs="+", type=int, required=True, help="[REQUIRED] dataset id(s)")
     parser.add_argument("-pl", default="nnUNetPlannerDMoE",
                         help="[OPTIONAL] nnUNetPlannerDMoE (plans nnUNetDMoEPlans) or nnUNetPlannerResEncMDMoE (plans "

@@ -1,9 +1,7 @@
 """The trainers' start-up check: dataset.json's attribute block against the preprocessed attribute channel."""
 from typing import List, Sequence, Union
 
-import numpy as np
-
-from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
+from nnunet_dmoe.attribute import AttributeSpec, channel_disagreement
 
 __all__ = ["check_preprocessed_attribute"]
 
@@ -32,15 +30,12 @@ def check_preprocessed_attribute(dataset, specs: Union[AttributeSpec, Sequence[A
             if data is None:
                 data = dataset.load_case(key)[0]
             try:
-                found = decode_attribute_channel(np.asarray(data[spec.channel]), spec.num_levels, case=key)
+                disagreement = channel_disagreement(spec, key, data[spec.channel])
             except ValueError as e:
                 found_problems.append(f"  {key}: {e}")
                 continue
-            expected = spec.case_level_index(key)
-            if found != expected:
-                name = (lambda i: "unknown" if i is None else spec.levels[i])
-                found_problems.append(f"  {key}: dataset.json says {name(expected)}, the channel holds "
-                                      f"{name(found)}")
+            if disagreement:
+                found_problems.append(f"  {key}: {disagreement}")
     messages = [_CASES_DISAGREE.format(block=f"attribute '{spec.name}'" if several else "attribute block",
                                        channel=spec.channel, n=len(lines), lines="\n".join(lines))
                 for spec, lines in zip(specs, problems) if lines]
