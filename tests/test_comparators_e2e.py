@@ -1,7 +1,9 @@
 """The fairness comparators on a tiny 2D dataset of two levels (4 training cases each), planned by nnU-Net's CLI:
-GroupDRO, FEBS and adversarial trainers in nnU-Net's training loop (1 epoch x 5 iterations; logs, checkpoint,
-resumed state; nnUNetv2_predict with the adversary's two-headed network), and one network per level through its
-CLIs (nnUNetv2_train per level with nnU-Net's final validation, prediction, errors)."""
+GroupDRO, FEBS, adversarial and FiLM trainers in nnU-Net's training loop (1 epoch x 5 iterations; logs, checkpoint,
+resumed state; nnUNetv2_predict with the adversary's two-headed network), group-balanced loaders
+built by nnU-Net's get_dataloaders, FEBS fine-tuning a baseline with nnUNetv2_train -pretrained_weights, and one
+network per level through its CLIs (nnUNetv2_train per level with nnU-Net's final validation, prediction,
+errors)."""
 import json
 import shutil
 
@@ -46,8 +48,8 @@ def _log(root, trainer):
     return "".join(p.read_text() for p in _model(root, trainer).glob("training_log_*.txt"))
 
 
-def _model(root, trainer):
-    return root / "results" / DATASET / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+def _model(root, trainer, fold=0):
+    return root / "results" / DATASET / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}"
 
 
 def _check_segmentations(folder, cases):
@@ -102,6 +104,79 @@ def test_adversarial_trainer_and_nnunet_predict(two_levels, tmp_path, monkeypatc
          "-c", "2d", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
          "--disable_progress_bar"], nnunet_env(two_levels))
     _check_segmentations(out, _test_cases(two_levels))
+
+
+@pytest.mark.parametrize("name", ["GroupBalanced", "GroupDRO"])
+def test_group_balanced_loaders_built_by_nnunet(two_levels, monkeypatch, name):
+    """nnU-Net's own get_dataloaders (single-threaded augmenter) with the sampler: the training loader draws a case
+    of group g with probability 1 / (G n_g), the validation loader uniformly; the log names the groups."""
+    from nnunet_dmoe.group_sampling import balanced_probabilities
+    for k, v in nnunet_env(two_levels, nnUNet_n_proc_DA="0").items():
+        monkeypatch.setenv(k, v)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    t = get_trainer_from_args("994", "2d", 0, f"nnUNetTrainer{name}_1epochs_5iters", device=torch.device("cpu"))
+    t.initialize()
+    dl_tr, dl_val = (mt.data_loader for mt in t.get_dataloaders())
+    keys = list(dl_tr.indices)
+    attribute = json.loads((two_levels / "raw" / DATASET / "dataset.json").read_text())["attribute"]
+    cases = attribute["cases"]
+    expected = balanced_probabilities([cases[k] for k in keys])
+    np.testing.assert_allclose(dl_tr.sampling_probabilities, expected)
+    assert dl_val.sampling_probabilities is None
+    n1 = sum(cases[k] == "L1" for k in keys)
+    line = (f"Group-balanced sampling (groups of '{attribute['name']}'): L1 {n1} cases (p {1 / (2 * n1):.4g} each), "
+            f"L2 {len(keys) - n1} cases")
+    log = "".join(p.read_text() for p in _model(two_levels, f"nnUNetTrainer{name}_1epochs_5iters").glob("*.txt"))
+    assert line in log
+
+
+def test_film_trainer(two_levels, monkeypatch):
+    """FiLM in nnU-Net's training loop: its gamma/beta (one row per level) are in the checkpoint and trained."""
+    trainer = "nnUNetTrainerFiLM_1epochs_5iters"
+    _train(two_levels, trainer, monkeypatch)
+    weights = torch.load(_model(two_levels, trainer) / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["network_weights"]
+    gammas = {k: v for k, v in weights.items() if k.startswith("film.") and k.endswith(".gamma")}
+    assert gammas and all(v.shape[0] == 2 for v in gammas.values())  # one row per level
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in gammas.values())  # trained away from identity
+
+
+def _weights(state):
+    """The network's parameters and buffers except nnU-Net's segmentation heads (which -pretrained_weights does
+    not transfer), flattened."""
+    return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if ".seg_layers." not in k])
+
+
+def test_febs_fine_tunes_a_baseline(two_levels, monkeypatch):
+    """FairSeg's FEBS fine-tunes a trained model: nnUNetv2_train -tr nnUNetTrainerFEBS -pretrained_weights <an
+    nnUNetTrainerNoAttribute checkpoint of the same plans>. The baseline is trained on fold 1 (its own seed, so its
+    weights differ from fold 0's initialisation) and FEBS fine-tunes fold 0: nnU-Net loads every weight but the
+    segmentation heads, FEBS's loss runs, and the fine-tuned weights stay next to the baseline's, far from the
+    initialisation FEBS would have started from."""
+    env = nnunet_env(two_levels, nnUNet_n_proc_DA="0")
+    baseline, febs = "nnUNetTrainerNoAttribute_1epochs_5iters", "nnUNetTrainerFEBS_1epochs_5iters"
+    run(["nnUNetv2_train", "994", "2d", "1", "-tr", baseline, "-device", "cpu"], env)
+    checkpoint = _model(two_levels, baseline, fold=1) / "checkpoint_final.pth"
+    log = run(["nnUNetv2_train", "994", "2d", "0", "-tr", febs, "-device", "cpu", "-pretrained_weights",
+               str(checkpoint)], env)
+    assert any("Loading pretrained weights from file" in line and str(checkpoint) in line
+               for line in log.splitlines())
+    assert "FEBS mean group weight (present groups, all outputs): L1 " in _log(two_levels, febs)
+    tuned = torch.load(_model(two_levels, febs) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert len(tuned["logging"]["febs_weights"]) == 1 and all(np.isfinite(tuned["logging"]["febs_weights"][0]))
+    base = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+
+    # what nnU-Net's run_training does before training: the FEBS network holds the baseline's weights exactly
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t = get_trainer_from_args("994", "2d", 0, febs, device=torch.device("cpu"))
+    t.initialize()
+    scratch = _weights(t.network.state_dict())
+    maybe_load_checkpoint(t, False, False, str(checkpoint))
+    torch.testing.assert_close(_weights(t.network.state_dict()), _weights(base), rtol=0, atol=0)
+    moved, apart = (_weights(tuned["network_weights"]) - _weights(base)).norm(), (scratch - _weights(base)).norm()
+    assert 0 < moved < 0.25 * apart, (moved, apart)
 
 
 def test_one_network_per_level(two_levels, tmp_path, monkeypatch):
