@@ -92,6 +92,9 @@ class DMoEConfig:
     router_init: str = "linear"
     # input
     attribute_channel: Union[int, Sequence[int]] = -1
+    # chosen by the trainer, not the plans: False = one router per level only (the paper's setting); an unknown
+    # attribute is then an error
+    unknown_router: bool = True
 
     def __post_init__(self):
         if self.mode not in ("dmoe", "moe"):
@@ -145,7 +148,8 @@ class DMoEConfig:
     @property
     def num_routers(self) -> int:
         # per attribute: one router per level + one trained for "unknown" (see route_index_for_levels)
-        return sum(n + 1 for n in self.levels_per_attribute) if self.mode == "dmoe" else 1
+        extra = 1 if self.unknown_router else 0
+        return sum(n + extra for n in self.levels_per_attribute) if self.mode == "dmoe" else 1
 
     def to_arch_kwargs(self) -> dict:
         return {f"dmoe_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -162,7 +166,8 @@ class DMoEConfig:
         return cls(**values)
 
 
-def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence[int]], mode: str) -> torch.Tensor:
+def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence[int]], mode: str,
+                           unknown_router: bool = True) -> torch.Tensor:
     """Router index per sample. ``levels`` holds level indices, ``-1`` for unknown.
 
     One attribute (``levels`` (b,), ``num_levels`` an int): dMoE: level ``i`` -> router ``i``; unknown -> router
@@ -172,6 +177,9 @@ def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence
     ``a``'s routers following those of attributes ``0..a-1`` (``num_levels[j] + 1`` each). The router sums the
     logits of a sample's A routers, so a combination of levels that no training case had still routes (each
     attribute's router was trained). MoE: everyone -> router 0, shape (b,).
+
+    ``unknown_router=False`` (the paper's setting): each attribute has its level routers only; callers make sure
+    that no level is unknown (:func:`nnunet_dmoe.networks.attribute_router_index` refuses it at inference).
     """
     counts = [int(num_levels)] if isinstance(num_levels, int) else [int(n) for n in num_levels]
     if (levels.ndim == 1 and len(counts) > 1) or (levels.ndim == 2 and levels.shape[1] != len(counts)):
@@ -181,12 +189,14 @@ def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence
     if mode == "moe":
         return torch.zeros_like(levels if levels.ndim == 1 else levels[:, 0])
     if levels.ndim == 1:
-        return torch.where(levels < 0, torch.full_like(levels, counts[0]), levels)
+        return torch.where(levels < 0, torch.full_like(levels, counts[0]), levels) if unknown_router else levels
     # Python numbers only (no host-to-device copy of an offsets tensor in the forward pass)
     routers, offset = [], 0
     for a, n in enumerate(counts):
-        routers.append(offset + torch.where(levels[:, a] < 0, torch.full_like(levels[:, a], n), levels[:, a]))
-        offset += n + 1
+        level = levels[:, a]
+        routers.append(offset + (torch.where(level < 0, torch.full_like(level, n), level) if unknown_router
+                                 else level))
+        offset += n + (1 if unknown_router else 0)
     return torch.stack(routers, dim=1)
 
 

@@ -53,6 +53,13 @@ def decode_levels(channel: torch.Tensor, num_levels: int, check: bool = True) ->
     return level
 
 
+_NO_UNKNOWN_ROUTER = (
+    "the case being predicted (its name is in nnU-Net's last 'Predicting CASE' line) has no attribute (its attribute "
+    "channel is 0 everywhere), but this model has no router for an unknown attribute (nnUNetTrainerDMoE_noUnknown, "
+    "the paper's setting). Write the case's attribute channel with nnUNetv2_dmoe_attach_attribute, or predict it "
+    "with a model trained with nnUNetTrainerDMoE, which has a router for unknown attributes.")
+
+
 def attribute_router_index(channel: torch.Tensor, attribute: Optional[torch.Tensor], config: DMoEConfig,
                            training: bool) -> torch.Tensor:
     """Router index per sample (see :func:`route_index_for_levels`) from the levels ``attribute`` (long, -1 =
@@ -68,7 +75,10 @@ def attribute_router_index(channel: torch.Tensor, attribute: Optional[torch.Tens
                 check_levels(level, channel[:, a:a + 1], n)
             levels.append(level)
         attribute = levels[0] if isinstance(config.num_levels, int) else torch.stack(levels, dim=1)
-    return route_index_for_levels(attribute.to(channel.device).long(), config.num_levels, config.mode)
+    if not config.unknown_router and not training and bool((attribute < 0).any()):
+        raise ValueError(_NO_UNKNOWN_ROUTER)
+    return route_index_for_levels(attribute.to(channel.device).long(), config.num_levels, config.mode,
+                                  config.unknown_router)
 
 
 class AttributeInput(nn.Module):
@@ -197,7 +207,7 @@ def current_settings(block: Optional[dict] = None) -> dict:
 
 def build_attribute_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                             enable_deep_supervision: bool = True, *, routing: Optional[str] = None,
-                            keep_attribute_channel: bool = False) -> nn.Module:
+                            keep_attribute_channel: bool = False, unknown_router: bool = True) -> nn.Module:
     """Build a trainer's network from the plans.
 
     Parameters
@@ -209,6 +219,9 @@ def build_attribute_network(plans_manager, configuration_manager, num_input_chan
     keep_attribute_channel : bool
         ``True``: the plans' U-Net over all input channels, the attribute channel being an ordinary input (only
         without routing). ``False``: the channel is stripped before the U-Net (and decoded for routing).
+    unknown_router : bool
+        ``False``: the dMoE has one router per level only (the paper's setting); predicting a case whose attribute
+        is unknown is an error that says so.
 
     ``num_levels`` and ``attribute_channel`` are written into the plans by the trainers, so a model folder
     rebuilds the same network at prediction time.
@@ -221,7 +234,8 @@ def build_attribute_network(plans_manager, configuration_manager, num_input_chan
         raise ValueError("a (d)MoE network decodes the attribute channel and strips it: keep_attribute_channel must "
                          "be False with routing")
     settings, arch_kwargs = dmoe_settings(configuration_manager)
-    config = DMoEConfig.pop_from_arch_kwargs(settings, **({"mode": routing} if routing else {}))
+    config = DMoEConfig.pop_from_arch_kwargs(settings, unknown_router=unknown_router,
+                                             **({"mode": routing} if routing else {}))
 
     def unet(in_channels):
         return get_network_from_plans(configuration_manager.network_arch_class_name, arch_kwargs,

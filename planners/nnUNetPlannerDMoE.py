@@ -43,6 +43,7 @@ class DMoEPlannerMixin:
         plan = super().get_plans_for_configuration(*args, **kwargs)
         settings = {k[len("dmoe_"):]: v for k, v in self._dmoe_config().to_arch_kwargs().items()}
         settings.pop("mode")  # chosen by the trainer (nnUNetTrainerMoE / nnUNetTrainerDMoE)
+        settings.pop("unknown_router")  # likewise (nnUNetTrainerDMoE_noUnknown)
         plan[PLANS_KEY] = settings
         return plan
 

@@ -209,3 +209,29 @@ def test_cpu_trainer_sgd_is_fused_and_updates_as_nnunets(preprocessed_3d, monkey
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-8)
     assert not all(torch.equal(p.detach(), s) for p, s in zip(params, start))
+
+
+def test_no_unknown_trainer_is_the_papers_setting(preprocessed_3d, monkeypatch):
+    """nnUNetTrainerDMoE_noUnknown: one router per level (4, no unknown router), nothing hidden in training, and an
+    unknown attribute refused in training data and at prediction."""
+    from nnunet_dmoe.dmoe import DistributionAwareMoE
+
+    t = _trainer(preprocessed_3d, monkeypatch, cls="nnUNetTrainerDMoE_noUnknown")
+    assert t.unknown_attribute_rate == 0.0
+    t.initialize()
+    blocks = [m for m in t.network.modules() if isinstance(m, DistributionAwareMoE)]
+    assert blocks and all(b.router.w_gate.shape[0] == 4 for b in blocks)
+    case = list(t.attribute.cases)[0]
+    data = torch.ones(50, 2, 1, 1, 1)
+    assert t.prepare_attribute({"data": data, "keys": [case] * 50}, train=True)["data"][:, 1].ne(0).all()
+    x = torch.rand(2, 2, *t.configuration_manager.patch_size)
+    x[:, 1] = torch.tensor([2.0, 0.0]).view(2, 1, 1, 1)  # the second case has no attribute
+    with pytest.raises(ValueError, match=r"has no attribute .* no router for an unknown attribute .*"
+                                         r"nnUNetTrainerDMoE, which has a router for unknown"):
+        with torch.no_grad():
+            t.network.eval()(x)
+    dj = _load(preprocessed_3d, "dataset.json")
+    dj["attribute"]["cases"]["syn_0002"] = None
+    with pytest.raises(ValueError, match=r"needs the attribute of every training case, but 1 are unknown in "
+                                         r"dataset.json: syn_0002 \(tstage\)\. .*train nnUNetTrainerDMoE"):
+        _trainer(preprocessed_3d, monkeypatch, dj, cls="nnUNetTrainerDMoE_noUnknown")
