@@ -31,7 +31,16 @@ class InputError(ValueError):
 _USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 
+_COMMAND_PID = []  # the process whose command turned SIGTERM into KeyboardInterrupt
+
+
 def _sigterm_to_interrupt(signum, frame):
+    if _COMMAND_PID and os.getpid() != _COMMAND_PID[-1]:
+        # a forked worker (nnU-Net's pools) inherited the handler: end as SIGTERM would, so that Pool.terminate
+        # never interrupts a worker that holds the pool's queue lock (a traceback, or a hang)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -47,6 +56,7 @@ def command(name: str) -> Callable:
             previous = None
             try:  # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so that temporary folders are removed
                 previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+                _COMMAND_PID.append(os.getpid())
             except ValueError:  # not the main thread
                 pass
             try:

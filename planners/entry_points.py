@@ -3,7 +3,6 @@ fingerprinting, planning (with a dMoE-aware planner) and preprocessing through n
 import functools
 import multiprocessing
 import os
-import signal
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -159,8 +158,8 @@ def warn_if_preprocessed_is_stale(dataset_id: int, configurations: Sequence[str]
     if os.path.getmtime(newest) <= os.path.getmtime(reference):
         return False
     when = lambda f: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(f)))
-    then = (f"this run (--no_pp) rewrites only the fingerprint and plans: rerun without --no_pp (or "
-            f"nnUNetv2_plan_and_preprocess) before training." if no_preprocessing else
+    then = ("this run (--no_pp) rewrites only the fingerprint and plans: rerun without --no_pp (or "
+            "nnUNetv2_plan_and_preprocess) before training." if no_preprocessing else
             f"this run rewrites them for -c {' '.join(configurations)}; the data of other configurations there stay "
             f"stale until you preprocess those too.")
     print(f"Warning: the preprocessed data in {target} are stale: the raw file {newest} ({when(newest)}) is newer than "
@@ -194,17 +193,9 @@ def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlanne
     return identifiers
 
 
-def _default_sigterm_in_forked_children() -> None:
-    """:func:`command` turns SIGTERM into KeyboardInterrupt; nnU-Net's fork pools (the listing of imagesTr) inherit
-    that, and ``Pool.terminate`` then interrupts a worker that may hold the pool's queue lock: a traceback, or a
-    hang. Forked children get the default SIGTERM back (they end silently when the pool terminates them)."""
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-
-
 @command("nnUNetv2_dmoe_plan_and_preprocess")
 def plan_and_preprocess_entry_point():
     import argparse
-    _default_sigterm_in_forked_children()
     parser = argparse.ArgumentParser(description="nnU-Net's plan and preprocess with a dMoE-aware planner. Checks the "
                                                  "raw dataset first: the attribute block, and every training case's "
                                                  "attribute channel (its file, a code within the levels, the level "
