@@ -34,10 +34,10 @@ import torch
 from nnunet_dmoe.dmoe import BACKENDS
 from nnunet_dmoe.errors import command
 
-__all__ = ["PRESETS", "PRESET_NETWORKS", "preset_configuration", "resenc_m_configuration", "build_pair",
-           "count_parameters", "dmoe_parameters", "dmoe_flops", "count_flops", "grouped_mm_flops", "time_interleaved",
-           "peak_memory_bytes", "nnunet_loss", "NNUNetTrainStep", "profile_table", "cost_report", "format_table",
-           "benchmark_entry_point"]
+__all__ = ["PRESETS", "PRESET_NETWORKS", "PRESET_TRANSFORMER", "PRESET_IMAGE_CHANNELS", "preset_configuration",
+           "resenc_m_configuration", "build_pair", "count_parameters", "dmoe_parameters", "dmoe_flops", "count_flops",
+           "grouped_mm_flops", "time_interleaved", "peak_memory_bytes", "nnunet_loss", "NNUNetTrainStep",
+           "profile_table", "cost_report", "format_table", "benchmark_entry_point"]
 
 # name: (dim, features, blocks per encoder stage, input size for the GFLOPs, default patch)
 PRESETS = {
@@ -47,13 +47,18 @@ PRESETS = {
     "2d": (2, (32, 64, 128, 256, 512, 512), (1, 3, 4, 6, 6, 6), (224, 224), (128, 128)),
     # small enough for tests
     "tiny_3d": (3, (8, 16, 32), (1, 2, 2), (32, 32, 32), (16, 16, 16)),
-    # the paper's 2D network: TransUNet-style with ViT-B/16 (features: conv stem, then the tokens; built by
-    # PRESET_NETWORKS' builder, its U-Net entries only give the timing patch check its strides)
+    # the paper's 2D network: TransUNet with ViT-B/16 (built by PRESET_NETWORKS' builder with PRESET_TRANSFORMER's
+    # block; its U-Net entries only give the timing patch check its strides: 16 per token)
     "transunet_2d": (2, (32, 64, 128, 256, 768), (1, 1, 1, 1, 1), (224, 224), (224, 224)),
 }
 # presets that are not a plans' U-Net: their builder (build_attribute_network's signature), which the preset's
 # configuration names in place of the network class
 PRESET_NETWORKS = {"transunet_2d": "nnunet_dmoe.transformer_networks.build_transunet_network"}
+# the plans' "transformer" block of a preset: the paper's TransUNet (no conv stem, no skips)
+PRESET_TRANSFORMER = {"transunet_2d": {"decoder": "paper"}}
+# image channels of a preset (default 1): the paper's ViT sees RGB (HAM10000; FairSeg's grey images repeated to 3
+# channels), so its patch embedding has 3 input channels, as Table 7 counts it
+PRESET_IMAGE_CHANNELS = {"transunet_2d": 3}
 
 # default patch for timings on CUDA (nnU-Net's ResEnc-M 3D trains 128^3 patches, batch 2)
 CUDA_PATCH = {"resenc_m_3d": (128, 128, 128)}
@@ -106,6 +111,8 @@ def preset_configuration(name: str):
     if name in PRESET_NETWORKS:  # the network's defaults; its position embedding for the GFLOPs input
         cm.configuration["architecture"]["network_class_name"] = PRESET_NETWORKS[name]
         cm.configuration["patch_size"] = list(flops_size)
+    if name in PRESET_TRANSFORMER:
+        cm.configuration["transformer"] = deepcopy(PRESET_TRANSFORMER[name])
     return cm
 
 
@@ -530,7 +537,8 @@ def benchmark_entry_point():
         dim, _, _, flops_size, patch = PRESETS[args.preset]
         if args.device == "cuda":
             patch = CUDA_PATCH.get(args.preset, patch)
-        num_levels, channels, outputs, attribute_channel = args.num_levels, 2, 2, 1
+        channels = PRESET_IMAGE_CHANNELS.get(args.preset, 1) + 1  # image channels, then the attribute
+        num_levels, outputs, attribute_channel = args.num_levels, 2, channels - 1
         title = f"preset {args.preset}"
     else:
         if args.c is None:
