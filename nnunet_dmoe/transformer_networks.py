@@ -1,5 +1,5 @@
-"""Transformer networks with a (distribution-aware) MoE on their tokens: a TransUNet-style 2D network (the paper's
-2D setting) and nnU-Net's 3D Primus.
+"""Transformer networks with a (distribution-aware) MoE on their tokens: the paper's 2D TransUNet and nnU-Net's 3D
+Primus.
 
 Placement as in the paper's reference code for TransUNet: **one** (d)MoE block on the transformer's tokens, shared
 by all transformer blocks and applied residually after every block (``h <- h + sum_k g_k E_k(h)``, see
@@ -11,7 +11,9 @@ Both networks are a :class:`TokenBackbone` (``embed`` -> ``blocks`` -> ``head``)
 same as :class:`nnunet_dmoe.networks.AttributeUNet` gives the U-Nets.
 
 Network sizes are read from the configuration's ``"transformer"`` block of the plans (defaults when absent:
-ViT-B/16 for TransUNet, nnU-Net's Primus-M for Primus), so a model folder rebuilds the same network.
+ViT-B/16 for TransUNet, nnU-Net's Primus-M for Primus), so a model folder rebuilds the same network. TransUNet's
+``"decoder"``: ``"paper"`` (the paper's network, which the trainers write into the plans) or ``"skips"`` (a conv stem
+whose stages give the decoder skips: the network of earlier versions, which plans without the key build).
 """
 from __future__ import annotations
 
@@ -25,24 +27,37 @@ from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE
 from nnunet_dmoe.networks import ROUTINGS, AttributeInput, attribute_router_index, dmoe_settings
+from nnunet_dmoe.vit_weights import load_vit_weights  # noqa: F401 (re-exported: the trainers' import)
 
-__all__ = ["TRANSFORMER_KEY", "PLACEMENTS", "TRANSUNET_DEFAULTS", "PRIMUS_DEFAULTS", "transformer_settings",
-           "round_patch_size", "TokenBackbone", "TransUNetEncoder", "TransUNet", "PrimusBackbone",
-           "AttributeTransformer", "build_transunet_network", "build_primus_network",
-           "transunet_deep_supervision_scales", "load_vit_weights"]
+__all__ = ["TRANSFORMER_KEY", "PLACEMENTS", "DECODER_KEY", "DECODERS", "TRANSUNET_DECODER", "TRANSUNET_DEFAULTS",
+           "PRIMUS_DEFAULTS", "transformer_settings", "transunet_settings", "with_transformer_defaults",
+           "round_patch_size", "TokenBackbone", "ViTEncoder", "TransUNetDecoder", "TransUNet", "StemViTEncoder",
+           "StemSkipTransUNet", "PrimusBackbone", "AttributeTransformer", "build_transunet_network",
+           "build_primus_network", "transunet_deep_supervision_scales", "load_vit_weights"]
 
 # the configuration's key in the plans that holds the network sizes of the transformer trainers
 TRANSFORMER_KEY = "transformer"
 # where the (d)MoE blocks sit: one shared by all transformer blocks (the reference code), or one per block
 PLACEMENTS = ("shared", "per_block")
 
+# TransUNet's decoders: "paper" (Oh et al., ICML 2025, Table 4 and its code, TransUNet's ViT-B_16 without ResNet: a
+# 16x16 patch embedding on the image, no skips) and "skips" (a light nnU-Net conv stem in front of the patch embedding
+# whose stages give the decoder skips: the network of this plugin's earlier versions)
+DECODER_KEY = "decoder"
+DECODERS = ("paper", "skips")
+# what the TransUNet trainers write into the plans' "transformer" block when it has no "decoder"
+TRANSUNET_DECODER = "paper"
 # ViT-B/16 (Dosovitskiy et al., ICLR 2021) as TransUNet uses it (Chen et al., arXiv:2102.04306): 768 wide, 12
-# blocks of 12 heads, MLP 3072, tokens of 16x16 pixels. TransUNet's ResNet-50 stem is replaced by a light nnU-Net
-# conv stem (``stem_features``, stride 2 between stages) whose stages give the decoder its skips; the patch
-# embedding is a strided conv on the stem's last stage, so a token covers ``patch_size`` pixels per axis.
-# ``pretrained``: a ViT checkpoint file (timm's key names) to initialise the transformer blocks from.
+# blocks of 12 heads, MLP 3072, tokens of 16x16 pixels. These are the values of keys the plans' block lacks: a block
+# without "decoder" is one of an earlier version, so "skips". Only for "paper": ``decoder_features`` (TransUNet's
+# 3x3 conv on the token grid to 512, then one up-block per further entry, 2x bilinear each) and ``dropout``
+# (TransUNet's 0.1 after the position embedding and in the MLPs). Only for "skips": ``stem_features`` (the stem's
+# stages, stride 2 between them). ``pretrained``: a ViT checkpoint file (:mod:`nnunet_dmoe.vit_weights`).
 TRANSUNET_DEFAULTS = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "patch_size": 16,
-                      "stem_features": [32, 64, 128, 256], "drop_path_rate": 0.0, "pretrained": None}
+                      "drop_path_rate": 0.0, "pretrained": None, DECODER_KEY: "skips",
+                      "decoder_features": [512, 256, 128, 64, 16], "dropout": 0.1,
+                      "stem_features": [32, 64, 128, 256]}
+_DECODER_ONLY = {"decoder_features": "paper", "dropout": "paper", "stem_features": "skips"}
 # Primus-M as nnU-Net 2.8's nnUNet_Primus_M_Trainer builds it (nnunetv2/training/nnUNetTrainer/primus/); a test
 # checks that the defaults give that trainer's network
 PRIMUS_DEFAULTS = {"embed_dim": 864, "depth": 16, "num_heads": 12, "patch_size": 8, "drop_path_rate": 0.2,
@@ -66,6 +81,39 @@ def transformer_settings(configuration_manager, defaults: dict) -> dict:
         raise ValueError(f"unknown settings {unknown} in the plans' \"{TRANSFORMER_KEY}\" block of this "
                          f"configuration; this network knows {sorted(defaults)}")
     return {**defaults, **block}
+
+
+def transunet_settings(configuration_manager) -> dict:
+    """:func:`transformer_settings` of TransUNet, checked: a known ``"decoder"``, no key of the other decoder."""
+    block = configuration_manager.configuration.get(TRANSFORMER_KEY) or {}
+    s = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
+    if s[DECODER_KEY] not in DECODERS:
+        raise ValueError(f"\"{DECODER_KEY}\" in the plans' \"{TRANSFORMER_KEY}\" block must be one of {DECODERS}, got "
+                         f"{s[DECODER_KEY]!r}")
+    wrong = sorted(k for k in block if _DECODER_ONLY.get(k, s[DECODER_KEY]) != s[DECODER_KEY])
+    if wrong:
+        raise ValueError(f"{wrong} in the plans' \"{TRANSFORMER_KEY}\" block belong to \"{DECODER_KEY}\": "
+                         f"\"{_DECODER_ONLY[wrong[0]]}\", this block builds \"{s[DECODER_KEY]}\"")
+    return s
+
+
+def with_transformer_defaults(plans: dict, configuration: str, settings: dict) -> dict:
+    """``plans`` with ``settings`` written into the configuration's ``"transformer"`` block where the block (after
+    nnU-Net's configuration inheritance) lacks them; ``plans`` itself when nothing is missing, else a copy."""
+    configs = plans["configurations"]
+    if configuration not in configs:
+        raise ValueError(f"configuration {configuration!r} is not in the plans; it has {sorted(configs)}")
+    name, chain = configuration, []
+    while name is not None:  # nnU-Net's inheritance: the child's keys win, a child's block replaces its parent's
+        chain.append(configs[name])
+        name = configs[name].get("inherits_from")
+    block = dict(next((c[TRANSFORMER_KEY] for c in chain if TRANSFORMER_KEY in c), None) or {})
+    missing = {k: v for k, v in settings.items() if k not in block}
+    if not missing:
+        return plans
+    plans = deepcopy(plans)
+    plans["configurations"][configuration][TRANSFORMER_KEY] = {**block, **missing}
+    return plans
 
 
 def _routing(configuration_manager, routing: Optional[str]) -> Tuple[Optional[DMoEConfig], str, int]:
@@ -138,22 +186,156 @@ class TokenBackbone(nn.Module):
         return self.head(tokens, context)
 
 
-class TransUNetEncoder(nn.Module):
-    """Conv stem (nnU-Net's ``PlainConvEncoder``: two conv-norm-nonlin per stage, stride 2 between stages) ->
-    patch embedding (strided conv on the stem's last stage) + learned position embedding -> ViT blocks (timm's
-    ``Block``) -> LayerNorm. Exposes the metadata ``UNetDecoder`` reads from an encoder: the stem's stages and the
-    token grid are its ``output_channels`` / ``strides``."""
+def _check_2d(patch_size: Sequence[int]):
+    if len(patch_size) != 2:
+        raise ValueError(f"TransUNet is 2D (the paper's setting), got a {len(patch_size)}D patch {list(patch_size)}; "
+                         f"for 3D use nnUNetTrainerPrimusMoE / nnUNetTrainerPrimusDMoE")
+
+
+def _vit_blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float,
+                dropout: float = 0.0) -> nn.ModuleList:
+    """timm's ViT ``Block``s (pre-norm, qkv with bias, GELU MLP, LayerNorm eps 1e-6: TransUNet's ``Block``), dropout
+    ``dropout`` in the MLP (after the GELU and after the second linear, as TransUNet's ``Mlp``), none on attention."""
+    from timm.models.vision_transformer import Block
+
+    rates = np.linspace(0, drop_path_rate, depth)
+    blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=float(r)) for r in rates])
+    for block in blocks:
+        block.mlp.drop1.p = block.mlp.drop2.p = float(dropout)
+    return blocks
+
+
+class _TokenGrid(nn.Module):
+    """Position embedding and final norm of a TransUNet encoder: ``grid`` (the plans' token grid), ``pos_embed``
+    (1, n, c), ``norm``."""
+
+    grid: Tuple[int, ...]
+    pos_embed: nn.Parameter
+    norm: nn.LayerNorm
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """The position embedding for a token grid (resampled bicubically when it is not the plans' patch grid)."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        from timm.layers import resample_abs_pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid), num_prefix_tokens=0)
+
+    def token_map(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Normed tokens (b, n, c) as a feature map (b, c, *grid), the decoder's input."""
+        return self.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def _init_tokens(self):
+        from timm.models.vision_transformer import init_weights_vit_timm
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for block in self.blocks:
+            block.apply(init_weights_vit_timm)
+
+
+class ViTEncoder(_TokenGrid):
+    """The paper's TransUNet encoder (TransUNet's ``Transformer`` for ViT-B_16, no ResNet): patch embedding (a conv
+    of kernel and stride ``token_patch`` on the image channels) + learned position embedding, dropout -> ViT blocks
+    -> LayerNorm."""
+
+    embeds_pixels = True  # the patch embedding takes the image: a ViT checkpoint's patch embedding fits it
+
+    def __init__(self, input_channels: int, patch_size: Sequence[int], embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16, drop_path_rate: float = 0.0,
+                 dropout: float = 0.1):
+        super().__init__()
+        _check_2d(patch_size)
+        _check_patch(patch_size, token_patch)
+        self.patch_embed = nn.Conv2d(input_channels, embed_dim, token_patch, token_patch)
+        self.grid = tuple(int(p) // token_patch for p in patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(np.prod(self.grid)), embed_dim))
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = _vit_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, dropout)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.embed_dim = embed_dim
+        self._init_tokens()
+
+    def embed(self, x: torch.Tensor):
+        t = self.patch_embed(x)
+        grid = tuple(t.shape[2:])
+        return self.pos_drop(t.flatten(2).transpose(1, 2) + self.position_embedding(grid)), grid
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """TransUNet's ``Conv2dReLU``: 3x3 conv without bias, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class TransUNetDecoder(nn.Module):
+    """TransUNet's ``DecoderCup`` without skips and its ``SegmentationHead``: a 3x3 conv-BN-ReLU from the token map to
+    ``features[0]`` channels, then per further entry an up-block (2x bilinear upsampling, corners aligned, and two
+    conv-BN-ReLU), then a 3x3 conv to the classes. No deep supervision: with ``deep_supervision`` the one output comes
+    as a list of one (nnU-Net's format), full resolution."""
+
+    def __init__(self, embed_dim: int, features: Sequence[int], num_classes: int, deep_supervision: bool = False):
+        super().__init__()
+        self.conv = _conv_bn_relu(embed_dim, features[0])
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), _conv_bn_relu(a, b),
+                          _conv_bn_relu(b, b)) for a, b in zip(features[:-1], features[1:])])
+        self.seg_layer = nn.Conv2d(features[-1], num_classes, 3, padding=1)
+        self.deep_supervision = deep_supervision
+
+    def forward(self, x: torch.Tensor):
+        x = self.conv(x)
+        for block in self.blocks:
+            x = block(x)
+        out = self.seg_layer(x)
+        return [out] if self.deep_supervision else out
+
+
+class TransUNet(TokenBackbone):
+    """The paper's 2D TransUNet (Oh et al., ICML 2025, Table 4; TransUNet's ViT-B_16 with ``n_skip`` 0):
+    :class:`ViTEncoder` and :class:`TransUNetDecoder`. ``decoder_features`` needs one up-block per halving of the
+    token size (16: 512, then 256, 128, 64, 16)."""
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int], embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16,
+                 decoder_features: Sequence[int] = (512, 256, 128, 64, 16), drop_path_rate: float = 0.0,
+                 dropout: float = 0.1, deep_supervision: bool = False):
+        super().__init__()
+        if 2 ** (len(decoder_features) - 1) != token_patch:
+            raise ValueError(f"\"decoder_features\" {list(decoder_features)} gives {len(decoder_features) - 1} "
+                             f"up-blocks (2x each), the token size {token_patch} needs {int(math.log2(token_patch))} "
+                             f"(one more entry than up-blocks: the first is the conv on the token grid)")
+        self.encoder = ViTEncoder(input_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio, token_patch,
+                                  drop_path_rate, dropout)
+        self.decoder = TransUNetDecoder(embed_dim, list(decoder_features), num_classes, deep_supervision)
+        self.embed_dim = embed_dim
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.blocks
+
+    def embed(self, x: torch.Tensor):
+        return self.encoder.embed(x)
+
+    def head(self, tokens: torch.Tensor, grid):
+        return self.decoder(self.encoder.token_map(tokens, grid))
+
+
+class StemViTEncoder(_TokenGrid):
+    """The ``"skips"`` encoder (this plugin's earlier TransUNet): conv stem (nnU-Net's ``PlainConvEncoder``: two
+    conv-norm-nonlin per stage, stride 2 between stages) -> patch embedding (strided conv on the stem's last stage)
+    + learned position embedding -> ViT blocks (timm's ``Block``) -> LayerNorm. Exposes the metadata
+    ``UNetDecoder`` reads from an encoder: the stem's stages and the token grid are its ``output_channels`` /
+    ``strides``."""
+
+    embeds_pixels = False  # the patch embedding takes the stem's features: a ViT checkpoint's does not fit
 
     def __init__(self, input_channels: int, patch_size: Sequence[int], embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16,
                  stem_features: Sequence[int] = (32, 64, 128, 256), drop_path_rate: float = 0.0):
         super().__init__()
         from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-        from timm.models.vision_transformer import Block
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-        if len(patch_size) != 2:
-            raise ValueError(f"TransUNet is 2D (the paper's setting), got a {len(patch_size)}D patch {list(patch_size)}"
-                             f"; for 3D use nnUNetTrainerPrimusMoE / nnUNetTrainerPrimusDMoE")
+        _check_2d(patch_size)
         n = len(stem_features)
         stem_stride = 2 ** (n - 1)
         if token_patch % stem_stride:
@@ -169,9 +351,7 @@ class TransUNetEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(stem_features[-1], embed_dim, embed_stride, embed_stride)
         self.grid = tuple(int(p) // token_patch for p in patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, int(np.prod(self.grid)), embed_dim))
-        rates = np.linspace(0, drop_path_rate, depth)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=float(r))
-                                     for r in rates])
+        self.blocks = _vit_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.embed_dim = embed_dim
         # what UNetDecoder reads from its encoder: the stem's stages, then the token grid as the bottleneck
@@ -181,34 +361,15 @@ class TransUNetEncoder(nn.Module):
         for name in ("conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
                      "nonlin", "nonlin_kwargs"):
             setattr(self, name, getattr(self.stem, name))
-        self.initialize()
-
-    def initialize(self):
-        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-        from timm.models.vision_transformer import init_weights_vit_timm
-
         self.stem.apply(InitWeights_He(1e-2))
         InitWeights_He(1e-2)(self.patch_embed)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for block in self.blocks:
-            block.apply(init_weights_vit_timm)
-
-    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
-        """The position embedding for a token grid (resampled bicubically when it is not the plans' patch grid)."""
-        if tuple(grid) == self.grid:
-            return self.pos_embed
-        from timm.layers import resample_abs_pos_embed
-        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid), num_prefix_tokens=0)
+        self._init_tokens()
 
     def embed(self, x: torch.Tensor):
         skips = self.stem(x)
         t = self.patch_embed(skips[-1])
         grid = tuple(t.shape[2:])
         return t.flatten(2).transpose(1, 2) + self.position_embedding(grid), (skips, grid)
-
-    def token_map(self, tokens: torch.Tensor, grid) -> torch.Tensor:
-        """Normed tokens (b, n, c) as a feature map (b, c, *grid), the decoder's bottleneck."""
-        return self.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
     def forward(self, x: torch.Tensor):
         tokens, (skips, grid) = self.embed(x)
@@ -217,11 +378,11 @@ class TransUNetEncoder(nn.Module):
         return skips + [self.token_map(tokens, grid)]
 
 
-class TransUNet(TokenBackbone):
-    """TransUNet-style 2D segmentation network (Chen et al., arXiv:2102.04306): :class:`TransUNetEncoder` and
-    nnU-Net's ``UNetDecoder`` (transposed conv, concatenated stem skip, two convs per stage) from the token grid up
-    to full resolution. With ``deep_supervision`` the decoder returns one output per stem stage (full resolution
-    first, then 1/2, 1/4, ...: :func:`transunet_deep_supervision_scales`)."""
+class StemSkipTransUNet(TokenBackbone):
+    """The ``"skips"`` network (this plugin's earlier TransUNet, built for plans without ``"decoder"``):
+    :class:`StemViTEncoder` and nnU-Net's ``UNetDecoder`` (transposed conv, concatenated stem skip, two convs per
+    stage) from the token grid up to full resolution. With ``deep_supervision`` the decoder returns one output per
+    stem stage (full resolution first, then 1/2, 1/4, ...: :func:`transunet_deep_supervision_scales`)."""
 
     def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int], embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, token_patch: int = 16,
@@ -231,8 +392,8 @@ class TransUNet(TokenBackbone):
         from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
         from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-        self.encoder = TransUNetEncoder(input_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-                                        token_patch, stem_features, drop_path_rate)
+        self.encoder = StemViTEncoder(input_channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+                                      token_patch, stem_features, drop_path_rate)
         self.decoder = UNetDecoder(self.encoder, num_classes, 2, deep_supervision)
         for name in ("stages", "transpconvs", "seg_layers"):
             getattr(self.decoder, name).apply(InitWeights_He(1e-2))
@@ -345,23 +506,30 @@ class AttributeTransformer(AttributeInput):
 
 # ------------------------------------------------------------------------------------------------------ builders
 def transunet_deep_supervision_scales(configuration_manager) -> list:
-    """The scales of :class:`TransUNet`'s deep-supervision outputs (full resolution first), in nnU-Net's format
-    (``_get_deep_supervision_scales``): one per stem stage."""
-    settings = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
+    """The scales of TransUNet's deep-supervision outputs (full resolution first), in nnU-Net's format
+    (``_get_deep_supervision_scales``): ``"skips"``: one per stem stage; ``"paper"``: its one output."""
+    settings = transunet_settings(configuration_manager)
     dim = len(configuration_manager.patch_size)
-    return [[0.5 ** s] * dim for s in range(len(settings["stem_features"]))]
+    outputs = len(settings["stem_features"]) if settings[DECODER_KEY] == "skips" else 1
+    return [[0.5 ** s] * dim for s in range(outputs)]
 
 
 def build_transunet_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                             enable_deep_supervision: bool = True, *, routing: Optional[str] = None) -> nn.Module:
-    """:class:`TransUNet` (sizes from the configuration's ``"transformer"`` block, defaults
-    :data:`TRANSUNET_DEFAULTS`) behind :class:`AttributeTransformer`; ``routing`` as in
+    """TransUNet behind :class:`AttributeTransformer`: :class:`TransUNet` for ``"decoder": "paper"``,
+    :class:`StemSkipTransUNet` for ``"skips"`` or no ``"decoder"`` (plans of earlier versions); sizes from the
+    configuration's ``"transformer"`` block (defaults :data:`TRANSUNET_DEFAULTS`). ``routing`` as in
     :func:`nnunet_dmoe.networks.build_attribute_network` (``None``: attribute-blind baseline)."""
-    s = transformer_settings(configuration_manager, TRANSUNET_DEFAULTS)
+    s = transunet_settings(configuration_manager)
     config, placement, channel = _routing(configuration_manager, routing)
-    net = TransUNet(num_input_channels - _num_attributes(channel), num_output_channels, configuration_manager.patch_size, s["embed_dim"],
-                    s["depth"], s["num_heads"], s["mlp_ratio"], s["patch_size"], s["stem_features"],
-                    s["drop_path_rate"], enable_deep_supervision)
+    image_channels, patch = num_input_channels - _num_attributes(channel), configuration_manager.patch_size
+    vit = (s["embed_dim"], s["depth"], s["num_heads"], s["mlp_ratio"], s["patch_size"])
+    if s[DECODER_KEY] == "paper":
+        net = TransUNet(image_channels, num_output_channels, patch, *vit, s["decoder_features"], s["drop_path_rate"],
+                        s["dropout"], enable_deep_supervision)
+    else:
+        net = StemSkipTransUNet(image_channels, num_output_channels, patch, *vit, s["stem_features"],
+                                s["drop_path_rate"], enable_deep_supervision)
     return AttributeTransformer(net, num_input_channels, channel, config, placement)
 
 
@@ -381,42 +549,3 @@ def build_primus_network(plans_manager, configuration_manager, num_input_channel
                     s["num_heads"], patch, drop_path_rate=s["drop_path_rate"], scale_attn_inner=s["scale_attn_inner"],
                     init_values=s["init_values"])
     return AttributeTransformer(PrimusBackbone(primus), num_input_channels, channel, config, placement)
-
-
-def load_vit_weights(encoder: TransUNetEncoder, path: str) -> list:
-    """Initialise the transformer blocks, the final norm and (resampled to the token grid) the position embedding
-    of ``encoder`` from a ViT checkpoint file in timm's key names (``blocks.N.*``, ``norm.*``, ``pos_embed``; a
-    ``"model"`` or ``"state_dict"`` wrapper and a class-token position are accepted). Nothing is downloaded.
-    Returns the names loaded. Raises ``ValueError`` naming the file when a block's weights are missing or of another
-    shape (another ViT size)."""
-    import os
-
-    if not os.path.isfile(path):
-        raise ValueError(f"pretrained ViT checkpoint {path} does not exist (\"pretrained\" in the plans' "
-                         f"\"{TRANSFORMER_KEY}\" block)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    ours = {f"blocks.{k}": v for k, v in encoder.blocks.state_dict().items()}
-    ours.update({f"norm.{k}": v for k, v in encoder.norm.state_dict().items()})
-    missing = sorted(k for k in ours if k not in state)
-    wrong = sorted(k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape))
-    if missing or wrong:
-        raise ValueError(f"{path} does not fit this ViT ({encoder.embed_dim} wide, {len(encoder.blocks)} blocks): "
-                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, other shape "
-                         f"{wrong[:4]}{'...' if len(wrong) > 4 else ''}")
-    with torch.no_grad():
-        encoder.blocks.load_state_dict({k[len("blocks."):]: state[k] for k in ours if k.startswith("blocks.")})
-        encoder.norm.load_state_dict({k[len("norm."):]: state[k] for k in ours if k.startswith("norm.")})
-        loaded = sorted(ours)
-        pos = state.get("pos_embed")
-        if pos is not None and pos.shape[-1] == encoder.embed_dim:
-            from timm.layers import resample_abs_pos_embed
-            n = pos.shape[1]
-            prefix = n - math.isqrt(n) ** 2  # class token(s) before a square grid
-            side = math.isqrt(n - prefix)
-            encoder.pos_embed.copy_(resample_abs_pos_embed(pos.float(), list(encoder.grid), [side, side],
-                                                           num_prefix_tokens=prefix)[:, prefix:])
-            loaded.append("pos_embed")
-    return loaded

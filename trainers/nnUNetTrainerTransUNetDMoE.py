@@ -5,8 +5,9 @@ from nnunet_dmoe.trainers.nnUNetTrainerTransUNet import nnUNetTrainerTransUNet
 class nnUNetTrainerTransUNetDMoE(nnUNetTrainerTransUNet):
     """TransUNet + distribution-aware MoE on the ViT's tokens, one router per level (+ one for unknown).
 
-    The paper's 2D setting: one dMoE block shared by all transformer blocks and applied after each, as in its
-    reference code; ``"transformer_placement": "per_block"`` in the plans' ``"dmoe"`` block gives one per block."""
+    The paper's 2D setting (its TransUNet, see :class:`nnUNetTrainerTransUNet`): one dMoE block shared by all
+    transformer blocks and applied after each, as in its reference code; ``"transformer_placement": "per_block"`` in
+    the plans' ``"dmoe"`` block gives one per block."""
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
