@@ -1,16 +1,22 @@
-"""Transformer networks: TransUNet-style 2D and nnU-Net's Primus behind the attribute front end, (d)MoE on the
-tokens (shared by all blocks or one per block), the paper's Table 7 parameter difference, patch handling and the
-optional ViT checkpoint."""
+"""Transformer networks: the paper's 2D TransUNet (and the stem-and-skips TransUNet that plans of earlier versions
+build) and nnU-Net's Primus behind the attribute front end, (d)MoE on the tokens (shared by all blocks or one per
+block), the paper's Table 7 parameter counts, patch handling. The ViT checkpoint: tests/test_vit_weights.py."""
+import hashlib
+
 import pytest
 import torch
-from nnunet_dmoe.benchmark import build_pair, cost_report, dmoe_flops, dmoe_parameters, preset_configuration
+from nnunet_dmoe.benchmark import build_pair, cost_report, dmoe_flops, preset_configuration
 from nnunet_dmoe.configuration import unet_configuration
 from nnunet_dmoe.dmoe import DistributionAwareMoE
-from nnunet_dmoe.transformer_networks import (AttributeTransformer, PrimusBackbone, TRANSUNET_DEFAULTS,
-                                              build_primus_network, build_transunet_network, load_vit_weights,
-                                              round_patch_size, transunet_deep_supervision_scales)
+from nnunet_dmoe.transformer_networks import (AttributeTransformer, PrimusBackbone, StemSkipTransUNet,
+                                              TRANSUNET_DEFAULTS, TransUNet, build_primus_network,
+                                              build_transunet_network, round_patch_size,
+                                              transunet_deep_supervision_scales, with_transformer_defaults)
 
-TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "stem_features": [8, 8, 16, 16]}
+# the paper's network, tiny: 32 wide, 3 blocks; decoder 16 channels on the token grid, then 4 up-blocks (tokens of 16)
+TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder": "paper", "decoder_features": [16, 16, 8, 8, 8]}
+# the stem-and-skips network as plans of earlier versions describe it: no "decoder"
+TINY_SKIPS = {"embed_dim": 32, "depth": 3, "num_heads": 2, "stem_features": [8, 8, 16, 16]}
 TINY_PRIMUS = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
@@ -37,32 +43,44 @@ def n_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-def test_table7_parameter_difference_at_vit_b():
-    """Defaults are ViT-B/16 (768 wide, 12 blocks); one shared (d)MoE block adds the paper's +37.8 M
-    (TransUNet 91.67 -> 129.46 M with MoE, 129.51 M with dMoE). The networks of nnUNetv2_dmoe_benchmark's
-    transunet_2d preset, built on the meta device: nothing is allocated."""
+def signature(module) -> str:
+    """sha256 of the sorted ``name:shape`` lines of a state dict."""
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(module.state_dict().items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_table7_parameters_of_the_papers_transunet():
+    """nnUNetv2_dmoe_benchmark's transunet_2d preset is the paper's TransUNet (ViT-B/16 on 16x16 patches of an RGB
+    224x224 input, no stem, no skips, decoder 512 -> 256, 128, 64, 16, 2 classes): Table 7's 91.67 M, and with one
+    shared block 129.46 M (MoE) / 129.51 M (dMoE). Built on the meta device: nothing is allocated."""
     cm = preset_configuration("transunet_2d")
     with torch.device("meta"):
-        nets = dict(zip((None, "moe"), build_pair(cm, num_levels=4, mode="moe")))
-        nets["dmoe"] = build_pair(cm, num_levels=4, mode="dmoe")[1]
+        nets = dict(zip((None, "moe"), build_pair(cm, num_levels=4, mode="moe", num_input_channels=4)))
+        nets["dmoe"] = build_pair(cm, num_levels=4, mode="dmoe", num_input_channels=4)[1]
     base = nets[None].backbone
-    assert len(base.blocks) == 12 and base.embed_dim == 768 and base.encoder.grid == (14, 14)
-    assert base.blocks[0].mlp.fc1.out_features == 3072 and base.blocks[0].attn.num_heads == 12
+    assert isinstance(base, TransUNet) and base.encoder.grid == (14, 14)
+    assert len(base.blocks) == 12 and base.embed_dim == 768 and base.blocks[0].attn.num_heads == 12
+    assert base.encoder.patch_embed.weight.shape == (768, 3, 16, 16) and base.blocks[0].mlp.fc1.out_features == 3072
+    assert [b[1][0].out_channels for b in base.decoder.blocks] == [256, 128, 64, 16]
+    block = (768 * 3 * 768 + 3 * 768) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768) + 4 * 768
+    vit = 3 * 768 * 256 + 768 + 196 * 768 + 12 * block + 2 * 768
+    convs = [(768, 512), (512, 256), (256, 256), (256, 128), (128, 128), (128, 64), (64, 64), (64, 16), (16, 16)]
+    decoder = sum(9 * a * b + 2 * b for a, b in convs) + 9 * 16 * 2 + 2  # conv (no bias) + BatchNorm; head
+    assert (n_params(base.encoder), n_params(base.decoder)) == (vit, decoder) == (85_797_120, 5_876_066)
     n = {r: n_params(net) for r, net in nets.items()}
-    moe, dmoe = n["moe"] - n[None], n["dmoe"] - n[None]
-    # 8 experts Linear(768, 3072)-Linear(3072, 768) with biases, plus gate and noise router weights (768 x 8 each)
-    assert moe == dmoe_parameters([768], num_routers=1) == 37_791_744
-    assert dmoe == dmoe_parameters([768], num_routers=5) == 37_840_896  # 4 levels + unknown
-    assert round(moe / 1e6, 2) == round(129.46 - 91.67, 2)
-    assert round(dmoe / 1e6, 2) == round(129.51 - 91.67, 2)
-    assert 85e6 < n[None] < 95e6  # the paper's TransUNet: 91.67 M (its decoder and stem differ from ours)
+    # 8 experts Linear(768, 3072)-Linear(3072, 768) and per router the gate's and the noise's Linear(768, 8), all
+    # with biases (the reference code's nn.Linear); dMoE: 4 levels + unknown
+    experts, router = 8 * (2 * 768 * 3072 + 3072 + 768), 2 * (768 * 8 + 8)
+    assert (n[None], n["moe"] - n[None], n["dmoe"] - n[None]) == (91_673_186, experts + router, experts + 5 * router)
+    assert [round(n[r] / 1e6, 2) for r in (None, "moe", "dmoe")] == [91.67, 129.46, 129.51]
 
 
-@pytest.mark.parametrize("routing", ["moe", "dmoe"])
-def test_shared_placement_is_one_block_applied_after_every_transformer_block(routing):
-    # deep supervision on, as the trainers train: every decoder output is used
-    shared, per_block = transunet(routing, ds=True), transunet(routing, ds=True, transformer_placement="per_block")
-    base = transunet(None)
+@pytest.mark.parametrize("routing,transformer", [("moe", TINY_VIT), ("dmoe", TINY_VIT), ("dmoe", TINY_SKIPS)])
+def test_shared_placement_is_one_block_applied_after_every_transformer_block(routing, transformer):
+    # deep supervision on, as the benchmark trains: every decoder output is used (the paper's network has one)
+    shared = transunet(routing, ds=True, transformer=transformer)
+    per_block = transunet(routing, ds=True, transformer=transformer, transformer_placement="per_block")
+    base = transunet(None, transformer=transformer)
     assert len(shared.moe) == 1 and len(per_block.moe) == 3
     block = n_params(shared.moe[0])
     assert n_params(shared) - n_params(base) == block
@@ -99,19 +117,69 @@ def test_zero_initialised_experts_reproduce_the_baseline_and_levels_route():
     x = with_channel(torch.randn(1, 1, 32, 48).repeat(5, 1, 1, 1), [1, 2, 3, 4, 0])
     out = dmoe(x)
     torch.testing.assert_close(out, dmoe(x, torch.tensor([0, 1, 2, 3, -1])), rtol=0, atol=0)
-    assert all((out[i] - out[j]).abs().max() > 1e-4 for i in range(5) for j in range(i + 1, 5))
+    # (the untrained decoder's outputs are small: PyTorch's default conv init, as TransUNet's, and BatchNorm's
+    # initial running statistics)
+    assert all((out[i] - out[j]).abs().max() > 1e-3 * out.abs().max() for i in range(5) for j in range(i + 1, 5))
     base_out = base(x)
     torch.testing.assert_close(base_out, base_out[:1].expand_as(base_out), rtol=0, atol=0)
 
 
 def test_deep_supervision_outputs_match_the_scales_given_to_nnunet():
-    net = transunet("dmoe", ds=True)
-    out = net(with_channel(torch.randn(2, 1, 32, 48), [1, 2]))
-    scales = transunet_deep_supervision_scales(configuration((32, 48), TINY_VIT))
-    assert scales == [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25], [0.125, 0.125]]
-    assert [tuple(o.shape[2:]) for o in out] == [(32 * s, 48 * s) for s, _ in scales]
-    net.decoder.deep_supervision = False  # what nnU-Net's set_deep_supervision_enabled does
-    assert net(with_channel(torch.randn(1, 1, 32, 48), [1])).shape == (1, 3, 32, 48)
+    """The paper's network has one output (a list of one with deep supervision); the stem-and-skips network one per
+    stem stage."""
+    for transformer, scales in ((TINY_VIT, [[1.0, 1.0]]),
+                                (TINY_SKIPS, [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25], [0.125, 0.125]])):
+        net = transunet("dmoe", ds=True, transformer=transformer)
+        out = net(with_channel(torch.randn(2, 1, 32, 48), [1, 2]))
+        assert transunet_deep_supervision_scales(configuration((32, 48), transformer)) == scales
+        assert isinstance(out, list) and [tuple(o.shape) for o in out] == [(2, 3, 32 * s, 48 * s) for s, _ in scales]
+        net.decoder.deep_supervision = False  # what nnU-Net's set_deep_supervision_enabled does
+        assert net(with_channel(torch.randn(1, 1, 32, 48), [1])).shape == (1, 3, 32, 48)
+
+
+def test_plans_without_decoder_build_the_earlier_network_and_paper_builds_the_papers():
+    """Model folders of earlier versions have no "decoder" in their plans' "transformer" block (or no block): they
+    rebuild the stem-and-skips network, parameter names and shapes exactly as before (sha256 of the sorted
+    ``name:shape`` lines of the baseline's state dict, recorded with the version before the paper's network,
+    commit 18944ad). "paper" builds the paper's: patch embedding on the image, no stem, no skips."""
+    earlier = "92264e524130f86c345d7348ccd719e573e7651e857024c3e33e4f67de546019"
+    for block in (TINY_SKIPS, {**TINY_SKIPS, "decoder": "skips"}):
+        with torch.device("meta"):
+            net = build_transunet_network(None, configuration((32, 48), block), 2, 3, True)
+        assert isinstance(net.backbone, StemSkipTransUNet) and signature(net) == earlier
+        assert (len(net.state_dict()), n_params(net)) == (290, 72_212)
+    with torch.device("meta"):
+        old = build_transunet_network(None, configuration((224, 224)), 2, 2, False)  # no block: ViT-B + stem
+    assert isinstance(old.backbone, StemSkipTransUNet) and n_params(old) == 90_480_200  # the earlier 90.48 M
+    net = transunet(None)
+    names = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert isinstance(net.backbone, TransUNet) and not any("stem" in k or "decoder.encoder" in k for k in names)
+    assert names["backbone.encoder.patch_embed.weight"] == (32, 1, 16, 16)  # 16x16 conv on the image channel
+    assert names["backbone.decoder.conv.0.weight"] == (16, 32, 3, 3)  # on the token grid
+    assert [names[f"backbone.decoder.blocks.{i}.2.0.weight"][0] for i in range(4)] == [16, 8, 8, 8]
+    assert names["backbone.decoder.seg_layer.weight"] == (3, 8, 3, 3)
+
+
+def test_trainers_write_the_papers_decoder_into_plans_that_lack_it():
+    """What the TransUNet trainers do to the plans at training start (with_transformer_defaults): a block without
+    "decoder" gets "paper", after nnU-Net's configuration inheritance (a child's block replaces its parent's); a
+    block that names a decoder keeps it; the caller's plans are not changed."""
+    plans = {"configurations": {"2d": {"patch_size": [32, 32], "transformer": {"depth": 2}},
+                                "2d_small": {"inherits_from": "2d"}, "2d_own": {"inherits_from": "2d",
+                                                                                "transformer": {"depth": 3}}}}
+    written = with_transformer_defaults(plans, "2d", {"decoder": "paper"})
+    assert written["configurations"]["2d"]["transformer"] == {"depth": 2, "decoder": "paper"}
+    assert plans["configurations"]["2d"]["transformer"] == {"depth": 2}
+    inherited = with_transformer_defaults(plans, "2d_small", {"decoder": "paper"})["configurations"]["2d_small"]
+    own = with_transformer_defaults(plans, "2d_own", {"decoder": "paper"})["configurations"]["2d_own"]
+    assert (inherited["transformer"], own["transformer"]) == ({"depth": 2, "decoder": "paper"},
+                                                              {"depth": 3, "decoder": "paper"})
+    plans["configurations"]["2d"]["transformer"]["decoder"] = "skips"
+    assert with_transformer_defaults(plans, "2d", {"decoder": "paper"}) is plans
+    assert with_transformer_defaults({"configurations": {"2d": {}}}, "2d", {"decoder": "paper"})[
+        "configurations"]["2d"]["transformer"] == {"decoder": "paper"}
+    with pytest.raises(ValueError, match="configuration '3d' is not in the plans"):
+        with_transformer_defaults(plans, "3d", {"decoder": "paper"})
 
 
 def test_patch_size_must_be_a_multiple_of_the_token_size_and_trainers_round_it():
@@ -130,9 +198,29 @@ def test_patch_size_must_be_a_multiple_of_the_token_size_and_trainers_round_it()
     assert round_patch_size(plans, "2d", TRANSUNET_DEFAULTS)[2] == [16, 32]  # at least one token
 
 
+def test_trainer_refuses_a_checkpoint_of_the_other_decoder():
+    """``nnUNetv2_train --c`` on a model folder of an earlier version: the trainer now builds the paper's network,
+    the checkpoint holds the stem-and-skips one; the error says what to set in the plans."""
+    from types import SimpleNamespace
+
+    from nnunet_dmoe.trainers.nnUNetTrainerTransUNet import nnUNetTrainerTransUNet
+
+    old = {"network_weights": {k: v for k, v in transunet(None, transformer=TINY_SKIPS).state_dict().items()}}
+    new = {"network_weights": {k: v for k, v in transunet(None).state_dict().items()}}
+    for decoder, checkpoint, other in (("paper", old, "skips"), ("skips", new, "paper")):
+        trainer = SimpleNamespace(was_initialized=True, decoder_kind=decoder)
+        with pytest.raises(RuntimeError, match=f"holds the \"{other}\" TransUNet, the plans build \"{decoder}\"; "
+                                               f"set \"decoder\": \"{other}\" in the plans' \"transformer\" block"):
+            nnUNetTrainerTransUNet.load_checkpoint(trainer, checkpoint)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"patch": (32, 32, 32)}, "TransUNet is 2D.*Primus"),
     ({"transformer": {**TINY_VIT, "width": 3}}, r"unknown settings \['width'\]"),
+    ({"transformer": {**TINY_VIT, "decoder": "unet"}}, r"\"decoder\".*one of \('paper', 'skips'\), got 'unet'"),
+    ({"transformer": {**TINY_VIT, "stem_features": [8, 16]}}, r"\['stem_features'\].*\"skips\".*builds \"paper\""),
+    ({"transformer": {**TINY_SKIPS, "dropout": 0.0}}, r"\['dropout'\].*\"paper\".*builds \"skips\""),
+    ({"transformer": {**TINY_VIT, "decoder_features": [16, 8, 8]}}, r"2 up-blocks.*token size 16 needs 4"),
     ({"transformer_placement": "everywhere"}, "transformer_placement"),
     ({"stages": [0, 1]}, "stages"),
 ])
@@ -171,27 +259,6 @@ def test_primus_defaults_are_nnunets_primus_m_and_dmoe_sits_between_its_blocks()
         build_primus_network(None, configuration((16, 20, 16), TINY_PRIMUS), 2, 3, routing="moe")
 
 
-def test_vit_checkpoint_initialises_blocks_norm_and_resampled_position_embedding(tmp_path):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(1)
-    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=0)
-    path = tmp_path / "vit.pth"
-    torch.save({"model": vit.state_dict()}, path)
-    net = transunet("dmoe")
-    encoder = net.backbone.encoder
-    loaded = load_vit_weights(encoder, str(path))
-    assert "pos_embed" in loaded and "blocks.2.mlp.fc2.weight" in loaded and "norm.weight" in loaded
-    for k, v in encoder.blocks.state_dict().items():
-        torch.testing.assert_close(v, vit.blocks.state_dict()[k], rtol=0, atol=0)
-    assert encoder.pos_embed.shape == (1, 6, 32)  # 4x4 grid of the checkpoint (class token dropped) -> 2x3
-    torch.save(VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=3, num_heads=2).state_dict(), path)
-    with pytest.raises(ValueError, match="does not fit this ViT"):
-        load_vit_weights(encoder, str(path))
-    with pytest.raises(ValueError, match="does not exist"):
-        load_vit_weights(encoder, str(tmp_path / "missing.pth"))
-
-
 def test_attribute_transformer_checks_its_input():
     net = transunet("moe")
     assert isinstance(net, AttributeTransformer) and isinstance(net.moe[0], DistributionAwareMoE)
@@ -204,14 +271,15 @@ def test_attribute_transformer_checks_its_input():
 
 
 def test_benchmark_preset_counts_the_shared_block_at_every_use():
-    """nnUNetv2_dmoe_benchmark -preset transunet_2d builds TransUNet; the GFLOPs of a shared block count each of its
-    calls (here a tiny ViT: 3 blocks, 2x2 tokens)."""
+    """nnUNetv2_dmoe_benchmark -preset transunet_2d builds the paper's TransUNet; the GFLOPs of a shared block count
+    each of its calls (here a tiny ViT: 3 blocks, 2x2 tokens)."""
     cm = preset_configuration("transunet_2d")
+    assert cm.configuration["transformer"] == {"decoder": "paper"}
     cm.configuration.update(transformer=TINY_VIT, patch_size=[32, 32])
-    report = cost_report(cm, num_levels=4, num_input_channels=2, num_outputs=2, attribute_channel=1,
+    report = cost_report(cm, num_levels=4, num_input_channels=4, num_outputs=2, attribute_channel=3,
                          flops_size=(32, 32), patch=(32, 32), measure=False)
     base, dmoe = report["rows"]["parameters"]
-    assert dmoe - base == dmoe_parameters([32], num_routers=5)
+    assert dmoe - base == n_params(DistributionAwareMoE(32, num_routers=5))
     assert report["dmoe_flops"] == dmoe_flops([32], [3 * 4]) > 0
     assert report["rows"]["flops"][1] - report["rows"]["flops"][0] == report["dmoe_flops"]
 

@@ -19,8 +19,9 @@ import torch
 from conftest import nnunet_env, run
 
 TINY = {
-    # a ViT 32 wide with 2 blocks, a small stem; tokens of 16 pixels as by default
-    "2d": ("nnUNetPlansTinyViT", {"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_features": [8, 16, 16, 32]}),
+    # the paper's TransUNet with a ViT 32 wide with 2 blocks and a small decoder; tokens of 16 pixels as by default.
+    # No "decoder": the trainer writes "paper" into the plans
+    "2d": ("nnUNetPlansTinyViT", {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_features": [32, 16, 16, 8, 8]}),
     # Primus 48 wide with 2 blocks of 2 heads (rotary embedding: 48 / 2 / 1.5 = 16, a multiple of 4)
     "3d_fullres": ("nnUNetPlansTinyPrimus", {"embed_dim": 48, "depth": 2, "num_heads": 2}),
 }
@@ -102,7 +103,8 @@ def _train_and_predict(root, configuration, trainer, plans, pred_in, pred, cli, 
         if configuration == "2d":
             assert "Patch size [24, 28] of the plans rounded to [16, 16]" in log
         if pretrained:  # loaded once, before training; prediction rebuilds the network without the file
-            assert f"Initialised 27 ViT tensors from {pretrained}" in log
+            # 12 per block, final norm, patch embedding, position embedding
+            assert f"Initialised {12 * 2 + 2 + 2 + 1} ViT tensors from {pretrained}" in log
             pretrained.unlink()
         if not cli:
             pred.mkdir()
@@ -130,7 +132,7 @@ def test_train_predict_and_the_attribute(configuration, trainer, cli, attribute_
                                          monkeypatch):
     root = request.getfixturevalue("dataset_2d" if configuration == "2d" else "preprocessed_3d")
     pretrained = None
-    if trainer == "nnUNetTrainerTransUNet":  # the optional ViT checkpoint (timm's key names), 4x4 grid + class token
+    if trainer == "nnUNetTrainerTransUNet":  # the optional ViT checkpoint (timm's state dict), 4x4 grid + class token
         from timm.models.vision_transformer import VisionTransformer
         block = TINY["2d"][1]
         vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=block["embed_dim"], depth=block["depth"],
@@ -143,10 +145,12 @@ def test_train_predict_and_the_attribute(configuration, trainer, cli, attribute_
     model = _train_and_predict(root, configuration, trainer + SCHEDULE, plans, pred_in, pred, cli, monkeypatch,
                                pretrained)
 
-    # the model folder rebuilds the same network: tiny sizes, token-size patch, dMoE settings from dataset.json
+    # the model folder rebuilds the same network: tiny sizes (TransUNet: the paper's decoder written by the trainer),
+    # token-size patch, dMoE settings from dataset.json
     cfg = json.loads((model / "plans.json").read_text())["configurations"][configuration]
     multiple = 16 if configuration == "2d" else 8
-    assert {k: v for k, v in cfg["transformer"].items() if k != "pretrained"} == TINY[configuration][1]
+    written = {"decoder": "paper"} if configuration == "2d" else {}
+    assert {k: v for k, v in cfg["transformer"].items() if k != "pretrained"} == {**TINY[configuration][1], **written}
     assert all(p % multiple == 0 for p in cfg["patch_size"])
     assert cfg["dmoe"]["num_levels"] == 4 and cfg["dmoe"]["attribute_channel"] == 1
     weights = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu",
