@@ -118,10 +118,10 @@ def preset_configuration(name: str):
 
 def _with_dmoe_settings(configuration_manager, **dmoe):
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-    from nnunet_dmoe.networks import PLANS_KEY
+    from nnunet_dmoe.networks import PLANS_KEY, current_settings
 
     cfg = deepcopy(configuration_manager.configuration)
-    cfg[PLANS_KEY] = {**(cfg.get(PLANS_KEY) or {}), **dmoe}
+    cfg[PLANS_KEY] = current_settings({**(cfg.get(PLANS_KEY) or {}), **dmoe})
     return ConfigurationManager(cfg)
 
 
@@ -153,13 +153,15 @@ def count_parameters(net: torch.nn.Module) -> int:
 
 
 def dmoe_parameters(channels: Sequence[int], num_experts: int = 8, ratio: int = 4, num_routers: int = 5,
-                    noisy: bool = True) -> int:
+                    noisy: bool = True, router_bias: bool = True) -> int:
     """Analytic parameter count of the (d)MoE blocks after encoder stages with ``channels``: per block
-    ``E (C*rC + rC + rC*C + C)`` expert weights and ``R C E`` router weights (twice with the noise router)."""
+    ``E (C*rC + rC + rC*C + C)`` expert weights and ``R (C + 1) E`` router weights and biases (``R C E`` without
+    bias: ``"router_init": "zero"``), twice with the noise router."""
     total = 0
     for c in channels:
         h = ratio * c
-        total += num_experts * (2 * c * h + h + c) + (2 if noisy else 1) * num_routers * c * num_experts
+        router = num_routers * (c + (1 if router_bias else 0)) * num_experts
+        total += num_experts * (2 * c * h + h + c) + (2 if noisy else 1) * router
     return total
 
 

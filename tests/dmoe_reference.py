@@ -21,7 +21,7 @@ def dense_reference(block: DistributionAwareMoE, x: torch.Tensor, router_index: 
     router, ex = block.router, block.experts
     def linear(weight, bias):  # each sample's router as nn.Linear(C, E): h W + b (no bias: version 0.2's routers)
         out = torch.bmm(tokens, weight[router_index])
-        return out if bias is None else out + bias[router_index][:, None, :]
+        return out if bias is None else out + bias[router_index][:, None, :].to(out.dtype)
 
     logits = linear(router.w_gate, router.b_gate)
     if router.training and router.noisy:

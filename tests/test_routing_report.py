@@ -36,6 +36,8 @@ def set_routers_by_hand(net):
             norm = [m for m in stage.modules() if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm)][-1]
             norm.weight[0], norm.bias[0] = 0.0, 1.0
             moe.router.w_gate.zero_()
+            if moe.router.b_gate is not None:
+                moe.router.b_gate.zero_()
             for r in range(moe.router.w_gate.shape[0]):
                 first, second = EXPERTS[r] if moe.router.w_gate.shape[0] > 1 else EXPERTS[1]
                 moe.router.w_gate[r, 0, first], moe.router.w_gate[r, 0, second] = 2.0, 1.0
@@ -43,8 +45,10 @@ def set_routers_by_hand(net):
 
 
 def tiny_net(routing, seed=0):
+    """A block after each of the three stages (full resolution included), so that the hand-set routing shows at
+    three resolutions."""
     torch.manual_seed(seed)
-    cm = unet_configuration(2, (8, 16, 32), num_levels=4, attribute_channel=1, num_experts=8, top_k=2)
+    cm = unet_configuration(2, (8, 16, 32), num_levels=4, attribute_channel=1, num_experts=8, top_k=2, stages="all")
     return build_attribute_network(None, cm, 2, 2, False, routing=routing).eval()
 
 
