@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig
-from nnunet_dmoe.networks import AttributeInput, build_attribute_network, decode_levels, dmoe_settings
+from nnunet_dmoe.networks import (AttributeInput, build_attribute_network, decode_levels, dmoe_settings,
+                                  stage_blocks_and_sizes, unet_with_stage_blocks)
 
 __all__ = ["FiLM", "FiLMUNet", "film_levels", "build_film_network"]
 
@@ -94,25 +95,13 @@ class FiLMUNet(AttributeInput):
     def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
         x, channel = self.split_attribute(x)
         levels = film_levels(channel, attribute, self.levels_per_attribute, self.training)
-        encoder = self.unet.encoder
-        if getattr(encoder, "stem", None) is not None:
-            x = encoder.stem(x)
-        skips = []
-        for stage, film in zip(encoder.stages, self.film):
-            x = stage(x)
-            if isinstance(film, FiLM):
-                x = film(x, levels)
-            skips.append(x)
-        return self.unet.decoder(skips)
+        return unet_with_stage_blocks(self.unet, x, self.film, lambda film, h: film(h, levels))
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         """The U-Net's, plus the output of every FiLM (one feature map of its stage's size)."""
         total = self.unet.compute_conv_feature_map_size(input_size)
-        size = np.array(input_size, dtype=np.int64)
-        for stride, channels, film in zip(self.unet.encoder.strides, self.unet.encoder.output_channels, self.film):
-            size = size // np.array(stride, dtype=np.int64)
-            if isinstance(film, FiLM):
-                total += np.int64(channels) * np.prod(size, dtype=np.int64)
+        for film, size in stage_blocks_and_sizes(self.unet, self.film, input_size):
+            total += np.int64(film.gamma.shape[1]) * np.prod(size, dtype=np.int64)
         return total
 
 

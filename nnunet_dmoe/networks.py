@@ -19,7 +19,8 @@ from torch import nn
 from nnunet_dmoe.dmoe import EARLIER_VALUES, DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
 __all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network",
-           "dmoe_settings", "current_settings", "ROUTINGS", "PLANS_KEY"]
+           "dmoe_settings", "current_settings", "unet_with_stage_blocks", "stage_blocks_and_sizes", "ROUTINGS",
+           "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
 ROUTINGS = ("dmoe", "moe")
@@ -156,26 +157,38 @@ class AttributeUNet(AttributeInput):
         if self.moe is None:
             return self.unet(x)
         router_index = attribute_router_index(channel, attribute, self.config, self.training)
-        encoder = self.unet.encoder
-        if getattr(encoder, "stem", None) is not None:
-            x = encoder.stem(x)
-        skips = []
-        for stage, moe in zip(encoder.stages, self.moe):
-            x = stage(x)
-            if isinstance(moe, DistributionAwareMoE):
-                x = moe(x, router_index)
-            skips.append(x)
-        return self.unet.decoder(skips)
+        return unet_with_stage_blocks(self.unet, x, self.moe, lambda moe, h: moe(h, router_index))
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         total = self.unet.compute_conv_feature_map_size(input_size)
         if self.moe is not None:
-            size = np.array(input_size, dtype=np.int64)
-            for stride, moe in zip(self.unet.encoder.strides, self.moe):
-                size = size // np.array(stride, dtype=np.int64)
-                if isinstance(moe, DistributionAwareMoE):
-                    total += moe.compute_conv_feature_map_size(tuple(size))
+            total += sum(moe.compute_conv_feature_map_size(size)
+                         for moe, size in stage_blocks_and_sizes(self.unet, self.moe, input_size))
         return total
+
+
+def unet_with_stage_blocks(unet: nn.Module, x: torch.Tensor, blocks: nn.ModuleList, apply) -> torch.Tensor:
+    """nnU-Net's U-Net forward with ``apply(block, features)`` after each encoder stage whose entry of ``blocks`` is
+    not an ``nn.Identity`` (the skips carry the blocks' outputs)."""
+    encoder = unet.encoder
+    if getattr(encoder, "stem", None) is not None:
+        x = encoder.stem(x)
+    skips = []
+    for stage, block in zip(encoder.stages, blocks):
+        x = stage(x)
+        if not isinstance(block, nn.Identity):
+            x = apply(block, x)
+        skips.append(x)
+    return unet.decoder(skips)
+
+
+def stage_blocks_and_sizes(unet: nn.Module, blocks: nn.ModuleList, input_size):
+    """(block, spatial size of its stage's output) for each entry of ``blocks`` that is not an ``nn.Identity``."""
+    size = np.array(input_size, dtype=np.int64)
+    for stride, block in zip(unet.encoder.strides, blocks):
+        size = size // np.array(stride, dtype=np.int64)
+        if not isinstance(block, nn.Identity):
+            yield block, tuple(int(v) for v in size)
 
 
 def dmoe_settings(configuration_manager) -> tuple:
