@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_dmoe.dmoe import DMoEConfig
-from nnunet_dmoe.networks import (AttributeInput, build_attribute_network, decode_levels, dmoe_settings,
+from nnunet_dmoe.networks import (UNetBehindAttributeInput, build_attribute_network, decode_levels, dmoe_settings,
                                   stage_blocks_and_sizes, unet_with_stage_blocks)
 
 __all__ = ["FiLM", "FiLMUNet", "film_levels", "build_film_network"]
@@ -71,7 +71,7 @@ def film_levels(channel: torch.Tensor, attribute: Optional[torch.Tensor], levels
     return attribute.to(channel.device).long().reshape(channel.shape[0], -1)
 
 
-class FiLMUNet(AttributeInput):
+class FiLMUNet(UNetBehindAttributeInput):
     """The plans' U-Net (``unet``, built for the image channels) with a :class:`FiLM` after the dMoE's encoder
     stages (``config.stage_indices``), conditioned on the attribute level(s) from the attribute channel(s)."""
 
@@ -82,15 +82,6 @@ class FiLMUNet(AttributeInput):
         stages = config.stage_indices(unet.encoder.strides)  # the dMoE's placement rule
         self.film = nn.ModuleList([FiLM(c, config.num_levels) if s in stages else nn.Identity()
                                    for s, c in enumerate(unet.encoder.output_channels)])
-
-    @property
-    def decoder(self):
-        # nnU-Net's set_deep_supervision_enabled sets network.decoder.deep_supervision
-        return self.unet.decoder
-
-    @property
-    def encoder(self):
-        return self.unet.encoder
 
     def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
         x, channel = self.split_attribute(x)

@@ -19,7 +19,7 @@ from torch import nn
 from nnunet_dmoe.dmoe import EARLIER_VALUES, DMoEConfig, DistributionAwareMoE, route_index_for_levels
 
 __all__ = ["AttributeInput", "AttributeUNet", "decode_levels", "attribute_router_index", "build_attribute_network",
-           "dmoe_settings", "current_settings", "unet_with_stage_blocks", "stage_blocks_and_sizes", "ROUTINGS",
+           "UNetBehindAttributeInput", "dmoe_settings", "current_settings", "unet_with_stage_blocks", "stage_blocks_and_sizes", "ROUTINGS",
            "PLANS_KEY"]
 
 # routing of the (d)MoE blocks: one router per attribute level (+ unknown), or one router for everyone
@@ -112,7 +112,21 @@ class AttributeInput(nn.Module):
                 torch.cat([x[:, c:c + 1] for c in self.attribute_channels], dim=1))
 
 
-class AttributeUNet(AttributeInput):
+class UNetBehindAttributeInput(AttributeInput):
+    """A plans' U-Net (``self.unet``) behind the attribute front end; exposes its encoder and decoder as nnU-Net's
+    trainer expects them."""
+
+    @property
+    def decoder(self):
+        # nnU-Net's set_deep_supervision_enabled sets network.decoder.deep_supervision
+        return self.unet.decoder
+
+    @property
+    def encoder(self):
+        return self.unet.encoder
+
+
+class AttributeUNet(UNetBehindAttributeInput):
     """A plans' U-Net behind an attribute-channel front end, with optional (d)MoE blocks after encoder stages.
 
     Parameters
@@ -142,15 +156,6 @@ class AttributeUNet(AttributeInput):
                                      config.expert_dropout, config.router_noise, router_init=config.router_init)
                 if s in stages else nn.Identity()
                 for s, c in enumerate(encoder.output_channels)])
-
-    @property
-    def decoder(self):
-        # nnU-Net's set_deep_supervision_enabled sets network.decoder.deep_supervision
-        return self.unet.decoder
-
-    @property
-    def encoder(self):
-        return self.unet.encoder
 
     def forward(self, x: torch.Tensor, attribute: Optional[torch.Tensor] = None):
         x, channel = self.split_attribute(x)
