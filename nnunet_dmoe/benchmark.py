@@ -485,6 +485,16 @@ def _from_plans(dataset: str, configuration: str, plans_identifier: str):
     return cm, spec.num_levels, channels, num_outputs, spec.channel, tuple(cm.patch_size)
 
 
+def _stages_argument(values: Sequence[str]):
+    """``-stages``: one rule name (downsampling, all) or stage indices."""
+    if len(values) == 1 and not values[0].isdigit():
+        return values[0]
+    if not all(v.isdigit() for v in values):
+        raise ValueError(f"-stages: give downsampling, all, or stage indices (e.g. -stages 1 2 3), got "
+                         f"{' '.join(values)}")
+    return [int(v) for v in values]
+
+
 @command("nnUNetv2_dmoe_benchmark")
 def benchmark_entry_point():
     import argparse
@@ -516,6 +526,10 @@ def benchmark_entry_point():
     parser.add_argument("-backend", type=str, nargs="+", default=["auto"], choices=BACKENDS,
                         help="[OPTIONAL] dMoE backend(s): one dMoE network per backend, timed interleaved with the "
                              "baseline. auto: Triton on CUDA, PyTorch ops on CPU. Default: auto")
+    parser.add_argument("-stages", type=str, nargs="+", default=None,
+                        help="[OPTIONAL] encoder stages followed by a (d)MoE block: downsampling (every stage whose "
+                             "stride is not 1, the paper's placement), all (stage 0 at full resolution too), or stage "
+                             "indices, e.g. -stages 1 2 3. Default: the plans' setting, else downsampling")
     parser.add_argument("--no_timing", action="store_true", help="[OPTIONAL] parameters and GFLOPs only")
     parser.add_argument("--train_step", action="store_true",
                         help="[OPTIONAL] time nnU-Net's whole train step (loss, GradScaler, clip, SGD) on CPU too. "
@@ -550,6 +564,9 @@ def benchmark_entry_point():
         flops_size = (384, 384, 128) if dim == 3 else (224, 224)
         patch = plans_patch
         title = f"dataset {args.d}, configuration {args.c}, plans {args.p}"
+    if args.stages is not None:
+        cm = _with_dmoe_settings(cm, stages=_stages_argument(args.stages))
+        title += f", stages {' '.join(args.stages)}"
     flops_size = tuple(args.flops_size) if args.flops_size else flops_size
     patch = tuple(args.patch) if args.patch else patch
     for flag, value in (("-flops_size", flops_size), ("-patch", patch)):

@@ -1,4 +1,5 @@
 """Cost report: parameter and FLOP counts against independent formulas, peak memory, the CLI."""
+import json
 import math
 import re
 
@@ -151,3 +152,18 @@ def test_train_step_report_with_two_backends_and_profiles():
     table = benchmark.format_table(report, "tiny")
     assert "| | without dMoE | dMoE (auto) | ratio | dMoE (grouped_mm) | ratio |" in table
     assert "Train step (nnU-Net: AMP, SGD, clip)" in table
+
+
+def test_cli_stages_all_adds_the_full_resolution_block(tmp_path, monkeypatch):
+    """-stages all: the cost of a block after stage 0 too (the placement of version 0.2); the default is the paper's."""
+    flops = {}
+    for stages in (None, ["all"]):
+        out = tmp_path / f"{stages}.json"
+        monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", "-preset", "tiny_3d", "--no_timing",
+                                         "-flops_size", "16", "16", "16", "-json", str(out)]
+                            + (["-stages", *stages] if stages else []))
+        benchmark.benchmark_entry_point()
+        flops[bool(stages)] = json.loads(out.read_text())["dmoe_flops"]
+    tokens = [16 ** 3 // 8 ** i for i in range(3)]
+    assert flops[False] == dmoe_flops(TINY_CHANNELS[1:], tokens[1:], num_experts=8, top_k=2, ratio=4)
+    assert flops[True] == dmoe_flops(TINY_CHANNELS, tokens, num_experts=8, top_k=2, ratio=4)
