@@ -53,10 +53,12 @@ def command(name: str) -> Callable:
         def run(*args, **kwargs):
             if os.environ.get("NNUNET_DMOE_TRACEBACK") == "1":
                 return func(*args, **kwargs)
-            previous = None
+            previous = previous_int = None
             try:  # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so that temporary folders are removed
                 previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
                 _COMMAND_PID.append(os.getpid())
+                # Ctrl-C too where the shell started the command with SIGINT ignored (`cmd &` in a script)
+                previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
             except ValueError:  # not the main thread
                 pass
             try:
@@ -71,6 +73,8 @@ def command(name: str) -> Callable:
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
+                if previous_int is not None:
+                    signal.signal(signal.SIGINT, previous_int)
 
         return run
 

@@ -56,7 +56,9 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
     assert cfg["architecture"]["network_class_name"].endswith("PlainConvUNet")
     assert cfg["dmoe"]["num_levels"] == 4 and cfg["dmoe"]["attribute_channel"] == 1
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
+    # the paper's placement: the first block after stage 1 (the first that downsamples), none at stage 0
+    assert any(k.startswith("moe.1.experts.w1") for k in ckpt["network_weights"])
+    assert not any(k.startswith("moe.0.") for k in ckpt["network_weights"])
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
 
     # New cases: the test images without their attribute channel, under new names, plus one of unknown attribute.
@@ -122,7 +124,9 @@ def test_resenc_planner_and_dmoe_trainer(dataset_2d, tmp_path):
     assert cfg["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     assert cfg["dmoe"]["num_levels"] == 4
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
+    # the paper's placement: the first block after stage 1 (the first that downsamples), none at stage 0
+    assert any(k.startswith("moe.1.experts.w1") for k in ckpt["network_weights"])
+    assert not any(k.startswith("moe.0.") for k in ckpt["network_weights"])
     assert any("stages.0.blocks" in k for k in ckpt["network_weights"])  # residual encoder blocks
     summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0

@@ -52,7 +52,9 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     block = plans["configurations"]["3d_fullres"]["dmoe"]
     assert block["num_levels"] == 4 and block["attribute_channel"] == 1  # the model folder is self-contained
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert any(k.startswith("moe.0.experts.w1") for k in ckpt["network_weights"])
+    # the paper's placement: the first block after stage 1 (the first that downsamples), none at stage 0
+    assert any(k.startswith("moe.1.experts.w1") for k in ckpt["network_weights"])
+    assert not any(k.startswith("moe.0.") for k in ckpt["network_weights"])
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
 
     # resume (--c) from the final checkpoint, then validation only (--val)
