@@ -4,8 +4,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 # extra arguments for the demo, e.g. make demo DEMO_ARGS="-dim 3 -replicates 2"
 DEMO_ARGS ?=
-# extra arguments for pytest, e.g. make test PYTEST_ARGS="-k networks"; PYTEST_ARGS="-m min_versions" runs the
-# wheel test with every dependency at its minimum version instead (CI runs both)
+# extra arguments for pytest, e.g. make test PYTEST_ARGS="-k networks"; PYTEST_ARGS="-m 'slow and not min_versions'"
+# runs the slow end-to-end checks, PYTEST_ARGS="-m min_versions" the wheel test with every dependency at its minimum
+# version (CI runs all three)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test clean

@@ -147,6 +147,7 @@ def _weights(state):
     return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if ".seg_layers." not in k])
 
 
+@pytest.mark.slow
 def test_febs_fine_tunes_a_baseline(two_levels, monkeypatch):
     """FairSeg's FEBS fine-tunes a trained model: nnUNetv2_train -tr nnUNetTrainerFEBS -pretrained_weights <an
     nnUNetTrainerNoAttribute checkpoint of the same plans>. The baseline is trained on fold 1 (its own seed, so its

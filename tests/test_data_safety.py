@@ -195,6 +195,7 @@ def _writing(raw) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_make_synthetic_leaves_no_folder(env, sig):
     p = _start_synthetic(env)
@@ -204,6 +205,7 @@ def test_interrupted_make_synthetic_leaves_no_folder(env, sig):
     assert os.listdir(env / "raw") == []
 
 
+@pytest.mark.slow
 def test_interrupted_overwrite_keeps_the_old_dataset(env):
     run(["nnUNetv2_dmoe_make_synthetic", "-d", "620", "-dim", "2", "-num_train", "4", "-num_test", "4", "-size", "32",
          "32"], nnunet_env(env))
@@ -215,6 +217,7 @@ def test_interrupted_overwrite_keeps_the_old_dataset(env):
     assert snapshot(env / "raw" / "Dataset620_SyntheticFairness") == before
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_only_a_hidden_folder_that_the_next_run_removes(env):
     p = _start_synthetic(env)
     p.kill()
@@ -227,6 +230,7 @@ def test_killed_writer_leaves_only_a_hidden_folder_that_the_next_run_removes(env
 
 
 # ------------------------------------------------------------------ 9. replacing raw data whose preprocessed data exist
+@pytest.mark.slow
 def test_overwrite_warns_that_preprocessed_data_are_stale(env):
     e = nnunet_env(env)
     make = ["nnUNetv2_dmoe_make_synthetic", "-d", "622", "-dim", "2", "-num_train", "4", "-num_test", "4", "-size",

@@ -123,6 +123,7 @@ def test_every_problem_in_one_message(raw, monkeypatch):
     assert lines[5].startswith("Write the missing channels with nnUNetv2_dmoe_attach_attribute")
 
 
+@pytest.mark.slow
 def test_stale_preprocessed_data_are_warned(raw, monkeypatch):
     env = nnunet_env(raw)
     out = run([COMMAND, "-d", "981", "-c", "2d", "-np", "1", "--no_pp"], env)
