@@ -289,7 +289,18 @@ class TransUNetDecoder(nn.Module):
         return [out] if self.deep_supervision else out
 
 
-class TransUNet(TokenBackbone):
+class _ViTEncoderDecoder(TokenBackbone):
+    """A TransUNet: ``self.encoder`` embeds and holds the ViT blocks, ``self.decoder`` follows ``head``."""
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.blocks
+
+    def embed(self, x: torch.Tensor):
+        return self.encoder.embed(x)
+
+
+class TransUNet(_ViTEncoderDecoder):
     """The paper's 2D TransUNet (Oh et al., ICML 2025, Table 4; TransUNet's ViT-B_16 with ``n_skip`` 0):
     :class:`ViTEncoder` and :class:`TransUNetDecoder`. ``decoder_features`` needs one up-block per halving of the
     token size (16: 512, then 256, 128, 64, 16)."""
@@ -307,13 +318,6 @@ class TransUNet(TokenBackbone):
                                   drop_path_rate, dropout)
         self.decoder = TransUNetDecoder(embed_dim, list(decoder_features), num_classes, deep_supervision)
         self.embed_dim = embed_dim
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.encoder.blocks
-
-    def embed(self, x: torch.Tensor):
-        return self.encoder.embed(x)
 
     def head(self, tokens: torch.Tensor, grid):
         return self.decoder(self.encoder.token_map(tokens, grid))
@@ -378,7 +382,7 @@ class StemViTEncoder(_TokenGrid):
         return skips + [self.token_map(tokens, grid)]
 
 
-class StemSkipTransUNet(TokenBackbone):
+class StemSkipTransUNet(_ViTEncoderDecoder):
     """The ``"skips"`` network (this plugin's earlier TransUNet, built for plans without ``"decoder"``):
     :class:`StemViTEncoder` and nnU-Net's ``UNetDecoder`` (transposed conv, concatenated stem skip, two convs per
     stage) from the token grid up to full resolution. With ``deep_supervision`` the decoder returns one output per
@@ -398,13 +402,6 @@ class StemSkipTransUNet(TokenBackbone):
         for name in ("stages", "transpconvs", "seg_layers"):
             getattr(self.decoder, name).apply(InitWeights_He(1e-2))
         self.embed_dim = embed_dim
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.encoder.blocks
-
-    def embed(self, x: torch.Tensor):
-        return self.encoder.embed(x)
 
     def head(self, tokens: torch.Tensor, context):
         skips, grid = context
