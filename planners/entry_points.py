@@ -31,6 +31,11 @@ def _shown(path: str, folder: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def _channel_file(entry: dict, case: str, suffix: str) -> Optional[str]:
+    """The existing attribute-channel file ``<case><suffix>`` among a training case's images, or ``None``."""
+    return next((f for f in entry["images"] if os.path.basename(f) == case + suffix and os.path.isfile(f)), None)
+
+
 def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict, folder: str) -> List[Problem]:
     """Training cases missing from an attribute's cases or without its channel file; cases listed in ``cases``
     that have no image files."""
@@ -42,7 +47,7 @@ def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict
                        ("attribute.cases", "attribute"))
         problems += [("missing", f"  {case}: missing from {cases}") for case in dataset if case not in spec.cases]
         problems += [("missing", f"  {case}: no {what}-channel file {case}{suffix}") for case, entry in dataset.items()
-                     if not any(os.path.basename(f) == case + suffix and os.path.isfile(f) for f in entry["images"])]
+                     if _channel_file(entry, case, suffix) is None]
     channels = sorted(int(c) for c in dataset_json.get("channel_names", dataset_json.get("modality", {})))
     listed = {case: spec for spec in reversed(specs) for case in spec.cases}  # the first attribute listing it
     for case in sorted(set(listed) - set(dataset)):
@@ -86,8 +91,7 @@ def _channel_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: d
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     suffixes = [f"_{spec.channel:04d}{dataset_json['file_ending']}" for spec in specs]
-    tasks = [(case, [next((f for f in entry["images"] if os.path.basename(f) == case + s and os.path.isfile(f)),
-                          None) for s in suffixes]) for case, entry in dataset.items()]
+    tasks = [(case, [_channel_file(entry, case, s) for s in suffixes]) for case, entry in dataset.items()]
     # the reader is chosen by the file ending (no example file: nnU-Net prints a traceback for a file it can't open)
     reader_class = determine_reader_writer_from_dataset_json(dataset_json, verbose=False)
     work = functools.partial(_case_channel_problems, specs, reader_class, folder)
