@@ -3,15 +3,17 @@ Table 7)" section).
 
 ResidualEncoderUNet with nnU-Net's ResEnc-M settings (features 32-64-128-256-320-320, blocks 1-3-4-6-6-6, one conv
 per decoder stage, kernel 3, strides 1,2,2,2,2,2, InstanceNorm3d affine, LeakyReLU, conv bias, deep supervision),
-built through :func:`nnunet_dmoe.networks.build_attribute_network`, with a dMoE after every encoder stage
-(routing "dmoe") vs without (None). Patch 64^3, batch 2, CPU. Times forward+backward in train mode
-(loss = sum of the deep-supervision outputs' means) and eval forward under no_grad, interleaved, medians.
+built through :func:`nnunet_dmoe.networks.build_attribute_network`, with a dMoE after every encoder stage that
+downsamples (the default; ``-stages all`` adds the block at full resolution) vs without (None). Patch 64^3, batch
+2, CPU. Times forward+backward in train mode (loss = sum of the deep-supervision outputs' means) and eval forward
+under no_grad, interleaved, medians. Peak memory of a train step: each network in a child process of its own, the
+growth of the process's peak resident memory (VmHWM) over two forward+backward steps after building, and the peak.
 With ``--profile`` it also times the dMoE layer alone at each encoder stage's shape and breaks the largest one
 down by operator (torch.profiler, forward and backward). Not a test; run by hand:
 
-    .venv/bin/python benchmarks/bench_resenc_m.py [--repeats 9] [--patch 64] [-b 2] [--profile]
+    .venv/bin/python benchmarks/bench_resenc_m.py [--repeats 9] [--patch 64] [-b 2] [-stages all] [--profile]
 
-Target: dMoE/plain <= 1.30x for forward+backward on the 2-core CPU.
+Target: dMoE/plain <= 1.15x for forward+backward on the 2-core CPU.
 
 Large activations are fresh ``mmap`` allocations that glibc by default returns after each op, and first-touch page
 faults are expensive in this VM. The plugin's trainers tell glibc to reuse freed memory on CPU
@@ -19,12 +21,14 @@ faults are expensive in this VM. The plugin's trainers tell glibc to reuse freed
 setting you used.
 """
 import argparse
+import multiprocessing
 import statistics
 
 import torch
 
-from nnunet_dmoe.benchmark import resenc_m_configuration, build_pair, count_parameters, time_interleaved
-from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.benchmark import (_stages_argument, _with_dmoe_settings, build_pair, count_parameters,
+                                   resenc_m_configuration, time_interleaved)
+from nnunet_dmoe.networks import build_attribute_network, stage_blocks_and_sizes
 from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
 
 # operator name -> part of the dMoE layer it belongs to (forward and backward ops alike)
@@ -48,20 +52,16 @@ OP_GROUPS = {
 
 
 def layer_profile(net, patch, batch, repeats):
-    """Time each stage's dMoE layer alone (fwd+bwd, train) at its feature-map shape; operator table of stage 0."""
-    size = patch
-    shapes = []
-    for stride, moe in zip(net.unet.encoder.strides, net.moe):
-        size = size // stride[0]
-        shapes.append((moe, size))
+    """Time each stage's dMoE layer alone (fwd+bwd, train) at its feature-map shape; operator table of the first."""
+    shapes = [(moe, size[0]) for moe, size in stage_blocks_and_sizes(net.unet, net.moe, [patch] * 3)]
     fns = {}
     r = torch.arange(batch) % net.config.num_routers
-    for s, (moe, size) in enumerate(shapes):
+    for moe, size in shapes:
         x = torch.randn(batch, moe.dim, size, size, size, requires_grad=True)
 
         def run(moe=moe, x=x):
             moe(x, r).sum().backward()
-        fns[f"stage {s}: C={moe.dim:3d}, {size:2d}^3"] = run
+        fns[f"C={moe.dim:3d}, {size:2d}^3"] = run
     times = time_interleaved(fns, repeats=repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     total = sum(med.values())
@@ -87,7 +87,7 @@ def layer_profile(net, patch, batch, repeats):
                 break
         else:
             other[e.key] = e.self_cpu_time_total
-    print(f"\nstage-0 dMoE layer by operator (self CPU time, fwd+bwd, 3 steps, torch.profiler):")
+    print(f"\nlargest dMoE layer (C={moe.dim}, {size}^3) by operator (self CPU time, fwd+bwd, 3 steps, torch.profiler):")
     for g, t in sorted(grouped.items(), key=lambda kv: -kv[1]):
         print(f"  {g:45s} {t / 3e3:7.1f} ms/step  {100 * t / total_self:4.1f} %")
     rest = sum(other.values())
@@ -95,21 +95,71 @@ def layer_profile(net, patch, batch, repeats):
     print(f"  {'other':45s} {rest / 3e3:7.1f} ms/step  {100 * rest / total_self:4.1f} %   ({top} ms)")
 
 
+def _configuration(stages):
+    cm = resenc_m_configuration(3)
+    return cm if stages is None else _with_dmoe_settings(cm, stages=_stages_argument(stages))
+
+
+def _input(batch, patch):
+    x = torch.randn(batch, 2, *([patch] * 3))
+    x[:, 1] = torch.arange(batch)[:, None, None, None] % 4 + 1  # attribute channel: levels 1..4
+    return x
+
+
+def _peak_rss_kib() -> int:
+    """The peak resident memory of this process's address space (VmHWM; ru_maxrss would carry the parent's peak
+    over from before the child's exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _peak_of_train_step(which, stages, batch, patch, glibc_default, queue):
+    if not glibc_default:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    cm = _with_dmoe_settings(_configuration(stages), num_levels=4, attribute_channel=1)
+    net = build_attribute_network(None, cm, 2, 2, True, routing=None if which == "plain" else "dmoe").train()
+    x = _input(batch, patch)
+    before = _peak_rss_kib()
+    for _ in range(2):
+        out = net(x)
+        sum(o.float().mean() for o in out).backward()
+        net.zero_grad(set_to_none=False)  # the gradients stay, as in training
+    queue.put(((_peak_rss_kib() - before) / 2 ** 20, _peak_rss_kib() / 2 ** 20))  # KiB -> GiB
+
+
+def peak_memory(stages, batch, patch, glibc_default):
+    """(GiB that a train step adds to the peak resident memory, the process's peak), per network, each measured in a
+    fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    peaks = {}
+    for which in ("plain", "dmoe"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_peak_of_train_step, args=(which, stages, batch, patch, glibc_default, queue))
+        proc.start()
+        peaks[which] = queue.get()
+        proc.join()
+    return peaks
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("-b", type=int, default=2)
+    parser.add_argument("-stages", nargs="+", default=None,
+                        help="encoder stages with a dMoE block: downsampling (default), all, or indices")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip_network", action="store_true", help="only the --profile part")
+    parser.add_argument("--skip_memory", action="store_true", help="no peak memory measurement")
     parser.add_argument("--glibc_default", action="store_true",
                         help="leave glibc's malloc as it is (default: reuse freed memory, as the trainers do on CPU)")
     args = parser.parse_args()
     print(keep_freed_memory() if not args.glibc_default else "CPU memory: glibc's defaults (--glibc_default)")
-    base, dmoe = build_pair(resenc_m_configuration(3), num_levels=4, deep_supervision=True)
-    x = torch.randn(args.b, 2, *([args.patch] * 3))
-    x[:, 1] = torch.arange(args.b)[:, None, None, None] % 4 + 1  # attribute channel: levels 1..4
-    print(f"ResEnc-M 3D, patch {args.patch}^3, batch {args.b}, CPU, {torch.get_num_threads()} threads")
+    base, dmoe = build_pair(_configuration(args.stages), num_levels=4, deep_supervision=True)
+    x = _input(args.b, args.patch)
+    print(f"ResEnc-M 3D, patch {args.patch}^3, batch {args.b}, CPU, {torch.get_num_threads()} threads, dMoE after "
+          f"stages {' '.join(args.stages or ['downsampling'])}")
     print(f"parameters: plain {count_parameters(base) / 1e6:.2f} M, dMoE {count_parameters(dmoe) / 1e6:.2f} M")
     if not args.skip_network:
         def train_step(net):
@@ -140,6 +190,11 @@ def main():
                   f"{pair:.3f}; CPU time {cp:.2f} -> {cd:.2f} s, {cd / cp:.3f})   (median of {args.repeats}; "
                   f"runs plain {' '.join(f'{v:.2f}' for v in times['plain'])} | "
                   f"dMoE {' '.join(f'{v:.2f}' for v in times['dmoe'])})")
+    if not args.skip_memory:
+        peaks = peak_memory(args.stages, args.b, args.patch, args.glibc_default)
+        (gp, pp), (gd, pd) = peaks["plain"], peaks["dmoe"]
+        print(f"peak memory (VmHWM, own process each): train steps add plain {gp:.2f} GiB, dMoE {gd:.2f} GiB "
+              f"(ratio {gd / gp:.3f}); process peak plain {pp:.2f} GiB, dMoE {pd:.2f} GiB (ratio {pd / pp:.3f})")
     if args.profile:
         dmoe.train()
         layer_profile(dmoe, args.patch, args.b, args.repeats)

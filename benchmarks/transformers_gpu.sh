@@ -35,7 +35,7 @@ for spec in "997 2 96 2d TransUNetDMoE" "998 3 48 3d_fullres PrimusDMoE"; do
 import json, sys
 path, cfg = sys.argv[1:]
 plans = json.load(open(path))
-tiny = {"2d": {"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_features": [8, 16, 16, 32]},
+tiny = {"2d": {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder": "paper", "decoder_features": [32, 16, 16, 16, 8]},
         "3d_fullres": {"embed_dim": 48, "depth": 2, "num_heads": 2}}[cfg]
 plans["configurations"][cfg]["transformer"] = tiny
 json.dump(plans, open(path, "w"), indent=1)
