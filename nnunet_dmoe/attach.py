@@ -61,7 +61,7 @@ def _cases_in(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
 
 def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
                      output_folder: Optional[str] = None, overwrite: bool = False,
-                     verbose: bool = True, sources: Optional[Sequence[str]] = None):
+                     verbose: bool = True, sources: Optional[Sequence[str]] = None, images: str = "copy"):
     """Write the attribute channel for every case of ``input_folder``.
 
     Parameters
@@ -81,6 +81,9 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
         Replace existing attribute-channel files (else an existing one is an error).
     sources : list of str, optional
         Where each mapping came from (e.g. ``"column 'stage' of t.csv"``), named in the errors.
+    images : str
+        With an output folder: ``"copy"`` the image channels there, ``"link"`` them (symbolic links) or ``"none"``
+        (the output folder then holds the attribute channels only).
 
     Returns the level written per case (one attribute), or a list of them (several).
     """
@@ -120,8 +123,10 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
             raise ValueError(where + _UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels,
                                                             cases=", ".join(unknown)))
 
+    if images not in ("copy", "link", "none"):
+        raise ValueError(f"images must be 'copy', 'link' or 'none', got {images!r}")
     output_folder = output_folder or input_folder
-    copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder)
+    copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder) and images != "none"
     targets = {(c, k): os.path.join(output_folder, f"{c}_{spec.channel:04d}{file_ending}")
                for c in cases for k, spec in enumerate(specs)}
     # everything this call would write: the attribute channels and, with an output folder, the image copies
@@ -147,7 +152,11 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
         for source, target in staged:
             if os.path.dirname(source) == staging:
                 os.replace(source, target)  # a rename: replaces a link itself, never writes through it
-            elif not os.path.lexists(target):  # an existing copy equals its source (_check_replaceable)
+            elif os.path.lexists(target):  # an existing copy equals its source (_check_replaceable)
+                continue
+            elif images == "link":
+                os.symlink(os.path.abspath(source), target)
+            else:
                 shutil.copy2(source, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,8 @@ class nnUNetTrainerDMoE_noUnknown(nnUNetTrainerDMoE):
     hidden in training. Every training case needs its level, and predicting a case without one is an error (use
     nnUNetTrainerDMoE for data with unknown attributes)."""
 
+    predicts_unknown_attribute = False  # nnUNetv2_dmoe_predict refuses cases without a level before predicting
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
