@@ -11,8 +11,9 @@ documentation/explanation/dmoe.md, "How the attribute reaches the network"):
 2. an extra ``noNorm`` image channel whose voxels hold ``level_index + 1`` inside the image footprint (where any
    image channel is non-zero) and 0 elsewhere. A channel that is 0 everywhere means "unknown".
 
-Both hold sensitive data (race, age, ...): the block is copied by nnU-Net into ``nnUNet_preprocessed`` and into
-every model folder (``dataset.json``), the channel into every preprocessed case.
+Both hold sensitive data (race, age, ...): the block is copied by nnU-Net into ``nnUNet_preprocessed``, the channel
+into every preprocessed case. The plugin's trainers keep the per-case tables out of the model folder (its
+dataset.json, the checkpoints' ``init_args``, debug.json): it holds the levels only (:func:`strip_attribute_tables`).
 """
 from __future__ import annotations
 
@@ -76,8 +77,10 @@ class AttributeSpec:
     name: str
     levels: List[str]
     channel: int
-    cases: Dict[str, Optional[str]] = field(default_factory=dict)
-    test_cases: Dict[str, Optional[str]] = field(default_factory=dict)
+    # not in repr(): nnU-Net's debug.json holds the repr of a trainer's attributes, and a model folder to share must
+    # not hold the patients' levels
+    cases: Dict[str, Optional[str]] = field(default_factory=dict, repr=False)
+    test_cases: Dict[str, Optional[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -205,6 +208,22 @@ def attribute_specs_from_dataset_json(dataset_json: Mapping, where: str = "datas
             raise ValueError(f"{where}: the attributes share the {what} {', '.join(twice)}. Every attribute needs "
                              f"its own {what}" + (" (its own noNorm channel)." if what == "channel" else "."))
     return specs
+
+
+TABLE_KEYS = ("cases", "test_cases")
+
+
+def strip_attribute_tables(dataset_json: Mapping) -> dict:
+    """A copy of ``dataset_json`` whose attribute block(s) keep name, levels and channel but not the per-case tables
+    (``cases``, ``test_cases``): what a model folder needs to predict, without any patient's attribute."""
+    out = dict(dataset_json)
+    for key in ("attribute", "attributes"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: v for k, v in out[key].items() if k not in TABLE_KEYS}
+        elif isinstance(out.get(key), list):
+            out[key] = [{k: v for k, v in b.items() if k not in TABLE_KEYS} if isinstance(b, Mapping) else b
+                        for b in out[key]]
+    return out
 
 
 def attribute_settings(specs: Sequence[AttributeSpec]) -> dict:
