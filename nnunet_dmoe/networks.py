@@ -10,7 +10,7 @@ The placement is the paper's Table 5 for the 3D ResUNet: one block after every e
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -163,6 +163,52 @@ class AttributeUNet(UNetBehindAttributeInput):
             return self.unet(x)
         router_index = attribute_router_index(channel, attribute, self.config, self.training)
         return unet_with_stage_blocks(self.unet, x, self.moe, lambda moe, h: moe(h, router_index))
+
+    def load_plain_unet(self, weights: Mapping[str, torch.Tensor]) -> List[str]:
+        """Upcycle a trained nnU-Net: load the U-Net weights of a plain nnU-Net checkpoint of the same plans
+        (``nnUNetTrainer``: keys ``encoder.*``, ``decoder.*``; the plugin's ``nnUNetTrainerNoAttribute``: ``unet.*``)
+        and start every (d)MoE block as the identity (its experts' output layer zero; the blocks are residual), so
+        that the network computes what the loaded one computed until fine-tuning moves the experts.
+
+        A checkpoint whose network read the attribute channel(s) as image input (``nnUNetTrainer`` on the dataset
+        with the channel) loses those input weights: this network routes by the attribute instead. Segmentation
+        layers of another shape (other labels) keep their initialisation. Returns notes on what was not loaded."""
+        prefix = "unet." if any(k.startswith("unet.") for k in weights) else ""
+        source = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        own = self.unet.state_dict()
+        missing = sorted(k for k in own if k not in source)
+        if missing:
+            raise ValueError(f"the checkpoint is not an nnU-Net U-Net of these plans: it lacks {len(missing)} of this "
+                             f"network's weights ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). "
+                             f"Upcycle a checkpoint trained with the same plans and configuration.")
+        notes, loaded = [], {}
+        for key, mine in own.items():
+            theirs = source[key]
+            same_but_input = (theirs.dim() > 2 and theirs.shape[1] == self.num_input_channels
+                              and mine.shape[1] == len(self.image_channels)
+                              and theirs.shape[:1] + theirs.shape[2:] == mine.shape[:1] + mine.shape[2:])
+            if theirs.shape == mine.shape:
+                loaded[key] = theirs
+            elif same_but_input:  # the first convolution (nnU-Net lists it under several names)
+                loaded[key] = theirs[:, list(self.image_channels)]
+                if not any("input weights" in n for n in notes):
+                    notes.append(f"{key}: the input weights of the attribute channel(s) "
+                                 f"{list(self.attribute_channels)} are dropped (this network routes by the attribute "
+                                 f"instead of reading it as an image)")
+            elif ".seg_layers." in key:
+                loaded[key] = mine
+                notes.append(f"{key}: other shape {tuple(theirs.shape)} (other labels?), not loaded")
+            else:
+                raise ValueError(f"the checkpoint's {key} has the shape {tuple(theirs.shape)}, this network's "
+                                 f"{tuple(mine.shape)}: it was trained with other plans. Upcycle a checkpoint of the "
+                                 f"same plans and configuration.")
+        self.unet.load_state_dict(loaded)
+        for block in self.moe or ():
+            if not isinstance(block, nn.Identity):
+                with torch.no_grad():
+                    block.experts.w2.zero_()
+                    block.experts.b2.zero_()
+        return notes
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         total = self.unet.compute_conv_feature_map_size(input_size)

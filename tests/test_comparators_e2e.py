@@ -263,3 +263,38 @@ def test_level_splits_name_every_small_level():
     splits = level_splits(spec, list("abcdefgh"))
     assert [len(s) for s in splits.values()] == [2, 3, 2]  # K = min(5, cases); the unknown case e trains nothing
     assert sorted(splits[1][0]["train"] + splits[1][0]["val"]) == ["b", "c", "d"]
+
+
+@pytest.mark.slow
+def test_dmoe_upcycles_a_trained_baseline(two_levels, monkeypatch):
+    """nnUNetv2_train -tr nnUNetTrainerDMoE -pretrained_weights <plain nnU-Net checkpoint of the same plans>: the
+    U-Net's weights (segmentation layers included) load into the dMoE's U-Net and the blocks start as the identity,
+    so before fine-tuning the dMoE predicts exactly what the baseline predicts."""
+    env = nnunet_env(two_levels, nnUNet_n_proc_DA="0")
+    baseline, dmoe = "nnUNetTrainerNoAttribute_1epochs_5iters", "nnUNetTrainerDMoE_2epochs_5iters"
+    checkpoint = _model(two_levels, baseline, fold=1) / "checkpoint_final.pth"
+    if not checkpoint.is_file():  # test_febs_fine_tunes_a_baseline trains it too
+        run(["nnUNetv2_train", "994", "2d", "1", "-tr", baseline, "-device", "cpu"], env)
+
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    base = get_trainer_from_args("994", "2d", 1, baseline, device=torch.device("cpu"))
+    base.initialize()
+    base.network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"])
+    t = get_trainer_from_args("994", "2d", 0, dmoe, device=torch.device("cpu"))
+    t.initialize()
+    maybe_load_checkpoint(t, False, False, str(checkpoint))  # what nnUNetv2_train runs for -pretrained_weights
+    x = torch.randn(2, 2, *t.configuration_manager.patch_size)
+    x[:, 1] = torch.tensor([1.0, 2.0])[:, None, None]  # levels L1, L2
+    base.network.eval(), t.network.eval()
+    with torch.no_grad():
+        for a, b in zip(t.network(x), base.network(x)):  # every deep-supervision output
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    log = run(["nnUNetv2_train", "994", "2d", "0", "-tr", dmoe, "-device", "cpu", "-pretrained_weights",
+               str(checkpoint)], env)
+    assert "Upcycled the nnU-Net U-Net of" in log and "every (d)MoE block starts as the identity" in log
+    tuned = torch.load(_model(two_levels, dmoe) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    w2 = [v for k, v in tuned["network_weights"].items() if k.endswith("experts.w2")]
+    assert w2 and all(v.abs().sum() > 0 for v in w2)  # fine-tuning moved the experts away from zero

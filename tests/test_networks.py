@@ -225,3 +225,47 @@ def test_routers_start_as_nn_linear():
     assert not torch.equal(router.w_gate[0], router.w_gate[1])
     zero = build("dmoe", dim=2, router_init="zero").moe[2].router
     assert zero.b_gate is None and zero.w_gate.abs().sum() == 0
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_upcycled_dmoe_predicts_as_the_loaded_unet(residual):
+    """-pretrained_weights of a plain nnU-Net checkpoint: the dMoE's first forward equals the loaded model's."""
+    baseline = build("none", residual=residual, seed=3)  # nnUNetTrainerNoAttribute: keys unet.*
+    with torch.no_grad():  # trained-looking weights, not the initialisation
+        for p in baseline.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dmoe = build("dmoe", residual=residual, seed=4)
+    randomise_routers(dmoe)
+    assert dmoe.load_plain_unet(baseline.state_dict()) == []
+    x = with_channel(torch.randn(4, 1, 16, 16, 16), [1, 2, 3, 4])
+    baseline.eval(), dmoe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dmoe(x), baseline(x), rtol=0, atol=0)
+    assert all(b.experts.w2.abs().sum() == 0 and b.experts.w1.abs().sum() > 0 for b in blocks(dmoe))
+    # the experts are not stuck: one training step moves their output layer
+    dmoe.train()
+    dmoe(x).float().pow(2).mean().backward()
+    assert all(b.experts.w2.grad.abs().sum() > 0 for b in blocks(dmoe))
+
+
+def test_upcycling_nnunets_own_trainer_drops_the_attribute_input():
+    """nnUNetTrainer on the dataset with the channel: a PlainConvUNet of 2 inputs, keys encoder.* / decoder.*."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    cm = unet_configuration(3, (8, 16, 32), num_levels=4, attribute_channel=1)
+    torch.manual_seed(5)
+    plain = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                   cm.network_arch_init_kwargs_req_import, 2, 3, deep_supervision=False)
+    first = next(k for k, v in plain.state_dict().items() if v.dim() == 5)
+    with torch.no_grad():  # the old model ignored the attribute input: then the outputs must agree
+        plain.state_dict()[first][:, 1] = 0
+    dmoe = build("dmoe", seed=6)
+    notes = dmoe.load_plain_unet(plain.state_dict())
+    assert len(notes) == 1 and first in notes[0] and "dropped" in notes[0]
+    x = with_channel(torch.randn(2, 1, 16, 16, 16), [2, 3])
+    plain.eval(), dmoe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dmoe(x), plain(x), rtol=0, atol=0)
+    other = build("none", residual=True)
+    with pytest.raises(ValueError, match="not an nnU-Net U-Net of these plans"):
+        dmoe.load_plain_unet(other.state_dict())

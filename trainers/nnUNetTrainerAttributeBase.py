@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dmoe.attribute import AttributeSpec, attribute_settings, attribute_specs_from_dataset_json
+from nnunet_dmoe.attribute import (AttributeSpec, attribute_settings, attribute_specs_from_dataset_json,
+                                   strip_attribute_tables)
 from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network, current_settings
 from nnunet_dmoe.trainers.attribute_augmentation import protect_attribute_channel
 from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
 from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
+from nnunet_dmoe.trainers.pretrained_weights import install as install_upcycling
 from nnunet_dmoe.trainers.seeding import fold_seed, seed_everything
 
 __all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
@@ -72,13 +74,17 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
         self.attributes: List[AttributeSpec] = attribute_specs_from_dataset_json(dataset_json, where=where)
         self.attribute = self.attributes[0]
         plans = with_attribute_settings(plans, configuration, self.attributes)
-        super().__init__(plans, configuration, fold, dataset_json, device)
+        # nnU-Net writes the dataset.json it is given into the model folder (dataset.json, each checkpoint's
+        # init_args, debug.json): without the per-case tables, so that the folder can be shared; the trainer keeps
+        # them in self.attributes
+        super().__init__(plans, configuration, fold, strip_attribute_tables(dataset_json), device)
         # Some hyperparameters for you to fiddle with
         # share of training samples whose attribute is shown as unknown (trains the dMoE's "unknown" router, and
         # teaches the attribute-channel comparator the same fallback)
         self.unknown_attribute_rate = 0.1
         self.random_seed = fold_seed(fold, self.local_rank)
         self._attribute_rng = seed_everything(self.random_seed)
+        install_upcycling()  # -pretrained_weights: a plain nnU-Net checkpoint into a (d)MoE U-Net
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
