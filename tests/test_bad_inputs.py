@@ -46,6 +46,7 @@ def world(tmp_path_factory):
     Image.fromarray(image).save(new / "n1_0000.png")
     Image.fromarray(image).save(new / "n1_0001.png")  # an image channel where the attribute channel would go
     (root / "table.csv").write_text("case,stage\nn1,T2\n")
+    (root / "table_tstage.csv").write_text("case,tstage\nn1,T2\n")
     (root / "table_unknown_level.csv").write_text("case,stage\nn1,T9\n")
     (root / "table_other_case.csv").write_text("case,stage\nn2,T2\n")
     return root
@@ -118,6 +119,22 @@ BAD_INPUTS = [
                                 "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-l", "1", "-o", "{root}/report",
                                 "-np", "0", "-dataset_json", "{root}/raw/Dataset701_SyntheticFairness/dataset.json"],
      "-np 0: give at least 1 process", None),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "701", "-t", "{root}/table.csv", "-id_column", "case",
+                                     "-attribute_column", "stage"], "column 'stage': 8 case(s) have no row",
+     f"{RAW}/Dataset701_SyntheticFairness"),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "701", "-t", "{root}/table_tstage.csv", "-id_column", "case",
+                                     "-attribute_column", "tstage"], "has the attribute(s) tstage already",
+     f"{RAW}/Dataset701_SyntheticFairness"),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "709", "-t", "{root}/table.csv", "-id_column", "case",
+                                     "-attribute_column", "stage"], "-d 709: no such dataset", None),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "702", "-t", "{root}/table.csv", "-id_column", "case",
+                                     "-attribute_column", "stage", "age", "-bins", "50"], "-bins and -levels apply to "
+     "one column", f"{RAW}/Dataset702_RT"),
+    ("nnUNetv2_dmoe_predict", ["-i", "{root}/new_cases", "-o", "{root}/pred", "-d", "701", "-c", "2d",
+                               "-attribute", "T2"], "no trained model in", None),
+    ("nnUNetv2_dmoe_predict", ["-i", "{root}/new_cases", "-o", "{root}/pred", "-d", "701", "-c", "2d"],
+     "give the attribute: -attribute LEVEL for every case, or -t TABLE", None),
+    ("nnUNetv2_dmoe_strip_attribute_table", ["{root}/nope"], "{root}/nope is not a folder", None),
     ("nnUNetv2_dmoe_benchmark", ["-preset", "nope"], "nope", None),
     ("nnUNetv2_dmoe_routing_report", ["-i", "{root}/nope", "-o", "{root}/routing", "-d", "701", "-c", "2d", "-tr",
                                       "nnUNetTrainerDMoE", "-device", "cpu"],

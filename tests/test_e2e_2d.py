@@ -4,6 +4,7 @@ nnUNetv2_predict), which must give exactly the prediction of the same image with
 Also the ResEnc-M planner with the dMoE trainer, and the attribute channel under nnU-Net's 2D resampling."""
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -99,6 +100,84 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
         pa, pb = (np.load(pred / f"{c}.npz")["probabilities"] for c in (case, f"new_{case}"))
         assert pa.shape == (2, 1, *SIZE)
         np.testing.assert_array_equal(pa, pb)  # same model, deterministic eval: identical, not merely close
+
+    # nnUNetv2_dmoe_predict: the same new cases from the table, the channel made in a temporary folder only
+    before = sorted(p.name for p in new.iterdir())
+    pred2 = tmp_path / "pred_dmoe"
+    flags = ["-d", "992", "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "--disable_progress_bar"]
+    run(["nnUNetv2_dmoe_predict", "-i", str(new), "-o", str(pred2), "-t", str(table), "-id_column", "patient",
+         "-attribute_column", "tstage"] + flags, env)
+    assert sorted(p.name for p in new.iterdir()) == before  # nothing written next to the images
+    for name in [f"new_{c}" for c in cases] + ["unknown_case"]:
+        np.testing.assert_array_equal(np.asarray(Image.open(pred2 / f"{name}.png")),
+                                      np.asarray(Image.open(pred / f"{name}.png")))
+    # one level for every case
+    level = test_levels[cases[0]]
+    pred3 = tmp_path / "pred_level"
+    run(["nnUNetv2_dmoe_predict", "-i", str(new), "-o", str(pred3), "-attribute", level] + flags, env)
+    for c in [c for c in cases if test_levels[c] == level]:
+        np.testing.assert_array_equal(np.asarray(Image.open(pred3 / f"new_{c}.png")),
+                                      np.asarray(Image.open(pred / f"new_{c}.png")))
+    # errors: a level the model does not know (its levels listed), a case missing from the table
+    p = subprocess.run(["nnUNetv2_dmoe_predict", "-i", str(new), "-o", str(tmp_path / "x"), "-attribute", "T9"]
+                       + flags, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "-attribute T9" in p.stderr and "T1, T2, T3, T4" in p.stderr
+    short = tmp_path / "short.csv"
+    short.write_text("patient,tstage\n" + f"new_{cases[0]},{test_levels[cases[0]]}\n")
+    p = subprocess.run(["nnUNetv2_dmoe_predict", "-i", str(new), "-o", str(tmp_path / "x"), "-t", str(short),
+                        "-id_column", "patient", "-attribute_column", "tstage"] + flags, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "have no row for 'tstage'" in p.stderr and "unknown_case" in p.stderr
+    assert "--allow_unknown" in p.stderr and not (tmp_path / "x").exists()
+
+    # the Python form, for a predictor the caller holds
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunet_dmoe.predict import predict_with_attribute
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,))
+    pred4 = tmp_path / "pred_python"
+    predict_with_attribute(predictor, str(new), str(pred4), table={f"new_{c}": test_levels[c] for c in cases}
+                           | {"unknown_case": None}, num_processes_preprocessing=1,
+                           num_processes_segmentation_export=1)
+    for name in [f"new_{c}" for c in cases] + ["unknown_case"]:
+        np.testing.assert_array_equal(np.asarray(Image.open(pred4 / f"{name}.png")),
+                                      np.asarray(Image.open(pred / f"{name}.png")))
+    assert sorted(p.name for p in new.iterdir()) == before
+
+
+def test_model_folder_holds_no_case_table(dataset_2d, tmp_path):
+    """What a user shares (the model folder, nnU-Net's exported zip) holds the levels but no patient's attribute."""
+    from nnunet_dmoe.model_folder import attribute_table_entries
+
+    root = dataset_2d
+    model = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__2d"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        run(["nnUNetv2_train", "992", "2d", "0", "-tr", TRAINER, "-device", "cpu"], _env(root, nnUNet_n_proc_DA="0"))
+    entries = attribute_table_entries(_dataset_json(root))
+    assert len(entries) == 14  # 10 training and 4 test cases
+    block = json.loads((model / "dataset.json").read_text())["attribute"]
+    assert block == {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1}
+    ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert "cases" not in ckpt["init_args"]["dataset_json"]["attribute"]
+    debug = (model / "fold_0" / "debug.json").read_text()
+    assert "tstage" in debug and not [e for e in entries if e in debug]
+
+    archive = tmp_path / "model.zip"
+    run(["nnUNetv2_export_model_to_zip", "-d", "992", "-o", str(archive), "-c", "2d", "-tr", TRAINER, "-f", "0"],
+        _env(root))
+    import io
+    import zipfile
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        assert any(n.endswith("checkpoint_final.pth") for n in names) and any(n.endswith("debug.json") for n in names)
+        for n in names:
+            data = z.read(n)
+            if n.endswith(".pth"):
+                dj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)["init_args"]["dataset_json"]
+                assert attribute_table_entries(dj) == []
+            elif n.endswith(".json"):
+                assert not [e for e in entries if e in data.decode()], n
 
 
 def test_resenc_planner_and_dmoe_trainer(dataset_2d, tmp_path):

@@ -2,6 +2,7 @@
 trainer's checks of the attribute block against the preprocessed data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,7 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--val"], env)
     summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+    assert "cases" not in json.loads((model / "dataset.json").read_text())["attribute"]  # --c and --val without it
 
     # nnU-Net's own predictor on the test images (attribute channel included)
     images = root / "raw" / "Dataset991_SyntheticFairness" / "imagesTs"
@@ -237,3 +239,49 @@ def test_no_unknown_trainer_is_the_papers_setting(preprocessed_3d, monkeypatch):
     with pytest.raises(ValueError, match=r"needs the attribute of every training case, but 1 are unknown in "
                                          r"dataset.json: syn_0002 \(tstage\)\. .*train nnUNetTrainerDMoE"):
         _trainer(preprocessed_3d, monkeypatch, dj, cls="nnUNetTrainerDMoE_noUnknown")
+
+
+def test_strip_attribute_table_of_an_earlier_model_folder(preprocessed_3d, tmp_path):
+    """A model folder as version 0.2 wrote it (the dataset's attribute table in dataset.json, in each checkpoint's
+    init_args and in debug.json): nnUNetv2_dmoe_strip_attribute_table removes every table, and the folder still
+    predicts as before."""
+    from nnunet_dmoe.model_folder import attribute_table_entries
+
+    root = preprocessed_3d
+    env = nnunet_env(root, nnUNet_n_proc_DA="0")
+    model = root / "results" / "Dataset991_SyntheticFairness" / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    old = tmp_path / "old_model"
+    shutil.copytree(model, old)
+    raw_json = json.loads((root / "raw" / "Dataset991_SyntheticFairness" / "dataset.json").read_text())
+    entries = attribute_table_entries(raw_json)
+    assert len(entries) == 14
+    (old / "dataset.json").write_text(json.dumps(raw_json))
+    checkpoints = sorted((old / "fold_0").glob("*.pth"))
+    assert old / "fold_0" / "checkpoint_final.pth" in checkpoints
+    for path in checkpoints:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt["init_args"]["dataset_json"] = raw_json
+        torch.save(ckpt, path)
+    debug = json.loads((old / "fold_0" / "debug.json").read_text())
+    debug["dataset_json"] = str(raw_json)
+    (old / "fold_0" / "debug.json").write_text(json.dumps(debug))
+
+    out = run(["nnUNetv2_dmoe_strip_attribute_table", str(old)], env)
+    assert out.count("stripped ") == 2 + len(checkpoints)  # dataset.json, the checkpoints, debug.json
+    for path in old.rglob("*"):
+        if path.suffix == ".json":
+            assert not [e for e in entries if e in path.read_text()], path
+        elif path.suffix == ".pth":
+            dj = torch.load(path, map_location="cpu", weights_only=False)["init_args"]["dataset_json"]
+            assert attribute_table_entries(dj) == [] and dj["attribute"]["levels"] == raw_json["attribute"]["levels"]
+    assert "nothing changed" in run(["nnUNetv2_dmoe_strip_attribute_table", str(old)], env)
+
+    images = root / "raw" / "Dataset991_SyntheticFairness" / "imagesTs"
+    for folder, pred in ((model, tmp_path / "a"), (old, tmp_path / "b")):
+        run(["nnUNetv2_predict_from_modelfolder", "-i", str(images), "-o", str(pred), "-m", str(folder), "-f", "0",
+             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], env)
+    for f in sorted((tmp_path / "a").glob("*.nii.gz")):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(f))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / f.name))))
