@@ -5,11 +5,14 @@
    plans file for all methods),
 3. trains the attribute-blind baseline, the baseline with the attribute as an input channel, MoE and dMoE
    (``nnUNetv2_train``), one run per replicate (fold ``r`` with its own seed); with ``-methods`` /
-   ``--all_methods`` also the fairness comparators (Group DRO, FEBS, adversarial, one network per level:
-   ``nnUNetv2_dmoe_train_per_level``'s layout),
+   ``--all_methods`` also the dMoE's variants (no "unknown" router; routers started at zero; a block at full
+   resolution too: plans variants ``nnUNetDMoEPlans_<name>`` that differ only in their ``"dmoe"`` block) and the
+   fairness comparators (Group DRO, FEBS fine-tuned from the baseline's checkpoint as FairSeg trains it,
+   adversarial, group-balanced sampling, FiLM, one network per level: ``nnUNetv2_dmoe_train_per_level``'s layout),
 4. predicts the test split (``nnUNetv2_predict``; per level: ``nnunet_dmoe.per_level.predict_per_level``),
-5. writes the fairness report comparing them (``nnunet_dmoe.evaluation.compare_methods``) and, for several
-   replicates, their mean and spread.
+5. writes the fairness report comparing them (``nnunet_dmoe.evaluation.compare_methods``), for several
+   replicates their mean and spread, and each training's time (the sum of nnU-Net's epoch times,
+   ``training_times.md``).
 
 Every stage is skipped when its result exists already (a re-run resumes); the settings are kept in
 ``demo_settings.json`` and a re-run with other settings needs ``--overwrite`` or another ``-o``.
@@ -35,14 +38,36 @@ METHODS = {  # report name -> trainer class
     "MoE": "nnUNetTrainerMoE",
     "dMoE": "nnUNetTrainerDMoE",
 }
+# the dMoE with other settings (opt-in: -methods NAME ... or --all_methods): the paper's setting without an "unknown"
+# router, and the two defaults that changed in version 0.3, each in a plans variant of its own (below)
+VARIANTS = {
+    "dMoE-noUnknown": "nnUNetTrainerDMoE_noUnknown",
+    "dMoE-upcycled": "nnUNetTrainerDMoE",  # fine-tuned from the baseline (below), half the epochs
+    "dMoE-zero-router": "nnUNetTrainerDMoE",
+    "dMoE-all-stages": "nnUNetTrainerDMoE",
+}
+# method -> (plans variant name, "dmoe" settings that it changes); nnU-Net's plans identifier PLANS_<name>. The
+# upcycled dMoE changes nothing: a plans variant of its own keeps its model folder apart from the dMoE's.
+PLANS_VARIANTS = {
+    "dMoE-zero-router": ("routerZero", {"router_init": "zero"}),
+    "dMoE-all-stages": ("allStages", {"stages": "all"}),
+    "dMoE-upcycled": ("upcycled", {}),
+}
 # fairness comparators (opt-in: -methods NAME ... or --all_methods)
 PER_LEVEL = "Per-level"
 COMPARATORS = {
     "GroupDRO": "nnUNetTrainerGroupDRO",
     "FEBS": "nnUNetTrainerFEBS",
     "Adversarial": "nnUNetTrainerAdversarial",
+    "GroupBalanced": "nnUNetTrainerGroupBalanced",
+    "FiLM": "nnUNetTrainerFiLM",
     PER_LEVEL: "nnUNetTrainerNoAttribute",  # one per level (nnunet_dmoe.per_level)
 }
+# method -> the method whose final checkpoint of the same fold it fine-tunes (-pretrained_weights), as FairSeg
+# trains FEBS: from a trained model
+FINE_TUNED_FROM = {"FEBS": "Baseline", "dMoE-upcycled": "Baseline"}
+# method -> its share of the demo's epochs (fine-tuning an upcycled baseline for a few epochs)
+EPOCH_SHARE = {"dMoE-upcycled": 0.5}
 # the paper's 2D setting, a ViT-B/16 TransUNet (opt-in with -methods NAME; not in --all_methods: on this project's
 # 2-core CPU one replicate took about 9 min for TransUNet and 26 min for TransUNet-dMoE, the U-Nets 4-8 min, when
 # the demo still made OpenMP threads sleep; the U-Nets now take 1.5-3 min)
@@ -51,7 +76,7 @@ TRANSFORMERS = {
     "TransUNet-MoE": "nnUNetTrainerTransUNetMoE",
     "TransUNet-dMoE": "nnUNetTrainerTransUNetDMoE",
 }
-ALL_METHODS = {**METHODS, **COMPARATORS, **TRANSFORMERS}
+ALL_METHODS = {**METHODS, **VARIANTS, **COMPARATORS, **TRANSFORMERS}
 PLANS = "nnUNetDMoEPlans"
 # lines of the nnU-Net CLIs worth showing as progress (everything goes to the log files)
 _PROGRESS = re.compile(r"Epoch \d+$|train_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting |Preprocessing "
@@ -100,7 +125,7 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     if unknown:
         raise ValueError(f"-methods {unknown}: choose from {list(ALL_METHODS)}")
     try:
-        trainers = {m: variant_name(ALL_METHODS[m], epochs, iters) for m in methods}
+        trainers = {m: variant_name(ALL_METHODS[m], epochs_of(m, epochs), iters) for m in methods}
     except ValueError as e:
         raise ValueError(f"-epochs {epochs} / -iters {iters}: {e}") from None
     settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
@@ -142,7 +167,29 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     else:
         print(f"reusing {plans_file}")
 
+    for method in methods:
+        if method in PLANS_VARIANTS:
+            write_plans_variant(plans_file, *PLANS_VARIANTS[method])
+
+    def train(method: str, r: int) -> str:
+        """The model folder of ``method``, fold ``r``, trained unless it exists (and its starting model first)."""
+        trainer = trainers.get(method) or variant_name(ALL_METHODS[method], epochs_of(method, epochs), iters)
+        plans = plans_of(method)
+        model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{plans}__{configuration}", f"fold_{r}")
+        if os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
+            print(f"reusing {model}")
+            return model
+        cmd = [_bin("nnUNetv2_train"), str(dataset_id), configuration, str(r), "-tr", trainer, "-p", plans,
+               "-device", device]
+        if method in FINE_TUNED_FROM:
+            start = train(FINE_TUNED_FROM[method], r)
+            print(f"{method} fine-tunes {FINE_TUNED_FROM[method]}'s final checkpoint of fold {r}")
+            cmd += ["-pretrained_weights", os.path.join(start, "checkpoint_final.pth")]
+        _run(cmd, dict(env, nnUNet_n_proc_DA="0"), os.path.join(logs, f"train_{trainer}_{plans}_fold{r}.log"))
+        return model
+
     predictions: Dict[str, str] = {}
+    models: Dict[str, List[str]] = {}
     for r in range(replicates):
         for method in methods:
             trainer = trainers[method]
@@ -150,25 +197,20 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
             if method == PER_LEVEL:
                 stage(f"3-4/5 {method}: train {trainer} on each level's cases, predict each test case with its "
                       f"level's model (replicate {r} = fold {r})")
-                predictions[label] = _per_level(dataset_id, configuration, r, trainer, device, env, logs,
-                                                os.path.join(raw, "imagesTs"), output, num_test)
+                predictions[label], models[label] = _per_level(dataset_id, configuration, r, trainer, device, env,
+                                                               logs, os.path.join(raw, "imagesTs"), output, num_test)
                 continue
-            model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{PLANS}__{configuration}", f"fold_{r}")
-            stage(f"3/5 train {method} ({trainer}, replicate {r} = fold {r})")
-            if not os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
-                _run([_bin("nnUNetv2_train"), str(dataset_id), configuration, str(r), "-tr", trainer, "-p", PLANS,
-                      "-device", device], dict(env, nnUNet_n_proc_DA="0"),
-                     os.path.join(logs, f"train_{trainer}_fold{r}.log"))
-            else:
-                print(f"reusing {model}")
-            out = os.path.join(output, "predictions", f"{trainer}_fold{r}")
+            plans = plans_of(method)
+            stage(f"3/5 train {method} ({trainer}, plans {plans}, replicate {r} = fold {r})")
+            models[label] = [train(method, r)]
+            out = os.path.join(output, "predictions", f"{trainer}_{plans}_fold{r}")
             stage(f"4/5 predict the test split with {method} (replicate {r})")
             if not os.path.isfile(os.path.join(out, "predict_from_raw_data_args.json")) or \
                     len([f for f in os.listdir(out) if f.endswith(("nii.gz", ".png"))]) < num_test:
                 _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", str(dataset_id),
-                      "-c", configuration, "-tr", trainer, "-p", PLANS, "-f", str(r), "-device", device,
+                      "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(r), "-device", device,
                       "-npp", "1", "-nps", "1", "--disable_progress_bar"], env,
-                     os.path.join(logs, f"predict_{trainer}_fold{r}.log"))
+                     os.path.join(logs, f"predict_{trainer}_{plans}_fold{r}.log"))
             predictions[label] = out
 
     stage("5/5 fairness report")
@@ -178,10 +220,12 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     summaries = result["methods"]
     if replicates > 1:
         write_replicate_table(summaries, methods, replicates, os.path.join(report, "replicates.md"))
+    write_training_times(models, os.path.join(report, "training_times.md"))
     print()
     print_summary(summaries)
     if replicates > 1:
         print("\n" + open(os.path.join(report, "replicates.md")).read())
+    print("\n" + open(os.path.join(report, "training_times.md")).read())
     print(f"\nDone in {time.time() - t_start:.0f} s.")
     print(f"Report: {os.path.join(report, 'report.md')}")
     print(f"Figure: {os.path.join(report, 'report.png')}")
@@ -205,8 +249,9 @@ def _environ(env: Dict[str, str]):
 
 
 def _per_level(dataset_id: int, configuration: str, fold: int, trainer: str, device: str, env: Dict[str, str],
-               logs: str, images: str, output: str, num_test: int) -> str:
-    """One network per level: train what is missing, predict what is missing; returns the prediction folder."""
+               logs: str, images: str, output: str, num_test: int):
+    """One network per level: train what is missing, predict what is missing; returns the prediction folder and
+    the model folders."""
     from nnunet_dmoe.per_level import per_level_training_commands, predict_per_level
 
     with _environ(env):
@@ -225,7 +270,58 @@ def _per_level(dataset_id: int, configuration: str, fold: int, trainer: str, dev
                               sequential=True)
         else:
             print(f"reusing {out}")
-    return out
+    return out, [os.path.join(job["model_folder"], f"fold_{fold}") for job in jobs]
+
+
+def epochs_of(method: str, epochs: int) -> int:
+    """The epochs ``method`` trains for in a demo of ``epochs`` epochs (a schedule that has a class)."""
+    from nnunet_dmoe.trainers.training_length import EPOCHS
+
+    if method not in EPOCH_SHARE:
+        return epochs
+    wanted = max(1, round(epochs * EPOCH_SHARE[method]))
+    return min(EPOCHS, key=lambda e: (abs(e - wanted), e))
+
+
+def plans_of(method: str) -> str:
+    """nnU-Net's plans identifier that ``method`` trains with."""
+    return f"{PLANS}_{PLANS_VARIANTS[method][0]}" if method in PLANS_VARIANTS else PLANS
+
+
+def write_plans_variant(plans_file: str, variant: str, settings: dict) -> str:
+    """Writes the plans ``<plans>_<variant>.json`` beside ``plans_file``: the same plans (and preprocessed data) with
+    ``settings`` in every configuration's ``"dmoe"`` block. Returns its path."""
+    from nnunet_dmoe.networks import PLANS_KEY
+
+    with open(plans_file) as f:
+        plans = json.load(f)
+    plans["plans_name"] = f"{plans['plans_name']}_{variant}"
+    for cfg in plans["configurations"].values():
+        if "inherits_from" not in cfg:
+            cfg[PLANS_KEY] = {**(cfg.get(PLANS_KEY) or {}), **settings}
+    path = os.path.join(os.path.dirname(plans_file), plans["plans_name"] + ".json")
+    with open(path, "w") as f:
+        json.dump(plans, f, indent=4)
+    return path
+
+
+def training_seconds(model_folder: str) -> float:
+    """The sum of nnU-Net's epoch times of a finished training (its final checkpoint's log)."""
+    import torch
+
+    log = torch.load(os.path.join(model_folder, "checkpoint_final.pth"), map_location="cpu",
+                     weights_only=False)["logging"]
+    return float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
+
+
+def write_training_times(models: Dict[str, List[str]], path: str) -> None:
+    """One row per run: the sum of its epoch times (one network per level: its networks together; a fine-tuned
+    method: the fine-tuning only)."""
+    lines = ["Training time: the sum of nnU-Net's epoch times (validation included; planning, preprocessing and "
+             "prediction not)", "", "| Run | s |", "|---|---:|"]
+    lines += [f"| {label} | {sum(training_seconds(m) for m in folders):.0f} |" for label, folders in models.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], replicates: int, path: str) -> None:
@@ -272,8 +368,9 @@ def demo_entry_point():
     p.add_argument("-methods", nargs="+", default=list(METHODS),
                    help=f"[OPTIONAL] methods to compare, from {' '.join(ALL_METHODS)}. Default: {' '.join(METHODS)}")
     p.add_argument("--all_methods", action="store_true",
-                   help="[OPTIONAL] compare every method: the four above plus the fairness comparators "
-                        f"({' '.join(COMPARATORS)}); about twice the default run time or more")
+                   help="[OPTIONAL] compare every method but the transformers: the four above, the dMoE's variants "
+                        f"({' '.join(VARIANTS)}) and the fairness comparators ({' '.join(COMPARATORS)}); about "
+                        "four times the default run time")
     p.add_argument("-device", default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
     p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
     p.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace a run made with other settings")
