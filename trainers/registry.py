@@ -39,7 +39,7 @@ def _summary(cls) -> str:
 @command("nnUNetv2_dmoe_list_trainers")
 def list_trainers_entry_point():
     import argparse
-    from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS, variant_name
+    from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS, variant_name, variant_names
 
     parser = argparse.ArgumentParser(
         description="List the nnU-Net trainers this plugin offers (use them with nnUNetv2_train / nnUNetv2_predict "
@@ -56,7 +56,4 @@ def list_trainers_entry_point():
           f"{', '.join(map(str, ITERATIONS))}. Example: {variant_name(classes[0].__name__, 5, 10)}.")
     if args.variants:
         print()
-        for cls in classes:
-            for e in EPOCHS:
-                for it in (None,) + ITERATIONS:
-                    print(variant_name(cls.__name__, e, it))
+        print("\n".join(variant_names()))

@@ -1,9 +1,13 @@
 """Short-schedule variants in nnU-Net's naming, as class names (sweeps are class names, not flags).
 
 ``<Trainer>_<N>epochs`` sets ``num_epochs``; ``<Trainer>_<N>epochs_<M>iters`` also sets
-``num_iterations_per_epoch = M`` (and ``max(1, M // 5)`` validation iterations) for CPU runs and tests. Made for
+``num_iterations_per_epoch = M`` (and ``max(1, M // 5)`` validation iterations) for CPU runs and tests. Exists for
 every trainer that :func:`nnunet_dmoe.trainers.registry.trainer_classes` finds.
+
+The classes are made when a name is first asked for (the module's ``__getattr__``, which nnU-Net's trainer search
+reaches through ``hasattr``), then kept: importing the trainers makes none of them.
 """
+import re
 from typing import Optional
 
 from nnunet_dmoe.trainers.registry import trainer_classes
@@ -37,10 +41,23 @@ def _variant(base, epochs, iterations=None):
                                            + (f" of {iterations} iterations" if iterations else "") + "."})
 
 
-__all__ = ["EPOCHS", "ITERATIONS", "variant_name"]
-for _base in trainer_classes():
-    for _e in EPOCHS:
-        for _it in (None,) + ITERATIONS:
-            _cls = _variant(_base, _e, _it)
-            globals()[_cls.__name__] = _cls
-            __all__.append(_cls.__name__)
+__all__ = ["EPOCHS", "ITERATIONS", "variant_name", "variant_names"]
+_NAME = re.compile(r"^(?P<base>nnUNetTrainer\w*?)_(?P<epochs>\d+)epochs(?:_(?P<iters>\d+)iters)?$")
+
+
+def variant_names():
+    """Every variant's name (none is made), trainer by trainer."""
+    return [variant_name(cls.__name__, e, it) for cls in trainer_classes() for e in EPOCHS
+            for it in (None,) + ITERATIONS]
+
+
+def __getattr__(name: str):
+    """The variant class ``name``, made on first use and kept (PEP 562)."""
+    m = _NAME.match(name)
+    bases = {cls.__name__: cls for cls in trainer_classes()} if m else {}
+    if not m or m["base"] not in bases or int(m["epochs"]) not in EPOCHS or (
+            m["iters"] is not None and int(m["iters"]) not in ITERATIONS):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _variant(bases[m["base"]], int(m["epochs"]), None if m["iters"] is None else int(m["iters"]))
+    globals()[name] = cls
+    return cls

@@ -6,3 +6,9 @@ variable is set by ``nnunet_dmoe_ext_trainer.pth``, which the install places in 
 """
 from nnunet_dmoe.trainers import *  # noqa: F401,F403
 from nnunet_dmoe.trainers import __all__  # noqa: F401
+
+
+def __getattr__(name: str):
+    """The short-schedule variants, made on demand (nnU-Net's search asks with ``hasattr``)."""
+    import nnunet_dmoe.trainers
+    return getattr(nnunet_dmoe.trainers, name)
