@@ -3,7 +3,7 @@ from nnunet_dmoe.attribute import (AttributeSpec, UNKNOWN_CODE, decode_attribute
                                    encode_attribute_channel)
 from nnunet_dmoe.tables import bin_labels, bin_value, read_attribute_table
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = ["AttributeSpec", "UNKNOWN_CODE", "decode_attribute_channel", "encode_attribute_channel",
            "bin_labels", "bin_value", "read_attribute_table", "__version__"]
