@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"
                                               / "picai_wholegland"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("-bootstrap", type=int, default=1000)
     parser.add_argument("-np", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,7 +60,7 @@ def main():
     p.add_argument("-epochs", type=int, default=10, help="[OPTIONAL] epochs. Default: 10")
     p.add_argument("-iters", type=int, default=50, help="[OPTIONAL] iterations per epoch. Default: 50")
     p.add_argument("-replicates", type=int, default=1, help="[OPTIONAL] folds 0..R-1. Default: 1")
-    p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
+    p.add_argument("-bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
     a = p.parse_args()
     t0 = time.time()
     out = os.path.abspath(a.o)

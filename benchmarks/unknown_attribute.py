@@ -23,7 +23,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", default="demo_output", help="[OPTIONAL] the demo's folder. Default: demo_output")
     p.add_argument("-fold", type=int, default=0, help="[OPTIONAL] replicate to use. Default: 0")
-    p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] resamples. Default: 1000")
+    p.add_argument("-bootstrap", type=int, default=1000, help="[OPTIONAL] resamples. Default: 1000")
     a = p.parse_args()
     out = os.path.abspath(a.o)
     with open(os.path.join(out, "demo_settings.json")) as f:

@@ -356,9 +356,9 @@ def progress(iterable, desc: str, total: Optional[int] = None):
 def make_parser(description: str, input_help: str, default_name: str):
     """Argument parser with the flags every converter shares (nnU-Net style: single dash for values, double dash
     for switches)."""
-    import argparse
+    from nnunet_dmoe.cli import Parser
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = Parser(description=description)
     parser.add_argument("-i", type=str, required=True, help="[REQUIRED] " + input_help)
     parser.add_argument("-d", type=int, required=True, help="[REQUIRED] nnU-Net dataset id (1-999).")
     parser.add_argument("-n", type=str, default=default_name,

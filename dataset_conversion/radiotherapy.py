@@ -13,7 +13,7 @@ Input: a manifest CSV (or TSV), one row per case, paths relative to the manifest
 - ``tstage``: normalised to T0, Tis, T1 ... T4 (``T1a``, ``cT1b``, ``pT1``, ``ypT3`` -> ``T1``/``T3``); empty or
   ``unknown`` -> unknown attribute; anything else (``TX``) is an error unless ``--unparsable_as_unknown``.
 - ``split``: optional, train (default) or test.
-- further attributes (``-attribute_columns centre``): each named column becomes one more attribute after the T-stage
+- further attributes (``-attribute_column centre``): each named column becomes one more attribute after the T-stage
   (an ``"attributes"`` list in dataset.json, one ``noNorm`` channel each); its levels are the values found, sorted;
   empty or ``unknown`` -> unknown. Other columns are ignored.
 
@@ -70,7 +70,7 @@ def _read_manifest(manifest: str, id_column: str, tstage_column: str, attribute_
         raise ValueError(f"-i {manifest}: needs rows and the columns {id_column!r}, 'image_<channel>' (one per "
                          f"modality, e.g. image_CT), 'label', {tstage_column!r}; found {columns} "
                          f"(missing {missing + ([] if image_columns else ['image_<channel>'])}). "
-                         f"Rename the columns or pass -id_column / -tstage_column / -attribute_columns.")
+                         f"Rename the columns or pass -id_column / -tstage_column / -attribute_column.")
     return rows, image_columns
 
 
@@ -158,7 +158,7 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
     clash = sorted({c for c in attribute_columns if attribute_columns.count(c) > 1 or c == tstage_column
                     or c in (id_column, "label", "split") or c.startswith("image_")})
     if clash:
-        raise ValueError(f"-attribute_columns: {clash} repeat a column or name the id, T-stage, label, split or an "
+        raise ValueError(f"-attribute_column: {clash} repeat a column or name the id, T-stage, label, split or an "
                          f"image column. Name each further attribute column once.")
     rows, image_columns = _read_manifest(manifest, id_column, tstage_column, attribute_columns)
     base = os.path.dirname(os.path.abspath(manifest))
@@ -194,7 +194,7 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
     for column, found_levels in zip(attribute_columns, extra_levels):
         if not found_levels:
             problems.add(manifest, f"no case has a known {column}", "Fill the column, or leave it out of "
-                                                                    "-attribute_columns.")
+                                                                    "-attribute_column.")
 
     with staged_dataset(nnunet_dataset_id, dataset_name, overwrite, inputs=[manifest]) as staged:
         for entry in progress(entries, "radiotherapy"):
@@ -235,16 +235,16 @@ def convert_rt_entry_point():
     parser.add_argument("-id_column", type=str, default="case_id", help="[OPTIONAL] Case id column. Default: case_id")
     parser.add_argument("-tstage_column", type=str, default="tstage",
                         help="[OPTIONAL] T-stage column. Default: tstage")
-    parser.add_argument("-attribute_columns", type=str, nargs="+", default=[],
-                        help="[OPTIONAL] Further manifest columns used as attributes after the T-stage, e.g. "
-                             "-attribute_columns centre: several attributes, one noNorm channel each; levels = the "
-                             "values found, sorted. Default: none (the T-stage only)")
+    parser.add_renamed("-attribute_column", "-attribute_columns", type=str, nargs="+", default=[],
+                       help="[OPTIONAL] Further manifest columns used as attributes after the T-stage, e.g. "
+                            "-attribute_column centre: several attributes, one noNorm channel each; levels = the "
+                            "values found, sorted. Default: none (the T-stage only)")
     parser.add_argument("--unparsable_as_unknown", action="store_true",
                         help="[OPTIONAL] Treat an unreadable T-stage (e.g. TX) as unknown. Default: error")
     args = parser.parse_args()
     convert_rt(args.i, args.d, labels=args.labels, levels=args.levels, unparsable_as_unknown=args.unparsable_as_unknown,
                id_column=args.id_column, tstage_column=args.tstage_column, dataset_name=args.n,
-               overwrite=args.overwrite, attribute_columns=args.attribute_columns)
+               overwrite=args.overwrite, attribute_columns=args.attribute_column)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
     if len(tables) != len(specs):
         raise ValueError(f"the model has {len(specs)} attributes ({', '.join(s.name for s in specs)}) but "
                          f"{len(tables)} attribute table column(s) are given. Give one column per attribute, in this "
-                         f"order (--attribute-column {' --attribute-column '.join(s.name for s in specs)}).")
+                         f"order (-attribute_column {' -attribute_column '.join(s.name for s in specs)}).")
     sources = list(sources) if sources is not None else [None] * len(specs)
     file_ending = dataset_json["file_ending"]
     num_channels = len(dataset_json["channel_names"])
@@ -212,9 +212,9 @@ def _check_replaceable(rw, existing, channel_files, specs, cases, image_channels
 
 @command("nnUNetv2_dmoe_attach_attribute")
 def attach_attribute_entry_point():
-    import argparse
+    from nnunet_dmoe.cli import Parser
     from nnunet_dmoe.tables import add_attribute_table_arguments, read_attribute_table
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Write the attribute channel for a folder of new cases (nnU-Net naming) from a table, so that "
                     "nnUNetv2_predict can run on it with a dMoE model.")
     parser.add_argument("-i", required=True, help="[REQUIRED] folder with the cases' image channels")
@@ -238,16 +238,16 @@ def attach_attribute_entry_point():
         columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
         if len(columns) != len(names):
             raise ValueError(f"the model has {len(names)} attributes ({', '.join(map(str, names))}); "
-                             f"--attribute-column names {len(columns)} column(s) ({', '.join(columns)}) of "
-                             f"{args.t}. Repeat --attribute-column once per attribute, in this order.")
+                             f"-attribute_column names {len(columns)} column(s) ({', '.join(columns)}) of "
+                             f"{args.t}. Repeat -attribute_column once per attribute, in this order.")
         if args.bins is not None:
-            raise ValueError("--bins bins one numeric column; this model has several attributes. Bin the "
+            raise ValueError("-bins bins one numeric column; this model has several attributes. Bin the "
                              "column in the table beforehand (its level names as in the model's dataset.json).")
         case_levels = [read_attribute_table(args.t, args.id_column, c,
                                             strip_suffix=dataset_json.get("file_ending")) for c in columns]
         sources = [f"column {c!r} of {args.t}" for c in columns]
     elif not isinstance(columns, (str, type(None))):
-        raise ValueError(f"--attribute-column is given {len(columns)} times ({', '.join(columns)}) but the model "
+        raise ValueError(f"-attribute_column is given {len(columns)} times ({', '.join(columns)}) but the model "
                          f"has one attribute. Give one column.")
     else:
         case_levels = read_attribute_table(args.t, args.id_column, columns, args.bins,

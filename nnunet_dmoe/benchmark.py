@@ -497,15 +497,15 @@ def _stages_argument(values: Sequence[str]):
 
 @command("nnUNetv2_dmoe_benchmark")
 def benchmark_entry_point():
-    import argparse
+    from nnunet_dmoe.cli import Parser
 
-    parser = argparse.ArgumentParser(description="Cost of the distribution-aware MoE vs the plain U-Net: "
+    parser = Parser(description="Cost of the distribution-aware MoE vs the plain U-Net: "
                                                  "parameters, GFLOPs, time, peak memory (the paper's Table 7).")
     parser.add_argument("-d", type=str, default=None,
                         help="[OPTIONAL] dataset name or id whose plans to use (needs -c); or use -preset")
     parser.add_argument("-c", type=str, default=None, help="[OPTIONAL] configuration in the plans, e.g. 3d_fullres")
     parser.add_argument("-p", type=str, default="nnUNetPlans", help="[OPTIONAL] plans identifier. Default: nnUNetPlans")
-    parser.add_argument("-preset", "--preset", type=str, default=None,
+    parser.add_renamed("-preset", "--preset", type=str, default=None,
                         help=f"[OPTIONAL] built-in architecture instead of plans: {', '.join(PRESETS)}")
     parser.add_argument("-num_levels", type=int, default=4,
                         help="[OPTIONAL] attribute levels for a preset (plans: from dataset.json). Default: 4")

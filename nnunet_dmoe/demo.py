@@ -349,8 +349,8 @@ def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], re
 
 @command("nnUNetv2_dmoe_demo")
 def demo_entry_point():
-    import argparse
-    p = argparse.ArgumentParser(description="Synthetic data -> nnU-Net plan/preprocess -> train baseline, "
+    from nnunet_dmoe.cli import Parser
+    p = Parser(description="Synthetic data -> nnU-Net plan/preprocess -> train baseline, "
                                             "attribute-channel, MoE and dMoE -> predict -> fairness report.")
     p.add_argument("-o", default="demo_output", help="[OPTIONAL] work folder. Default: demo_output")
     p.add_argument("-d", type=int, default=990, help="[OPTIONAL] dataset id. Default: 990")
@@ -372,7 +372,8 @@ def demo_entry_point():
                         f"({' '.join(VARIANTS)}) and the fairness comparators ({' '.join(COMPARATORS)}); about "
                         "four times the default run time")
     p.add_argument("-device", default="cpu", help="[OPTIONAL] cpu or cuda. Default: cpu")
-    p.add_argument("--bootstrap", type=int, default=1000, help="[OPTIONAL] bootstrap resamples. Default: 1000")
+    p.add_renamed("-bootstrap", "--bootstrap", type=int, default=1000,
+                  help="[OPTIONAL] bootstrap resamples. Default: 1000")
     p.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace a run made with other settings")
     a = p.parse_args()
     methods = [m for m in ALL_METHODS if m not in TRANSFORMERS] if a.all_methods else a.methods

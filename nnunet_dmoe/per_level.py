@@ -365,8 +365,8 @@ def train_per_level_entry_point():
 
 @command("nnUNetv2_dmoe_predict_per_level")
 def predict_per_level_entry_point():
-    import argparse
-    parser = argparse.ArgumentParser(
+    from nnunet_dmoe.cli import Parser
+    parser = Parser(
         description="Predict each case with the model of its attribute level (trained by "
                     "nnUNetv2_dmoe_train_per_level); the level from the case's attribute channel or a table.")
     parser.add_argument("-i", required=True, help="[REQUIRED] input folder (nnU-Net naming, attribute channel "
@@ -382,8 +382,10 @@ def predict_per_level_entry_point():
                         help="[OPTIONAL] checkpoint name. Default: checkpoint_final.pth")
     parser.add_argument("-device", default="cuda", help="[OPTIONAL] cuda, cpu or mps. Default: cuda")
     parser.add_argument("-t", default=None, help="[OPTIONAL] attribute table (CSV, TSV, JSON) instead of the channel")
-    parser.add_argument("--id-column", default=None, help="[OPTIONAL] case id column of -t. Default: 'case'")
-    parser.add_argument("--attribute-column", default=None, help="[OPTIONAL] level column of -t. Default: 'value'")
+    parser.add_renamed("-id_column", "--id-column", default=None,
+                       help="[OPTIONAL] case id column of -t. Default: 'case'")
+    parser.add_renamed("-attribute_column", "--attribute-column", default=None,
+                       help="[OPTIONAL] level column of -t. Default: 'value'")
     parser.add_argument("-npp", type=int, default=3, help="[OPTIONAL] processes for preprocessing and export. "
                                                           "Default: 3")
     parser.add_argument("--sequential", action="store_true",

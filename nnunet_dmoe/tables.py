@@ -103,7 +103,7 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
         if col not in rows[0]:
             name = repr(col) if given[what] else f"{col!r} (the default)"
             raise ValueError(f"{path}: {what} {name} not found; the table has the columns {list(rows[0])}. "
-                             f"Name it with --id-column / --attribute-column.")
+                             f"Name it with -id_column / -attribute_column.")
     missing = {m.casefold() for m in missing_values}
     out: Dict[str, Optional[str]] = {}
     bad, dup = [], []
@@ -141,26 +141,31 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
 
 
 class _RepeatableColumn(argparse.Action):
-    """``--attribute-column A`` stores ``"A"``; repeated (``... B``) it stores the list ``["A", "B"]``."""
+    """``-attribute_column A`` stores ``"A"``; several columns (``-attribute_column A B``, or the flag repeated)
+    store the list ``["A", "B"]``."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         before = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, values if before is None else
-                (before if isinstance(before, list) else [before]) + [values])
+        columns = ([] if before is None else [before] if isinstance(before, str) else list(before)) + list(values)
+        setattr(namespace, self.dest, columns[0] if len(columns) == 1 else columns)
 
 
 def add_attribute_table_arguments(parser, table_flag: str, table_help: str, required: bool,
-                                  column_note: str = "") -> None:
+                                  column_note: str = "", old_table_flag: Optional[str] = None) -> None:
     """The attribute-table flags of ``nnUNetv2_dmoe_attach_attribute`` and ``nnUNetv2_dmoe_evaluate``: the table
-    (``table_flag``), ``--id-column``, ``--attribute-column`` (a column name; repeated, a list of them) and
-    ``--bins``, read by :func:`read_attribute_table`. ``column_note`` says how several columns are used."""
-    parser.add_argument(table_flag, type=str, required=required, default=None, help=table_help)
-    parser.add_argument("--id-column", type=str, default=None,
-                        help=f"[OPTIONAL] column of {table_flag} with the case id. Default: 'case'")
-    parser.add_argument("--attribute-column", type=str, default=None, action=_RepeatableColumn,
-                        help=f"[OPTIONAL] column of {table_flag} with the attribute. Repeat the flag for several "
-                             f"attributes (--attribute-column stage --attribute-column centre){column_note}. "
-                             f"Default: 'value'")
-    parser.add_argument("--bins", nargs="+", type=float, default=None,
-                        help="[OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70 gives the "
-                             "levels <60, 60-70, >=70 (left-closed). Default: no binning")
+    (``table_flag``), ``-id_column``, ``-attribute_column`` (a column name; several, a list of them) and ``-bins``,
+    read by :func:`read_attribute_table`. ``column_note`` says how several columns are used. ``parser`` is a
+    :class:`nnunet_dmoe.cli.Parser` (the spellings of version 0.2 still work, with a warning)."""
+    if old_table_flag is None:
+        parser.add_argument(table_flag, type=str, required=required, default=None, help=table_help)
+    else:
+        parser.add_renamed(table_flag, old_table_flag, type=str, required=required, default=None, help=table_help)
+    parser.add_renamed("-id_column", "--id-column", type=str, default=None,
+                       help=f"[OPTIONAL] column of {table_flag} with the case id. Default: 'case'")
+    parser.add_renamed("-attribute_column", "--attribute-column", type=str, nargs="+", default=None,
+                       action=_RepeatableColumn,
+                       help=f"[OPTIONAL] column of {table_flag} with the attribute; several for several attributes "
+                            f"(-attribute_column stage centre){column_note}. Default: 'value'")
+    parser.add_renamed("-bins", "--bins", nargs="+", type=float, default=None,
+                       help="[OPTIONAL] edges that bin a numeric attribute column, e.g. -bins 60 70 gives the "
+                            "levels <60, 60-70, >=70 (left-closed). Default: no binning")

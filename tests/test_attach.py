@@ -241,7 +241,7 @@ def test_cli_table_formats(tmp_path, fmt):
     else:
         table = tmp_path / "t.json"
         table.write_text(json.dumps([{"pid": c, "stage": v or "unknown"} for c, v in rows]))
-    cols = [] if fmt == "json_object" else ["--id-column", "pid", "--attribute-column", "stage"]
+    cols = [] if fmt == "json_object" else ["-id_column", "pid", "-attribute_column", "stage"]
     p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", _dataset_json(tmp_path, PNG_JSON) / "dataset.json",
              *cols)
     assert p.returncode == 0, p.stderr
@@ -260,7 +260,7 @@ def test_cli_numeric_column_with_bins_and_dataset_from_nnunet_raw(tmp_path):
     fps = _png_folder(tmp_path / "in", ["a1", "a2", "a3", "a4"])
     table = tmp_path / "ages.csv"
     table.write_text("case,age\na1.png,39.9\na2,40\na3,77\na4,nan\n")  # an id with the file ending is accepted
-    p = _cli("-i", tmp_path / "in", "-t", table, "--attribute-column", "age", "--bins", "40", "60", "-d", "993",
+    p = _cli("-i", tmp_path / "in", "-t", table, "-attribute_column", "age", "-bins", "40", "60", "-d", "993",
              env=nnunet_env(tmp_path))
     assert p.returncode == 0, p.stderr
     for case, code in (("a1", 1), ("a2", 2), ("a3", 3), ("a4", 0)):
@@ -268,7 +268,7 @@ def test_cli_numeric_column_with_bins_and_dataset_from_nnunet_raw(tmp_path):
                                       fps[case].astype(np.uint8) * code)
     # a non-numeric cell in a binned column is refused by the command, naming the row
     table.write_text("case,age\na1,old\n")
-    p = _cli("-i", tmp_path / "in", "-t", table, "--attribute-column", "age", "--bins", "40", "60", "-d", "993",
+    p = _cli("-i", tmp_path / "in", "-t", table, "-attribute_column", "age", "-bins", "40", "60", "-d", "993",
              "--overwrite", env=nnunet_env(tmp_path))
     assert p.returncode != 0 and "row 2 (a1): 'old'" in p.stderr and "Traceback" not in p.stderr
 
@@ -335,13 +335,12 @@ def test_table_errors_list_twenty_rows_then_the_count(tmp_path):
 
 
 def test_attach_and_evaluate_share_the_table_flags(capsys):
-    import argparse
-
+    from nnunet_dmoe.cli import Parser
     from nnunet_dmoe.evaluation import evaluate_entry_point
     from nnunet_dmoe.tables import add_attribute_table_arguments
-    parser = argparse.ArgumentParser()
+    parser = Parser()
     add_attribute_table_arguments(parser, "-t", "[REQUIRED] table", required=True)
-    args = parser.parse_args(["-t", "x.csv", "--id-column", "pid", "--attribute-column", "age", "--bins", "40", "60"])
+    args = parser.parse_args(["-t", "x.csv", "-id_column", "pid", "-attribute_column", "age", "-bins", "40", "60"])
     assert vars(args) == {"t": "x.csv", "id_column": "pid", "attribute_column": "age", "bins": [40.0, 60.0]}
     assert vars(parser.parse_args(["-t", "x.csv"])) == {"t": "x.csv", "id_column": None, "attribute_column": None,
                                                         "bins": None}
@@ -349,11 +348,13 @@ def test_attach_and_evaluate_share_the_table_flags(capsys):
     with pytest.raises(SystemExit):
         evaluate_entry_point(["-h"])
     evaluate_help = capsys.readouterr().out
-    for flag, text in (("-t", attach_help), ("--attributes", evaluate_help)):
+    for flag, text in (("-t", attach_help), ("-attributes", evaluate_help)):
         text = " ".join(text.split())  # argparse wraps at the terminal width
-        assert f"--id-column ID_COLUMN [OPTIONAL] column of {flag} with the case id. Default: 'case'" in text
-        assert f"--attribute-column ATTRIBUTE_COLUMN [OPTIONAL] column of {flag} with the attribute." in text
-        assert "--bins BINS [BINS ...] [OPTIONAL] edges that bin a numeric attribute column, e.g. --bins 60 70" in text
+        assert f"-id_column ID_COLUMN [OPTIONAL] column of {flag} with the case id. Default: 'case'" in text
+        assert (f"-attribute_column ATTRIBUTE_COLUMN [ATTRIBUTE_COLUMN ...] [OPTIONAL] column of {flag} with the "
+                f"attribute;") in text
+        assert "--id-column" not in text  # the old spelling works but is not advertised
+        assert "-bins BINS [BINS ...] [OPTIONAL] edges that bin a numeric attribute column, e.g. -bins 60 70" in text
 
 
 # ------------------------------------------------------------------------------------------- several attributes
@@ -369,8 +370,8 @@ def test_cli_two_columns_write_both_channels(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("case,stage,site\ncaseA,T3,B\ncaseB,,C\n")
     model = _dataset_json(tmp_path, MULTI_JSON)
-    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "--attribute-column", "stage",
-             "--attribute-column", "site", "-o", tmp_path / "out")
+    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "-attribute_column", "stage",
+             "-attribute_column", "site", "-o", tmp_path / "out")
     assert p.returncode == 0, p.stderr
     for case, stage, centre in (("caseA", 3, 2), ("caseB", 0, 3)):
         for channel, code in ((1, stage), (3, centre)):
@@ -380,9 +381,9 @@ def test_cli_two_columns_write_both_channels(tmp_path):
     assert sorted(f.name for f in (tmp_path / "out").iterdir())[:4] == [
         "caseA_0000.nii.gz", "caseA_0001.nii.gz", "caseA_0002.nii.gz", "caseA_0003.nii.gz"]
     # one column for two attributes, and a level the model does not know: errors name the column, case and fix
-    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "--attribute-column", "stage")
+    p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model, "-attribute_column", "stage")
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "has 2 attributes (tstage, centre)" in p.stderr and "Repeat --attribute-column" in p.stderr
+    assert "has 2 attributes (tstage, centre)" in p.stderr and "Repeat -attribute_column" in p.stderr
     table.write_text("case,tstage,centre\ncaseA,T3,Z\ncaseB,T1,A\n")  # default columns: the attributes' names
     p = _cli("-i", tmp_path / "in", "-t", table, "-dataset_json", model)
     assert p.returncode != 0 and f"attribute 'centre' (column 'centre' of {table})" in p.stderr

@@ -149,7 +149,7 @@ def test_existing_dataset_folder_is_refused(env):
 
 
 def test_tstage_and_a_centre_column(env):
-    """-attribute_columns centre: an "attributes" list (tstage, centre), channels 1 and 2 on the CT grid."""
+    """-attribute_column centre: an "attributes" list (tstage, centre), channels 1 and 2 on the CT grid."""
     manifest = env / "manifest.csv"
     _manifest(env, GOOD)
     lines = manifest.read_text().splitlines()
@@ -167,7 +167,7 @@ def test_tstage_and_a_centre_column(env):
         img = sitk.ReadImage(os.path.join(out, "imagesTr", f"RT_003_000{k}.nii.gz"))
         assert np.allclose(img.GetSpacing(), SPACING) and np.allclose(img.GetOrigin(), ORIGIN)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img), np.where(ct, code, 0))
-    with pytest.raises(ValueError, match=r"-attribute_columns: \['tstage'\]"):
+    with pytest.raises(ValueError, match=r"-attribute_column: \['tstage'\]"):
         convert_rt(str(manifest), 509, attribute_columns=["tstage"])
     with pytest.raises(ValueError, match=r"missing \['site'\]"):
         convert_rt(str(manifest), 509, attribute_columns=["site"])

@@ -79,8 +79,8 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
     table.write_text("patient,tstage\n" + "".join(f"new_{c},{test_levels[c]}\n" for c in cases) + "unknown_case,\n")
     pred_in = tmp_path / "pred_in"
     shutil.copytree(images_ts, pred_in)
-    out = run(["nnUNetv2_dmoe_attach_attribute", "-i", str(new), "-t", str(table), "--id-column", "patient",
-               "--attribute-column", "tstage", "-d", "992", "-o", str(pred_in)], env)
+    out = run(["nnUNetv2_dmoe_attach_attribute", "-i", str(new), "-t", str(table), "-id_column", "patient",
+               "-attribute_column", "tstage", "-d", "992", "-o", str(pred_in)], env)
     assert "unknown_case: unknown" in out
     for case in cases:  # the tool writes the channel the generator wrote
         np.testing.assert_array_equal(np.asarray(Image.open(pred_in / f"new_{case}_0001.png")),

@@ -71,8 +71,8 @@ def _expected(arrays, group_of):
 def full_run(table, tmp_path_factory):
     """All 150 cases by centre, 1000 resamples, through the command line."""
     out = tmp_path_factory.mktemp("report")
-    evaluate_entry_point(["-ref", REF, "-pred", AUTO, "-l", "1", "-o", str(out), "--attributes", table,
-                          "--id-column", "case", "--attribute-column", "center"])
+    evaluate_entry_point(["-ref", REF, "-pred", AUTO, "-l", "1", "-o", str(out), "-attributes", table,
+                          "-id_column", "case", "-attribute_column", "center"])
     return out
 
 

@@ -147,7 +147,7 @@ def test_shift_along_anisotropic_axis():
     # NSD at 1 mm: only the shifted caps miss; at 3 mm everything is inside the tolerance
     assert 0 < m["NSD"] < 1
     assert metric_per_case(ref, pred, (3.0, 0.5, 0.5), nsd_tolerance=3.0)["NSD"] == 1.0
-    with pytest.raises(ValueError, match="nsd-tolerance"):
+    with pytest.raises(ValueError, match="-nsd_tolerance must be a positive"):
         metric_per_case(ref, pred, (3.0, 0.5, 0.5), nsd_tolerance=0)
 
 
@@ -273,8 +273,8 @@ def test_case_without_attribute(small):
 @pytest.mark.parametrize("argv_tail, message", [
     (["-l", "one"], "'one' is not a label or a region"),
     (["-l", "1", "1"], "more than once"),
-    (["-l", "1", "--compare", "broken"], "is not NAME=PRED_FOLDER"),
-    (["-l", "1", "--bins", "60"], "--bins goes with --attributes"),
+    (["-l", "1", "-compare", "broken"], "is not NAME=PRED_FOLDER"),
+    (["-l", "1", "-bins", "60"], "-bins goes with -attributes"),
 ])
 def test_cli_bad_arguments(small, argv_tail, message, capsys):
     ref, pred, tmp = small
@@ -282,7 +282,7 @@ def test_cli_bad_arguments(small, argv_tail, message, capsys):
                                                                     "cases": {f"c{i}": "a" for i in range(4)}}}
     (tmp / "dataset.json").write_text(json.dumps(dj))
     argv = ["-ref", ref, "-o", str(tmp / "o"), "-dataset_json", str(tmp / "dataset.json")]
-    argv += argv_tail if "--compare" in argv_tail else ["-pred", pred] + argv_tail
+    argv += argv_tail if "-compare" in argv_tail else ["-pred", pred] + argv_tail
     with pytest.raises(SystemExit) as e:
         evaluate_entry_point(argv)
     assert e.value.code == 2
@@ -301,8 +301,8 @@ def test_png_2d_cases_and_table_ids_with_ending(tmp_path):
         Image.fromarray(np.roll(r, i, axis=1)).save(pred / f"img{i}.png")
     (tmp_path / "t.csv").write_text("case,site\nimg0.png,A\nimg1.png,B\nimg2.png,\n")
     out = tmp_path / "o"
-    evaluate_entry_point(["-ref", str(ref), "-pred", str(pred), "-l", "1", "-o", str(out), "--attributes",
-                          str(tmp_path / "t.csv"), "--attribute-column", "site", "--bootstrap", "20"])
+    evaluate_entry_point(["-ref", str(ref), "-pred", str(pred), "-l", "1", "-o", str(out), "-attributes",
+                          str(tmp_path / "t.csv"), "-attribute_column", "site", "-bootstrap", "20"])
     rows = {r.split(",")[0]: r.split(",") for r in open(out / "per_case.csv").read().splitlines()[1:]}
     assert rows["img0"][1:3] == ["A", "1"] and float(rows["img0"][5]) == 0.0
     assert rows["img2"][1] == "unknown" and float(rows["img2"][5]) == pytest.approx(2.0)  # HD95 in pixels

@@ -90,14 +90,14 @@ def test_dataset_json_and_table_give_the_same_attributes(two_attributes, capsys)
     (tmp / "t.csv").write_text("case,stage,centre\n" + "".join(f"{c},{s or ''},{k}\n" for c, (s, k, _) in CASES.items()))
     table = attributes_from_table(str(tmp / "t.csv"), "case", ["stage", "centre"])
     assert [(a.name, a.cases) for a in table] == [(a.name, a.cases) for a in attrs]
-    with pytest.raises(ValueError, match="--bins bins one numeric column"):
+    with pytest.raises(ValueError, match="-bins bins one numeric column"):
         attributes_from_table(str(tmp / "t.csv"), "case", ["stage", "centre"], bins=[1])
     evaluate_entry_point(["-ref", ref, "-pred", pred, "-l", "1", "-o", str(tmp / "cli"), "-dataset_json",
-                          str(tmp / "dataset.json"), "--bootstrap", "0"])
+                          str(tmp / "dataset.json"), "-bootstrap", "0"])
     out = capsys.readouterr().out
     assert "  centre: ES-Dice 0.522" in out and "stage & centre:" in out and "worst group: Dice T2 & B" in out
-    evaluate_entry_point(["-ref", ref, "-pred", pred, "-l", "1", "-o", str(tmp / "tab"), "--attributes",
-                          str(tmp / "t.csv"), "--attribute-column", "stage", "--attribute-column", "centre", "--bootstrap", "0"])
+    evaluate_entry_point(["-ref", ref, "-pred", pred, "-l", "1", "-o", str(tmp / "tab"), "-attributes",
+                          str(tmp / "t.csv"), "-attribute_column", "stage", "-attribute_column", "centre", "-bootstrap", "0"])
     a, b = (json.load(open(tmp / d / "summary.json")) for d in ("cli", "tab"))
     assert a["combinations"]["groups"] == b["combinations"]["groups"]
 

@@ -101,7 +101,7 @@ def test_declared_label_without_reference_voxels_is_scored(folders, capsys):
     ref, pred, tmp = folders
     dj = _dataset_json(tmp / "dataset.json", {"background": 0, "rim": 1, "cup": 2})
     evaluate_entry_point([str(a) for a in ["-ref", ref, "-pred", pred, "-l", "1", "2", "-o", tmp / "out",
-                                           "-dataset_json", dj, "--bootstrap", "0"]])
+                                           "-dataset_json", dj, "-bootstrap", "0"]])
     s = json.load(open(tmp / "out" / "summary.json"))
     assert s["labels"]["2"]["overall"]["Dice"] == 1.0
     assert s["labels"]["1"]["overall"]["Dice"] == pytest.approx((1 + 30 / 36 + 1) / 3)
@@ -198,11 +198,11 @@ def test_output_inside_an_input_folder_is_refused(folders, capsys, where, sub):
     out = {"link": tmp / "link"}.get(where, inside / sub if sub else inside)
     before = {d: sorted(os.listdir(d)) for d in (ref, pred, other)}
     dj = _dataset_json(tmp / "dataset.json")
-    methods = ["-pred", pred] if where != "compare" else ["--compare", f"a={pred}", f"b={other}"]
+    methods = ["-pred", pred] if where != "compare" else ["-compare", f"a={pred}", f"b={other}"]
     msg = _refused(["-ref", ref, *methods, "-l", "1", "-o", out, "-dataset_json", dj], capsys)
-    flag = {"ref": "-ref", "compare": "--compare b"}.get(where, "-pred")
+    flag = {"ref": "-ref", "compare": "-compare b"}.get(where, "-pred")
     assert msg.startswith(f"-o {out} is {'inside' if sub else 'the same folder as'} the {flag} folder {inside}:")
-    assert "Give an output folder outside -ref, -pred and the --compare folders." in msg
+    assert "Give an output folder outside -ref, -pred and the -compare folders." in msg
     assert {d: sorted(os.listdir(d)) for d in (ref, pred, other)} == before
 
 
@@ -236,6 +236,6 @@ def test_console_script_prints_one_line_without_traceback(folders):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert run.stderr.splitlines() == [PREFIX + "Give the attribute of each case: -dataset_json PATH (a dataset.json "
-                                       "with an 'attribute' block) or --attributes TABLE --id-column C "
-                                       "--attribute-column A."]
+                                       "with an 'attribute' block) or -attributes TABLE -id_column C "
+                                       "-attribute_column A."]
     assert not (tmp / "out").exists()

@@ -295,8 +295,8 @@ def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out,
     raw = preprocessed_3d / "raw" / DATASET
     report = tmp_path / "report"
     evaluate_entry_point(["-ref", str(raw / "labelsTr"), "-pred", str(raw / "labelsTr"), "-l", "1", "-o",
-                          str(report), "-dataset_json", str(raw / "dataset.json"), "--bootstrap", "0",
-                          "--routing", str(out)])
+                          str(report), "-dataset_json", str(raw / "dataset.json"), "-bootstrap", "0",
+                          "-routing", str(out)])
     assert (report / "routing.png").read_bytes() == (out / "routing.png").read_bytes()
     md = (report / "report.md").read_text()
     assert md.startswith("# Fairness report") and "## Routing" in md and "![routing per level](routing.png)" in md
@@ -304,10 +304,10 @@ def test_evaluate_puts_the_routing_into_its_report(preprocessed_3d, routing_out,
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         evaluate_entry_point(["-ref", str(raw / "labelsTr"), "-pred", str(raw / "labelsTr"), "-l", "1", "-o",
-                              str(tmp_path / "r2"), "-dataset_json", str(raw / "dataset.json"), "--routing",
+                              str(tmp_path / "r2"), "-dataset_json", str(raw / "dataset.json"), "-routing",
                               str(tmp_path)])
     assert e.value.code == 2
-    assert re.search(rf"--routing {tmp_path}: no routing.json there.*nnUNetv2_dmoe_routing_report",
+    assert re.search(rf"-routing {tmp_path}: no routing.json there.*nnUNetv2_dmoe_routing_report",
                      capsys.readouterr().err)
     assert not (tmp_path / "r2").exists()  # refused before the evaluation
 

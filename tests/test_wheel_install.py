@@ -182,7 +182,7 @@ def test_end_to_end_on_the_installed_wheel(venv, tmp_path):
     assert sorted(p.name for p in (root / "pred").glob("*.png")) == [f"{c}.png" for c in cases]
 
     run("nnUNetv2_dmoe_evaluate", "-ref", raw / "labelsTs", "-pred", root / "pred", "-l", "1", "-dataset_json",
-        raw / "dataset.json", "-o", root / "report", "--bootstrap", "50")
+        raw / "dataset.json", "-o", root / "report", "-bootstrap", "50")
     for name in ("summary.json", "per_case.csv", "report.md", "report.png"):
         assert (root / "report" / name).stat().st_size > 0, name
     summary = json.loads((root / "report" / "summary.json").read_text())

@@ -19,8 +19,8 @@ from nnunet_dmoe.evaluation._report import SMALL_GROUP, console_table, write_rep
 
 _NO_LABELS = "-l: give at least one label or region to score (e.g. -l 1, or -l 1 2 1,2)."
 _DUPLICATE_LABELS = "-l: {labels} are given more than once. Give each label or region once."
-_NO_METHODS = "--compare: give at least one NAME=PRED_FOLDER."
-_BAD_METHOD_NAME = "--compare: method names must be non-empty and unique, got {names}."
+_NO_METHODS = "-compare: give at least one NAME=PRED_FOLDER."
+_BAD_METHOD_NAME = "-compare: method names must be non-empty and unique, got {names}."
 
 
 def _labels(labels: Sequence[Union[str, int, Sequence[int]]]) -> List[LabelOrRegion]:

@@ -121,9 +121,9 @@ def attributes_from_table(path: str, id_column: Optional[str] = None,
         columns = list(attribute_column)
         if len(columns) > 1:
             if bins is not None:
-                raise ValueError(f"--bins bins one numeric column, but {len(columns)} attribute columns are given "
+                raise ValueError(f"-bins bins one numeric column, but {len(columns)} attribute columns are given "
                                  f"({', '.join(columns)}). Bin the column in the table beforehand, or give one "
-                                 f"--attribute-column.")
+                                 f"-attribute_column.")
             return [attributes_from_table(path, id_column, c, None, strip_suffix) for c in columns]
         attribute_column = columns[0] if columns else None
     cases = read_attribute_table(path, id_column, attribute_column, bins=bins, strip_suffix=strip_suffix)

@@ -13,14 +13,14 @@ from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
 from nnunet_dmoe.evaluation._routing import add_routing_to_report, read_routing
 from nnunet_dmoe.tables import add_attribute_table_arguments
 
-_BAD_COMPARE = ("--compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
-                "folder, e.g. --compare dMoE=preds/dmoe baseline=preds/base.")
-_PRED_AND_COMPARE = "Give either -pred FOLDER (one method) or --compare NAME=PRED_FOLDER ... (several), not both."
-_NO_PRED = "Give -pred FOLDER (one method) or --compare NAME=PRED_FOLDER ... (several methods)."
+_BAD_COMPARE = ("-compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
+                "folder, e.g. -compare dMoE=preds/dmoe baseline=preds/base.")
+_PRED_AND_COMPARE = "Give either -pred FOLDER (one method) or -compare NAME=PRED_FOLDER ... (several), not both."
+_NO_PRED = "Give -pred FOLDER (one method) or -compare NAME=PRED_FOLDER ... (several methods)."
 _NO_ATTRIBUTE_SOURCE = ("Give the attribute of each case: -dataset_json PATH (a dataset.json with an 'attribute' "
-                        "block) or --attributes TABLE --id-column C --attribute-column A.")
-_BOTH_ATTRIBUTE_SOURCES = "Give the attribute either with -dataset_json or with --attributes (a table), not both."
-_TABLE_ONLY = "{flag} goes with --attributes TABLE (it describes the table); with -dataset_json leave it out."
+                        "block) or -attributes TABLE -id_column C -attribute_column A.")
+_BOTH_ATTRIBUTE_SOURCES = "Give the attribute either with -dataset_json or with -attributes (a table), not both."
+_TABLE_ONLY = "{flag} goes with -attributes TABLE (it describes the table); with -dataset_json leave it out."
 
 
 def parse_compare(items: Sequence[str]) -> Dict[str, str]:
@@ -31,15 +31,15 @@ def parse_compare(items: Sequence[str]) -> Dict[str, str]:
         if not sep or not name.strip() or not folder.strip():
             raise ValueError(_BAD_COMPARE.format(item=item))
         if name in out:
-            raise ValueError(f"--compare: the method name {name!r} is given twice. Give each method once.")
+            raise ValueError(f"-compare: the method name {name!r} is given twice. Give each method once.")
         out[name] = folder
     return out
 
 
 def _parser():
-    import argparse
+    from nnunet_dmoe.cli import Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Fairness report of segmentations: Dice, IoU, HD95 and NSD per case, per attribute group and "
                     "overall, equity-scaled (ES) metrics, worst group and 95% bootstrap CIs. Writes summary.json, "
                     "per_case.csv, report.md and report.png into -o. Note: summary.json and per_case.csv hold the "
@@ -47,60 +47,61 @@ def _parser():
     parser.add_argument("-ref", type=str, required=True,
                         help="[REQUIRED] folder with the reference segmentations")
     parser.add_argument("-pred", type=str, default=None,
-                        help="[REQUIRED unless --compare] folder with the predictions, matched to -ref by case id")
+                        help="[REQUIRED unless -compare] folder with the predictions, matched to -ref by case id")
     parser.add_argument("-l", nargs="+", type=str, required=True,
                         help="[REQUIRED] labels to score, e.g. -l 1 2. A region (union of labels) is written with "
                              "commas and no spaces: -l 1 2 1,2 scores label 1, label 2 and their union. Labels that "
                              "do not exist (0, negative, not in the dataset) are refused")
     parser.add_argument("-o", type=str, required=True,
-                        help="[REQUIRED] output folder for the report; not inside -ref, -pred or a --compare folder")
+                        help="[REQUIRED] output folder for the report; not inside -ref, -pred or a -compare folder")
     parser.add_argument("-dataset_json", type=str, default=None,
-                        help="[REQUIRED unless --attributes] dataset.json whose 'attribute' block gives the level of "
+                        help="[REQUIRED unless -attributes] dataset.json whose 'attribute' block gives the level of "
                              "each case ('cases' and 'test_cases' merged; levels in the block's order). With an "
                              "'attributes' list every attribute is reported, alone and in combination. Its "
                              "'labels' (if any) are the labels -l and the files may hold; without -dataset_json a "
                              "dataset.json next to -ref is used, else the labels found in -ref")
-    add_attribute_table_arguments(parser, "--attributes", "[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) "
+    add_attribute_table_arguments(parser, "-attributes", "[REQUIRED unless -dataset_json] table (CSV, TSV or JSON) "
                                   "with the attribute of each case; empty cells / 'unknown' mean unknown",
                                   required=False, column_note=" (each reported alone and every combination of their "
-                                                              "groups; the first gives report.png)")
+                                                              "groups; the first gives report.png)",
+                                  old_table_flag="--attributes")
     parser.add_argument("-fe", type=str, default=None,
                         help="[OPTIONAL] file ending of the segmentations, e.g. .nii.gz. Default: detected from -ref "
                              "(.nii.gz .nii .png .nrrd .mha .tif .tiff .bmp .gipl)")
-    parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM,
-                        help=f"[OPTIONAL] NSD tolerance in mm. Default: {DEFAULT_NSD_TOLERANCE_MM}")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="[OPTIONAL] bootstrap resamples for the 95%% CIs; 0 turns CIs off. Default: 1000")
-    parser.add_argument("--seed", type=int, default=0, help="[OPTIONAL] seed of the bootstrap. Default: 0")
-    parser.add_argument("--compare", nargs="+", type=str, default=None, metavar="NAME=PRED_FOLDER",
-                        help="[OPTIONAL] several methods in one table and one figure, each as NAME=PRED_FOLDER; "
-                             "replaces -pred. Default: off")
+    parser.add_renamed("-nsd_tolerance", "--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM,
+                       help=f"[OPTIONAL] NSD tolerance in mm. Default: {DEFAULT_NSD_TOLERANCE_MM}")
+    parser.add_renamed("-bootstrap", "--bootstrap", type=int, default=1000,
+                       help="[OPTIONAL] bootstrap resamples for the 95%% CIs; 0 turns CIs off. Default: 1000")
+    parser.add_renamed("-seed", "--seed", type=int, default=0, help="[OPTIONAL] seed of the bootstrap. Default: 0")
+    parser.add_renamed("-compare", "--compare", nargs="+", type=str, default=None, metavar="NAME=PRED_FOLDER",
+                       help="[OPTIONAL] several methods in one table and one figure, each as NAME=PRED_FOLDER; "
+                            "replaces -pred. Default: off")
     parser.add_argument("-np", type=int, default=1,
                         help="[OPTIONAL] processes (1 or more) for reading and scoring the cases. Default: 1")
-    parser.add_argument("--routing", type=str, default=None, metavar="FOLDER",
+    parser.add_renamed("-routing", "--routing", type=str, default=None, metavar="FOLDER",
                         help="[OPTIONAL] output folder of nnUNetv2_dmoe_routing_report: its routing.png and a table "
                              "of the routing per block go into report.md. Default: off")
     return parser
 
 
 def _input_folders(args) -> Dict[str, str]:
-    """``{flag: folder}`` of every input folder (-ref, -pred or each --compare method) for the -o check."""
+    """``{flag: folder}`` of every input folder (-ref, -pred or each -compare method) for the -o check."""
     if args.pred is not None and args.compare is not None:
         raise ValueError(_PRED_AND_COMPARE)
     if args.pred is None and args.compare is None:
         raise ValueError(_NO_PRED)
     if args.pred is not None:
         return {"-ref": args.ref, "-pred": args.pred}
-    return {"-ref": args.ref, **{f"--compare {n}": f for n, f in parse_compare(args.compare).items()}}
+    return {"-ref": args.ref, **{f"-compare {n}": f for n, f in parse_compare(args.compare).items()}}
 
 
 def _attributes(args):
-    """The attribute(s) of every case from -dataset_json or from --attributes (a table)."""
+    """The attribute(s) of every case from -dataset_json or from -attributes (a table)."""
     if args.dataset_json is not None and args.attributes is not None:
         raise ValueError(_BOTH_ATTRIBUTE_SOURCES)
     if args.dataset_json is not None:
-        for flag, value in (("--id-column", args.id_column), ("--attribute-column", args.attribute_column),
-                            ("--bins", args.bins)):
+        for flag, value in (("-id_column", args.id_column), ("-attribute_column", args.attribute_column),
+                            ("-bins", args.bins)):
             if value is not None:
                 raise ValueError(_TABLE_ONLY.format(flag=flag))
         return attributes_from_dataset_json(args.dataset_json)
@@ -116,7 +117,7 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
     """``nnUNetv2_dmoe_evaluate``; ``argv`` defaults to the command line. Bad input: one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
     check_processes(args.np, "-np ")  # refusals that need no file come before any work
-    check_output_folder(("-o", args.o), _input_folders(args), "-ref, -pred and the --compare folders")
+    check_output_folder(("-o", args.o), _input_folders(args), "-ref, -pred and the -compare folders")
     if args.routing is not None:
         read_routing(args.routing)  # fail before the evaluation
     common = dict(labels=args.l, attributes=_attributes(args), output_folder=args.o, n_boot=args.bootstrap,

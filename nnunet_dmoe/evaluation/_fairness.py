@@ -21,7 +21,7 @@ from nnunet_dmoe.evaluation._cases import UNKNOWN_GROUP
 DEFAULT_CI_QUANTILES = (0.025, 0.975)
 
 _BOOT_WITHOUT_QUANTILES = "n_boot and ci_quantiles must be given together (got n_boot={n_boot}, ci_quantiles={q})"
-_BAD_N_BOOT = "n_boot (--bootstrap) must be a whole number >= 1, got {value!r}"
+_BAD_N_BOOT = "n_boot (-bootstrap) must be a whole number >= 1, got {value!r}"
 _BAD_QUANTILES = "ci_quantiles must be numbers in [0, 1], got {value!r}"
 _NO_CI = "This FairnessFrame was built without n_boot / ci_quantiles, so it has no confidence intervals."
 _LENGTHS = "scores[{metric!r}] has {n} values but there are {n_groups} group entries (one per case)"

@@ -28,7 +28,7 @@ DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 _BAD_LABEL = ("-l: {value!r} is not a label or a region. Give integer labels (-l 1 2) or regions as comma-separated "
               "labels without spaces (-l 1,2 for the union of labels 1 and 2).")
-_BAD_TOLERANCE = "--nsd-tolerance must be a positive number of millimetres, got {value!r}"
+_BAD_TOLERANCE = "-nsd_tolerance must be a positive number of millimetres, got {value!r}"
 _BAD_SPACING_LEN = "spacing {spacing} has {n} values but the masks have {ndim} axes"
 
 

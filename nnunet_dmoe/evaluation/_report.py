@@ -1,7 +1,7 @@
 """Writers of the fairness report: summary.json, per_case.csv, report.md, report.png and the console table.
 
 Every writer takes ``{method: summary}`` (one entry for a single evaluation), so a single report and a
-``--compare`` report share the same layout: one row per method, the paper's Table 1.
+``-compare`` report share the same layout: one row per method, the paper's Table 1.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The routing section of ``report.md`` (``nnUNetv2_dmoe_evaluate --routing FOLDER``): the figure and a short table
+"""The routing section of ``report.md`` (``nnUNetv2_dmoe_evaluate -routing FOLDER``): the figure and a short table
 from the output of ``nnUNetv2_dmoe_routing_report``."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Mapping
 
 __all__ = ["read_routing", "routing_markdown", "add_routing_to_report"]
 
-_MISSING = ("--routing {folder}: no {name} there. Give the output folder (-o) of nnUNetv2_dmoe_routing_report, "
+_MISSING = ("-routing {folder}: no {name} there. Give the output folder (-o) of nnUNetv2_dmoe_routing_report, "
             "which writes routing.json and routing.png.")
 
 
@@ -21,7 +21,7 @@ def read_routing(folder: str) -> dict:
     with open(os.path.join(folder, "routing.json")) as f:
         report = json.load(f)
     if not isinstance(report, dict) or "blocks" not in report:
-        raise ValueError(f"--routing {folder}: routing.json is not a routing report (no 'blocks'). Write it with "
+        raise ValueError(f"-routing {folder}: routing.json is not a routing report (no 'blocks'). Write it with "
                          f"nnUNetv2_dmoe_routing_report.")
     return report
 
