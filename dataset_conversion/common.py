@@ -25,10 +25,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.attribute import UNKNOWN_LEVEL, AttributeSpec, channel_file, encode_attribute_channel, fmt_cases
 from nnunet_dmoe.tables import read_attribute_table, read_text
 
-UNKNOWN = "unknown"
+UNKNOWN = UNKNOWN_LEVEL
 _SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",
                   "test": "test", "testing": "test", "ts": "test"}
 _SPLIT_FILE_HELP = ("A split file is a CSV/TSV with the columns 'case' and 'split' (train or test), or a JSON file "
@@ -265,7 +265,7 @@ def write_png_case(folder: str, case: str, channels: Sequence[np.ndarray],
     stacked = np.stack(channels)
     attributes = [encode_attribute_channel(stacked, i) for i in _level_indices(level_index)]
     for k, arr in enumerate(channels + attributes):
-        Image.fromarray(arr, mode="L").save(os.path.join(folder, f"{case}_{k:04d}.png"))
+        Image.fromarray(arr, mode="L").save(os.path.join(folder, channel_file(case, k, ".png")))
 
 
 def write_nifti_case(folder: str, case: str, images: Sequence,
@@ -280,7 +280,7 @@ def write_nifti_case(folder: str, case: str, images: Sequence,
         attributes.append(sitk.GetImageFromArray(encode_attribute_channel(arrays, index)))
         attributes[-1].CopyInformation(images[0])
     for k, img in enumerate(list(images) + attributes):
-        sitk.WriteImage(img, os.path.join(folder, f"{case}_{k:04d}.nii.gz"), useCompression=True)
+        sitk.WriteImage(img, os.path.join(folder, channel_file(case, k, ".nii.gz")), useCompression=True)
 
 
 def write_png_label(folder: str, case: str, label: np.ndarray) -> None:

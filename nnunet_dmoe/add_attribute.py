@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from nnunet_dmoe.attribute import AttributeSpec, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.attribute import AttributeSpec, channel_file, encode_attribute_channel, fmt_cases
 from nnunet_dmoe.errors import command
 
 __all__ = ["add_attribute", "case_files", "level_order"]
@@ -181,7 +181,7 @@ def add_attribute(dataset_folder: str, tables: Sequence[Mapping[str, Optional[st
                                      f"written. Fix or remove the case.") from None
                 for spec in specs:
                     level = spec.all_cases[case]
-                    file = f"{case}_{spec.channel:04d}{file_ending}"
+                    file = channel_file(case, spec.channel, file_ending)
                     staged = os.path.join(staging, folder + "__" + file)
                     rw.write_seg(encode_attribute_channel(images, spec.level_index(level)), staged, properties)
                     writes.append((staged, os.path.join(dataset_folder, folder, file)))

@@ -21,7 +21,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from nnunet_dmoe.attribute import attribute_specs_from_dataset_json, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.attribute import (attribute_specs_from_dataset_json, channel_file, encode_attribute_channel,
+                                   fmt_cases)
 from nnunet_dmoe.errors import command
 
 __all__ = ["attach_attribute", "load_model_dataset_json"]
@@ -127,7 +128,7 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
         raise ValueError(f"images must be 'copy', 'link' or 'none', got {images!r}")
     output_folder = output_folder or input_folder
     copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder) and images != "none"
-    targets = {(c, k): os.path.join(output_folder, f"{c}_{spec.channel:04d}{file_ending}")
+    targets = {(c, k): os.path.join(output_folder, channel_file(c, spec.channel, file_ending))
                for c in cases for k, spec in enumerate(specs)}
     # everything this call would write: the attribute channels and, with an output folder, the image copies
     writes = list(targets.values())

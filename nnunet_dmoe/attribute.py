@@ -23,6 +23,17 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 UNKNOWN_CODE = 0
+UNKNOWN_LEVEL = "unknown"  # the name of the group / level of cases whose attribute is unknown, everywhere
+
+
+def channel_suffix(channel: int, file_ending: str) -> str:
+    """nnU-Net's file-name ending of image channel ``channel``: ``_0001.nii.gz``."""
+    return f"_{int(channel):04d}{file_ending}"
+
+
+def channel_file(case: str, channel: int, file_ending: str) -> str:
+    """nnU-Net's file name of a case's channel: ``RT_0001_0001.nii.gz``."""
+    return case + channel_suffix(channel, file_ending)
 
 _BAD_CODE = ("The attribute channel of {found}, but there are only {n} levels (codes 1..{n}, 0 = unknown). Write "
              "the channel with nnUNetv2_dmoe_attach_attribute using the levels of the model's dataset.json.")

@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_dmoe.attribute import UNKNOWN_LEVEL as UNKNOWN_GROUP
+
 __all__ = ["GroupLoss", "group_sums", "all_reduce_sum", "group_dro_step", "GroupDROLoss", "soft_dice_sums",
            "febs_weights", "FEBSDiceLoss", "with_febs_dice", "AdversarialLoss", "UNKNOWN_GROUP"]
-
-UNKNOWN_GROUP = "unknown"
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

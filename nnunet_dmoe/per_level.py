@@ -25,7 +25,7 @@ import subprocess
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_channel
+from nnunet_dmoe.attribute import AttributeSpec, channel_suffix, decode_attribute_channel
 from nnunet_dmoe.errors import command
 
 __all__ = ["PER_LEVEL_FOLDER", "level_folder_name", "level_splits", "make_level_view", "level_model_folder",
@@ -205,7 +205,7 @@ def case_levels_from_channel(cases: Mapping[str, List[str]], dataset_json: dict)
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     spec = AttributeSpec.from_dataset_json(dataset_json, "the model's dataset.json")
-    suffix = f"_{spec.channel:04d}{dataset_json['file_ending']}"
+    suffix = channel_suffix(spec.channel, dataset_json["file_ending"])
     missing = sorted(c for c, files in cases.items() if not any(f.endswith(suffix) for f in files))
     if missing:
         raise ValueError(f"{len(missing)} case(s) have no attribute channel (CASE{suffix}): {', '.join(missing)}. "

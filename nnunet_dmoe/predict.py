@@ -26,12 +26,13 @@ import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from nnunet_dmoe.attach import _cases_in, attach_attribute
-from nnunet_dmoe.attribute import AttributeSpec, attribute_specs_from_dataset_json, fmt_cases
+from nnunet_dmoe.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_specs_from_dataset_json, channel_file,
+                                   fmt_cases)
 from nnunet_dmoe.errors import command
 
 __all__ = ["case_levels", "predict_with_attribute"]
 
-UNKNOWN = "unknown"
+UNKNOWN = UNKNOWN_LEVEL
 _SHADOWED = ("-device", "-chk", "-prev_stage_predictions", "-part_id")
 
 
@@ -106,7 +107,7 @@ def predict_with_attribute(predictor, input_folder: str, output_folder: str, lev
     with tempfile.TemporaryDirectory(prefix="nnunet_dmoe_predict_") as tmp:
         _attribute_folder(input_folder, predictor.dataset_json, per_attribute, tmp, images="none")
         num_channels = len(predictor.dataset_json["channel_names"])
-        list_of_lists = [[os.path.join(tmp, f"{c}_{i:04d}{ending}") if i in channels else files[i]
+        list_of_lists = [[os.path.join(tmp, channel_file(c, i, ending)) if i in channels else files[i]
                           for i in range(num_channels)] for c, files in sorted(cases.items())]
         os.makedirs(output_folder, exist_ok=True)
         return predictor.predict_from_files(list_of_lists, [os.path.join(output_folder, c) for c in sorted(cases)],

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_dmoe.attribute import AttributeSpec, decode_attribute_levels, fmt_cases
+from nnunet_dmoe.attribute import UNKNOWN_LEVEL, AttributeSpec, decode_attribute_levels, fmt_cases
 from nnunet_dmoe.dmoe import DistributionAwareMoE, route_index_for_levels
 from nnunet_dmoe.errors import command
 
 __all__ = ["RoutingRecorder", "js_divergence", "routing_report", "write_routing_json", "plot_routing",
            "routing_report_entry_point", "UNKNOWN"]
 
-UNKNOWN = "unknown"
+UNKNOWN = UNKNOWN_LEVEL
 COUNTING = ("fraction[e]: share of the row's tokens that have expert e among their top-k (each token counts once "
             "for each of its k experts, so a row sums to k); mean_gate[e]: mean gate value of expert e over the "
             "tokens that selected it (null where none did); tokens: tokens (voxels or transformer tokens) of all "

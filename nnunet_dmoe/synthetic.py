@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from nnunet_dmoe.attribute import encode_attribute_channel
+from nnunet_dmoe.attribute import channel_file, encode_attribute_channel
 from nnunet_dmoe.errors import command
 
 __all__ = ["make_synthetic_dataset", "allocate_levels", "DEFAULT_LEVELS", "DEFAULT_PROPORTIONS", "DEFAULT_MARGINS",
@@ -97,7 +97,7 @@ def _write(image: np.ndarray, attrs: Sequence[np.ndarray], label: np.ndarray, im
     if dim == 3:
         import SimpleITK as sitk
         files = [(image, os.path.join(img_dir, f"{case}_0000.nii.gz"))]
-        files += [(a.astype(np.float32), os.path.join(img_dir, f"{case}_{i + 1:04d}.nii.gz"))
+        files += [(a.astype(np.float32), os.path.join(img_dir, channel_file(case, i + 1, ".nii.gz")))
                   for i, a in enumerate(attrs)]
         for arr, path in files + [(label, os.path.join(lab_dir, f"{case}.nii.gz"))]:
             itk = sitk.GetImageFromArray(arr)
@@ -107,7 +107,7 @@ def _write(image: np.ndarray, attrs: Sequence[np.ndarray], label: np.ndarray, im
         from PIL import Image
         Image.fromarray(np.round(image * 255).astype(np.uint8)).save(os.path.join(img_dir, f"{case}_0000.png"))
         for i, a in enumerate(attrs):
-            Image.fromarray(a.astype(np.uint8)).save(os.path.join(img_dir, f"{case}_{i + 1:04d}.png"))
+            Image.fromarray(a.astype(np.uint8)).save(os.path.join(img_dir, channel_file(case, i + 1, ".png")))
         Image.fromarray(label).save(os.path.join(lab_dir, f"{case}.png"))
 
 

@@ -6,7 +6,8 @@ import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from nnunet_dmoe.attribute import AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement
+from nnunet_dmoe.attribute import (AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement,
+                                   channel_suffix)
 from nnunet_dmoe.errors import command
 
 Problem = Tuple[str, str]  # (kind, line of the message)
@@ -42,7 +43,7 @@ def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict
     ending, several = dataset_json["file_ending"], len(specs) > 1
     problems = []
     for spec in specs:
-        suffix = f"_{spec.channel:04d}{ending}"
+        suffix = channel_suffix(spec.channel, ending)
         cases, what = ((f"the cases of attribute '{spec.name}'", spec.name) if several else
                        ("attribute.cases", "attribute"))
         problems += [("missing", f"  {case}: missing from {cases}") for case in dataset if case not in spec.cases]
@@ -90,7 +91,7 @@ def _channel_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: d
     seconds to start: worth it for hundreds of CT volumes, not for small images)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
-    suffixes = [f"_{spec.channel:04d}{dataset_json['file_ending']}" for spec in specs]
+    suffixes = [channel_suffix(spec.channel, dataset_json["file_ending"]) for spec in specs]
     tasks = [(case, [_channel_file(entry, case, s) for s in suffixes]) for case, entry in dataset.items()]
     # the reader is chosen by the file ending (no example file: nnU-Net prints a traceback for a file it can't open)
     reader_class = determine_reader_writer_from_dataset_json(dataset_json, verbose=False)

@@ -4,7 +4,7 @@ that patch and batch size leave room for the experts' activations, and the dMoE 
 Preprocessing is unchanged, so the 2d/3d_fullres data of ``nnUNetPlans`` is reused (as nnU-Net's ResEnc planners
 do). All trainers of the plugin can train on these plans; baselines then use the same patch and batch size.
 """
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner

@@ -26,3 +26,18 @@ def test_old_spellings_set_the_same_options_and_warn(capsys):
 def test_one_attribute_column_is_a_name():
     args = _parser().parse_args(["-ref", "r", "-pred", "p", "-l", "1", "-o", "o", "-attribute_column", "stage"])
     assert args.attribute_column == "stage"
+
+
+def test_every_command_is_in_the_reference():
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    scripts = re.findall(r"^(nnUNetv2_dmoe_\w+) = ", (root / "pyproject.toml").read_text(), flags=re.M)
+    reference = (root / "documentation" / "reference" / "commands.md").read_text()
+    assert len(scripts) >= 15 and not [s for s in scripts if f"`{s}`" not in reference]
+
+
+def test_evaluate_progress_bar_switch():
+    base = ["-ref", "r", "-pred", "p", "-l", "1", "-o", "o", "-dataset_json", "d.json"]
+    assert _parser().parse_args(base).disable_progress_bar is False
+    assert _parser().parse_args(base + ["--disable_progress_bar"]).disable_progress_bar is True

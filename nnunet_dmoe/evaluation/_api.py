@@ -52,13 +52,17 @@ def _score_one(args) -> Tuple[Dict[str, Dict[str, float]], Tuple[int, ...], Tupl
 
 def score_folder(ref_folder: str, pred_folder: str, labels: Sequence[LabelOrRegion], file_ending: Optional[str] = None,
                  nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1,
-                 declared: Optional[DeclaredLabels] = None) -> Tuple[List[str], List[Dict[str, Dict[str, float]]]]:
+                 declared: Optional[DeclaredLabels] = None,
+                 progress: bool = False) -> Tuple[List[str], List[Dict[str, Dict[str, float]]]]:
     """Case ids and ``[{label: {metric: value}}]`` per case, cases matched by id between the two folders.
 
     Refuses (``ValueError``, naming the file or ``-l``) a label that does not exist and a label map holding a value
     that is not a label: ``declared`` are the dataset's labels (``None``: the values found in the references plus
     0), see :mod:`nnunet_dmoe.evaluation._checks`. The values are taken from the arrays read for scoring.
+    ``progress`` shows a progress bar on a terminal (tqdm, stderr).
     """
+    from tqdm import tqdm
+
     check_processes(num_processes)
     check_label_arguments(labels, declared)
     ending, triples = match_cases(ref_folder, pred_folder, file_ending)
@@ -66,9 +70,10 @@ def score_folder(ref_folder: str, pred_folder: str, labels: Sequence[LabelOrRegi
     jobs = [(reader, case, r, p, list(labels), nsd_tolerance) for case, r, p in triples]
     if num_processes > 1:
         with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-            results = pool.map(_score_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))
+            results = list(tqdm(pool.imap(_score_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes))),
+                                total=len(jobs), desc="scoring cases", disable=None if progress else True))
     else:
-        results = [_score_one(j) for j in jobs]
+        results = [_score_one(j) for j in tqdm(jobs, desc="scoring cases", disable=None if progress else True)]
     check_case_values(ref_folder, triples, [r[1] for r in results], [r[2] for r in results], labels, declared)
     return [t[0] for t in triples], [r[0] for r in results]
 
@@ -155,7 +160,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
                      attributes, output_folder: Optional[str], n_boot: int = 1000, seed: int = 0,
                      file_ending: Optional[str] = None, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
                      num_processes: int = 1, method_name: Optional[str] = None,
-                     dataset_json: Optional[str] = None) -> dict:
+                     dataset_json: Optional[str] = None, progress: bool = False) -> dict:
     """Fairness report of one folder of predictions against a folder of references.
 
     Impossible input is refused with a ``ValueError`` before anything is written: a label that does not exist (0,
@@ -200,7 +205,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels: Sequence[Union[s
     labels = _labels(labels)
     attributes = attribute_list(attributes)
     case_ids, per_case = score_folder(ref_folder, pred_folder, labels, file_ending, nsd_tolerance, num_processes,
-                                      declared)
+                                      declared, progress)
     summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
     summary.update(reference=ref_folder, prediction=pred_folder)
     if output_folder is not None:
@@ -213,7 +218,7 @@ def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
                     labels: Sequence[Union[str, int, Sequence[int]]], attributes, output_folder: Optional[str],
                     n_boot: int = 1000, seed: int = 0, file_ending: Optional[str] = None,
                     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, num_processes: int = 1,
-                    dataset_json: Optional[str] = None) -> dict:
+                    dataset_json: Optional[str] = None, progress: bool = False) -> dict:
     """Several methods against the same references, in one table (the paper's Table 1) and one figure.
 
     Refuses impossible input as :func:`evaluate_folders` does (``dataset_json`` as there). Every method is
@@ -233,7 +238,7 @@ def compare_methods(pred_folders: Mapping[str, str], ref_folder: str,
     summaries, all_rows = {}, []
     for name in names:  # one reference folder: match_cases gives every method the same cases
         case_ids, per_case = score_folder(ref_folder, pred_folders[name], labels, file_ending, nsd_tolerance,
-                                          num_processes, declared)
+                                          num_processes, declared, progress)
         summary, rows = summarise(case_ids, per_case, attributes, labels, n_boot, seed, nsd_tolerance)
         summary.update(reference=ref_folder, prediction=pred_folders[name])
         summaries[name] = summary

@@ -10,11 +10,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-from nnunet_dmoe.attribute import attribute_specs_from_dataset_json, fmt_cases
+from nnunet_dmoe.attribute import UNKNOWN_LEVEL, attribute_specs_from_dataset_json, fmt_cases
 from nnunet_dmoe.tables import bin_labels, read_attribute_table
 
 COMMON_FILE_ENDINGS = (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".tif", ".tiff", ".bmp", ".gipl")
-UNKNOWN_GROUP = "unknown"
+UNKNOWN_GROUP = UNKNOWN_LEVEL
 COMBINATION_SEPARATOR = " & "  # "T2 & centre B": one group of each attribute, in the attributes' order
 SPACING_RTOL = 1e-4
 

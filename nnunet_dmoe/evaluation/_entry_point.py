@@ -81,6 +81,8 @@ def _parser():
     parser.add_renamed("-routing", "--routing", type=str, default=None, metavar="FOLDER",
                         help="[OPTIONAL] output folder of nnUNetv2_dmoe_routing_report: its routing.png and a table "
                              "of the routing per block go into report.md. Default: off")
+    parser.add_argument("--disable_progress_bar", action="store_true",
+                        help="[OPTIONAL] no progress bar while the cases are scored (shown on a terminal only)")
     return parser
 
 
@@ -122,7 +124,7 @@ def evaluate_entry_point(argv: Optional[List[str]] = None):
         read_routing(args.routing)  # fail before the evaluation
     common = dict(labels=args.l, attributes=_attributes(args), output_folder=args.o, n_boot=args.bootstrap,
                   seed=args.seed, file_ending=args.fe, nsd_tolerance=args.nsd_tolerance, num_processes=args.np,
-                  dataset_json=args.dataset_json)
+                  dataset_json=args.dataset_json, progress=not args.disable_progress_bar)
     if args.compare is not None:
         result = compare_methods(parse_compare(args.compare), args.ref, **common)
         print_summary(result["methods"])
