@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from nnunet_dmoe.attribute import AttributeSpec, channel_file, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.attribute import AttributeSpec, cases_in_folder, channel_file, encode_attribute_channel, fmt_cases
 from nnunet_dmoe.errors import command
 
 __all__ = ["add_attribute", "case_files", "level_order"]
@@ -38,12 +37,7 @@ MAX_NUMERIC_LEVELS = 12
 def case_files(folder: str, file_ending: str, num_channels: int, what: str) -> Dict[str, List[str]]:
     """``case -> [file of channel 0, 1, ...]`` of an nnU-Net image folder whose cases have ``num_channels``
     channels; a case that lacks one is an error that names it."""
-    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
-    found: Dict[str, Dict[int, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        m = pattern.match(name)
-        if m:
-            found.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, name)
+    found = cases_in_folder(folder, file_ending)
     incomplete = sorted(f"{c} (has {sorted(ch)})" for c, ch in found.items() if sorted(ch) != list(range(num_channels)))
     if incomplete:
         raise ValueError(f"{folder}: these {what} cases do not have exactly the channels 0..{num_channels - 1} of "

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import filecmp
 import os
-import re
 import shutil
 import tempfile
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from nnunet_dmoe.attribute import (attribute_specs_from_dataset_json, channel_file, encode_attribute_channel,
-                                   fmt_cases)
+from nnunet_dmoe.attribute import (attribute_specs_from_dataset_json, cases_in_folder, channel_file,
+                                   encode_attribute_channel, fmt_cases)
 from nnunet_dmoe.errors import command
 
 __all__ = ["attach_attribute", "load_model_dataset_json"]
@@ -48,16 +47,6 @@ def load_model_dataset_json(dataset_json: Optional[str] = None, dataset: Optiona
     if not os.path.isfile(dataset_json):
         raise ValueError(f"{dataset_json} does not exist")
     return load_json(dataset_json)
-
-
-def _cases_in(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
-    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
-    cases: Dict[str, Dict[int, str]] = {}
-    for f in sorted(os.listdir(folder)):
-        m = pattern.match(f)
-        if m:
-            cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, f)
-    return cases
 
 
 def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
@@ -103,7 +92,7 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
     image_channels = [c for c in range(num_channels) if c not in {s.channel for s in specs}]
     if not os.path.isdir(input_folder):
         raise ValueError(f"input folder {input_folder} does not exist")
-    cases = _cases_in(input_folder, file_ending)
+    cases = cases_in_folder(input_folder, file_ending)
     if not cases:
         raise ValueError(f"{input_folder} holds no nnU-Net-named images CASE_XXXX{file_ending}")
 

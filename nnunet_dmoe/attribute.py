@@ -35,6 +35,20 @@ def channel_file(case: str, channel: int, file_ending: str) -> str:
     """nnU-Net's file name of a case's channel: ``RT_0001_0001.nii.gz``."""
     return case + channel_suffix(channel, file_ending)
 
+
+def cases_in_folder(folder: str, file_ending: str) -> Dict[str, Dict[int, str]]:
+    """``case -> {channel: path}`` of the nnU-Net-named images (``CASE_XXXX<file_ending>``) in ``folder``."""
+    import os
+    import re
+
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
+    cases: Dict[str, Dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = pattern.match(name)
+        if m:
+            cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, name)
+    return cases
+
 _BAD_CODE = ("The attribute channel of {found}, but there are only {n} levels (codes 1..{n}, 0 = unknown). Write "
              "the channel with nnUNetv2_dmoe_attach_attribute using the levels of the model's dataset.json.")
 _MISSING_BLOCK = (

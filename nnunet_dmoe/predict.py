@@ -25,9 +25,9 @@ import sys
 import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from nnunet_dmoe.attach import _cases_in, attach_attribute
-from nnunet_dmoe.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_specs_from_dataset_json, channel_file,
-                                   fmt_cases)
+from nnunet_dmoe.attach import attach_attribute
+from nnunet_dmoe.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_specs_from_dataset_json, cases_in_folder,
+                                   channel_file, fmt_cases)
 from nnunet_dmoe.errors import command
 
 __all__ = ["case_levels", "predict_with_attribute"]
@@ -97,7 +97,7 @@ def predict_with_attribute(predictor, input_folder: str, output_folder: str, lev
     temporary folder only."""
     specs = attribute_specs_from_dataset_json(predictor.dataset_json, where="the model's dataset.json")
     ending = predictor.dataset_json["file_ending"]
-    cases = _cases_in(input_folder, ending)
+    cases = cases_in_folder(input_folder, ending)
     if not cases:
         raise ValueError(f"{input_folder} holds no nnU-Net-named images CASE_XXXX{ending}")
     tables = None if table is None else (list(table) if isinstance(table, (list, tuple)) else [table])
@@ -173,7 +173,7 @@ def predict_entry_point():
     ending = dataset_json["file_ending"]
     if not os.path.isdir(a.i):
         raise ValueError(f"-i {a.i} does not exist")
-    cases = sorted(_cases_in(a.i, ending))
+    cases = sorted(cases_in_folder(a.i, ending))
     tables = None
     if a.t is not None:
         columns = a.attribute_column or [s.name for s in specs]
