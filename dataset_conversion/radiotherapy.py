@@ -22,7 +22,6 @@ declared. Images are copied, the attribute channel (``noNorm``, uint8) is writte
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from typing import List, Optional, Sequence
@@ -34,7 +33,7 @@ from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, at
                                                     finish, make_parser, normalise_split,
                                                     progress, staged_dataset, write_nifti_case)
 from nnunet_dmoe.errors import command
-from nnunet_dmoe.tables import DEFAULT_MISSING, read_text
+from nnunet_dmoe.tables import DEFAULT_MISSING, read_rows
 
 _TSTAGE = re.compile(r"^(?:[cpyra]{1,3})?T?(is|[0-4])[a-d]?\d?$", re.IGNORECASE)
 _STAGE_ORDER = ["T0", "Tis", "T1", "T2", "T3", "T4"]
@@ -60,9 +59,7 @@ def _same_grid(a: tuple, b: tuple) -> bool:
 
 
 def _read_manifest(manifest: str, id_column: str, tstage_column: str, attribute_columns: Sequence[str] = ()):
-    text = read_text(manifest, "manifest")
-    delimiter = "\t" if manifest.lower().endswith(".tsv") else ","
-    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    rows = read_rows(manifest, "manifest")
     columns = list(rows[0]) if rows else []
     image_columns = [c for c in columns if c.startswith("image_")]
     missing = [c for c in (id_column, tstage_column, "label", *attribute_columns) if c not in columns]

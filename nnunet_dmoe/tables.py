@@ -49,11 +49,17 @@ def read_text(path: str, what: str = "table") -> str:
                          f"Save it as UTF-8 (in Excel: 'CSV UTF-8') and run the command again.") from None
 
 
-def _read_rows(path: str) -> List[Dict[str, object]]:
+def read_rows(path: str, what: str = "attribute table") -> List[Dict[str, object]]:
+    """The rows of a table (CSV, TSV, or JSON records) as dicts. CSV and TSV are read by pandas, every cell as text
+    (an empty cell as ``""``); ``what`` names the table in errors."""
+    import io
+
+    import pandas as pd
+
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json":
         try:
-            data = json.loads(read_text(path, "attribute table"))
+            data = json.loads(read_text(path, what))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}). Fix the file, or give a CSV/TSV table.") from None
         if isinstance(data, Mapping):
@@ -61,16 +67,20 @@ def _read_rows(path: str) -> List[Dict[str, object]]:
         if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
             return [dict(r) for r in data]
         raise ValueError(f"{path}: a JSON attribute table must be an object {{case: value}} or a list of records")
-    text = read_text(path, "attribute table")
+    text = read_text(path, what)
     if not text.strip():
-        raise ValueError(f"{path}: the attribute table is empty")
+        raise ValueError(f"{path}: the {what} is empty")
     if ext == ".tsv":
         delim = "\t"
     elif ext == ".csv":
         delim = ","
     else:
         delim = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",\t;").delimiter
-    return list(csv.DictReader(text.splitlines(), delimiter=delim))
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=delim, dtype=str, keep_default_na=False, skipinitialspace=False)
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: not a {'TSV' if delim == chr(9) else 'CSV'} table ({e}). Fix the file.") from None
+    return frame.to_dict("records")
 
 
 def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_column: Optional[str] = None,
@@ -94,7 +104,7 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
     """
     if not os.path.isfile(path):
         raise ValueError(f"attribute table {path} does not exist")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the attribute table has no rows")
     given = {"id column": id_column, "attribute column": attribute_column}
