@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of the dMoE (issue 9): install the wheels, run the GPU tests (Triton kernels and the grouped_mm path
+# One GPU check of the dMoE: install the wheels, run the GPU tests (Triton kernels and the grouped_mm path
 # against the dense reference, torch.compile), then time nnU-Net's train step of ResEnc-M 3D at 128^3, batch 2,
 # baseline vs dMoE:
 #   compile  torch.compile with the default backend choice (`auto`: Triton where C <= 128, grouped_mm at the wider
