@@ -1,5 +1,4 @@
-"""Forward+backward time of one dMoE layer: sparse dispatch vs a dense reference (the figure in the
-README's "Cost (the paper's Table 7)" section).
+"""Forward+backward time of one dMoE layer: sparse dispatch vs a dense reference (documentation/explanation/cost.md).
 
 Sparse = :class:`nnunet_dmoe.dmoe.DistributionAwareMoE` (each token through its top-k experts only). Dense = the
 same math written the straightforward way: every token through all experts, then keep the routed k (same router,

@@ -1,5 +1,5 @@
-"""Whole-network cost of the dMoE in nnU-Net's ResEnc-M 3D U-Net (the times of the README's "Cost (the paper's
-Table 7)" section).
+"""Whole-network cost of the dMoE in nnU-Net's ResEnc-M 3D U-Net (the times and memory of
+documentation/explanation/cost.md).
 
 ResidualEncoderUNet with nnU-Net's ResEnc-M settings (features 32-64-128-256-320-320, blocks 1-3-4-6-6-6, one conv
 per decoder stage, kernel 3, strides 1,2,2,2,2,2, InstanceNorm3d affine, LeakyReLU, conv bias, deep supervision),

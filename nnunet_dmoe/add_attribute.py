@@ -13,8 +13,8 @@ Everything is written into a temporary folder beside the dataset first and moved
 dataset stays as it was. Run it once per call of nnU-Net's planning: the dataset's preprocessed data do not hold the
 new channel until ``nnUNetv2_plan_and_preprocess`` runs again.
 
-Sensitive data: the table's attribute is copied into dataset.json and into the channel files (README, "Where the
-attribute lives").
+Sensitive data: the table's attribute is copied into dataset.json and into the channel files (every copy:
+documentation/reference/dataset-json-attribute.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Attribute schema and attribute-channel codec.
 
-The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (README, "Where the attribute lives";
+The attribute of a case (tumour T-stage, age bin, race, ...) lives in two places (documentation/reference/dataset-json-attribute.md;
 documentation/explanation/dmoe.md, "How the attribute reaches the network"):
 
 1. the ``attribute`` block of an nnU-Net raw ``dataset.json``::
