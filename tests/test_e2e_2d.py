@@ -146,6 +146,7 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
     assert sorted(p.name for p in new.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_model_folder_holds_no_case_table(dataset_2d, tmp_path):
     """What a user shares (the model folder, nnU-Net's exported zip) holds the levels but no patient's attribute."""
     from nnunet_dmoe.model_folder import attribute_table_entries

@@ -241,6 +241,7 @@ def test_no_unknown_trainer_is_the_papers_setting(preprocessed_3d, monkeypatch):
         _trainer(preprocessed_3d, monkeypatch, dj, cls="nnUNetTrainerDMoE_noUnknown")
 
 
+@pytest.mark.slow
 def test_strip_attribute_table_of_an_earlier_model_folder(preprocessed_3d, tmp_path):
     """A model folder as version 0.2 wrote it (the dataset's attribute table in dataset.json, in each checkpoint's
     init_args and in debug.json): nnUNetv2_dmoe_strip_attribute_table removes every table, and the folder still
