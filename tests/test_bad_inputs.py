@@ -4,7 +4,6 @@ byte-identical afterwards. One table, in the style of fairlearn's parametrised t
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
