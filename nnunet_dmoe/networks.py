@@ -181,7 +181,7 @@ class AttributeUNet(UNetBehindAttributeInput):
             raise ValueError(f"the checkpoint is not an nnU-Net U-Net of these plans: it lacks {len(missing)} of this "
                              f"network's weights ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). "
                              f"Upcycle a checkpoint trained with the same plans and configuration.")
-        notes, loaded = [], {}
+        notes, loaded, input_dropped = [], {}, False
         for key, mine in own.items():
             theirs = source[key]
             same_but_input = (theirs.dim() > 2 and theirs.shape[1] == self.num_input_channels
@@ -191,7 +191,8 @@ class AttributeUNet(UNetBehindAttributeInput):
                 loaded[key] = theirs
             elif same_but_input:  # the first convolution (nnU-Net lists it under several names)
                 loaded[key] = theirs[:, list(self.image_channels)]
-                if not any("input weights" in n for n in notes):
+                if not input_dropped:
+                    input_dropped = True
                     notes.append(f"{key}: the input weights of the attribute channel(s) "
                                  f"{list(self.attribute_channels)} are dropped (this network routes by the attribute "
                                  f"instead of reading it as an image)")
