@@ -4,7 +4,7 @@ The demo's data and plans are made as ``nnUNetv2_dmoe_demo`` makes them (synthet
 cases; ``nnUNetv2_dmoe_plan_and_preprocess``, whose 2D plans give PlainConvUNet 32..512 at patch 80x80), in
 ``-o`` (reused when present). The networks are built from those plans through the trainers' builder; each step is
 nnU-Net's ``train_step`` on CPU: deep-supervision Dice+CE loss, backward, gradient clip 12, SGD with Nesterov
-momentum (``nnunet_dmoe.benchmark.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing freed memory, as
+momentum (``nnunet_dmoe.commands.benchmark.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing freed memory, as
 the plugin's trainers run on CPU: ``--foreach_sgd`` / ``--glibc_default`` for torch's and glibc's defaults), no
 autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians reported. Not a
 test; run by hand:
@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from nnunet_dmoe.benchmark import (NNUNetTrainStep, _from_plans, _inputs, _targets, build_pair, count_parameters,
+from nnunet_dmoe.commands.benchmark import (NNUNetTrainStep, _from_plans, _inputs, _targets, build_pair, count_parameters,
                                    time_interleaved)
-from nnunet_dmoe.demo import PLANS, demo_env
-from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
+from nnunet_dmoe.commands.demo import PLANS, demo_env
+from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
 
 
 def prepare(output: str, dataset_id: int) -> None:

@@ -1,6 +1,6 @@
 """Forward+backward time of one dMoE layer: sparse dispatch vs a dense reference (documentation/explanation/cost.md).
 
-Sparse = :class:`nnunet_dmoe.dmoe.DistributionAwareMoE` (each token through its top-k experts only). Dense = the
+Sparse = :class:`nnunet_dmoe.method.dmoe.DistributionAwareMoE` (each token through its top-k experts only). Dense = the
 same math written the straightforward way: every token through all experts, then keep the routed k (same router,
 same Dropout(0.1) on the expert outputs). C=32, 32^3 tokens x batch 2, train mode. Runs are interleaved
 (sparse, dense, sparse, ...) and the median is reported, because the machine is noisy. Not a test; run by hand:
@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from nnunet_dmoe.benchmark import time_interleaved
-from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.commands.benchmark import time_interleaved
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
 
 def dense_forward(block: DistributionAwareMoE, x: torch.Tensor, router_index: torch.Tensor) -> torch.Tensor:

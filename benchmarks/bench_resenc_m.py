@@ -3,7 +3,7 @@ documentation/explanation/cost.md).
 
 ResidualEncoderUNet with nnU-Net's ResEnc-M settings (features 32-64-128-256-320-320, blocks 1-3-4-6-6-6, one conv
 per decoder stage, kernel 3, strides 1,2,2,2,2,2, InstanceNorm3d affine, LeakyReLU, conv bias, deep supervision),
-built through :func:`nnunet_dmoe.networks.build_attribute_network`, with a dMoE after every encoder stage that
+built through :func:`nnunet_dmoe.networks.unet.build_attribute_network`, with a dMoE after every encoder stage that
 downsamples (the default; ``-stages all`` adds the block at full resolution) vs without (None). Patch 64^3, batch
 2, CPU. Times forward+backward in train mode (loss = sum of the deep-supervision outputs' means) and eval forward
 under no_grad, interleaved, medians. Peak memory of a train step: each network in a child process of its own, the
@@ -17,7 +17,7 @@ Target: dMoE/plain <= 1.15x for forward+backward on the 2-core CPU.
 
 Large activations are fresh ``mmap`` allocations that glibc by default returns after each op, and first-touch page
 faults are expensive in this VM. The plugin's trainers tell glibc to reuse freed memory on CPU
-(:mod:`nnunet_dmoe.trainers.cpu_memory`), and so does this benchmark unless ``--glibc_default`` is given. Say which
+(:mod:`nnunet_dmoe.trainers.seam.cpu_memory`), and so does this benchmark unless ``--glibc_default`` is given. Say which
 setting you used.
 """
 import argparse
@@ -26,10 +26,10 @@ import statistics
 
 import torch
 
-from nnunet_dmoe.benchmark import (_stages_argument, _with_dmoe_settings, build_pair, count_parameters,
+from nnunet_dmoe.commands.benchmark import (_stages_argument, _with_dmoe_settings, build_pair, count_parameters,
                                    resenc_m_configuration, time_interleaved)
-from nnunet_dmoe.networks import build_attribute_network, stage_blocks_and_sizes
-from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
+from nnunet_dmoe.networks.unet import build_attribute_network, stage_blocks_and_sizes
+from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
 
 # operator name -> part of the dMoE layer it belongs to (forward and backward ops alike)
 OP_GROUPS = {

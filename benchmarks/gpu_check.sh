@@ -3,7 +3,7 @@
 # against the dense reference, torch.compile), then time nnU-Net's train step of ResEnc-M 3D at 128^3, batch 2,
 # baseline vs dMoE:
 #   compile  torch.compile with the default backend choice (`auto`: Triton where C <= 128, grouped_mm at the wider
-#            deep stages, see resolve_backend in nnunet_dmoe/dmoe.py), which is what nnU-Net users run by default;
+#            deep stages, see resolve_backend in nnunet_dmoe/method/dmoe.py), which is what nnU-Net users run by default;
 #   eager    eager, with --profile: `auto` first, then each forced backend (triton on every layer, grouped_mm), all
 #            timed interleaved against one baseline;
 #   compile_forced (not in the default STAGES, it does not fit in the same call): torch.compile, triton and grouped_mm.
@@ -149,7 +149,7 @@ fi
 # 2. benchmarks, from a scratch folder so that the installed plugin is used. The default first: torch.compile (on by
 # default in nnU-Net) with `auto`; the longest stage (ResEnc-M 3D at 128^3 compiles 90-120 s per network)
 cd "$(mktemp -d)"
-BENCH=("$PY" -m nnunet_dmoe.benchmark -device "$DEVICE" "${PRESET[@]}")
+BENCH=("$PY" -m nnunet_dmoe.commands.benchmark -device "$DEVICE" "${PRESET[@]}")
 CREPEATS=$(( REPEATS > 5 ? 5 : REPEATS ))
 wanted compile && run_stage compile "$T_COMPILE" "$F_COMPILE" "${BENCH[@]}" -backend auto --compile \
     -repeats "$CREPEATS" -json "$OUT/compile.json"

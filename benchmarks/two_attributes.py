@@ -24,11 +24,11 @@ import os
 import shutil
 import time
 
-from nnunet_dmoe.attribute import attribute_specs_from_dataset_json
-from nnunet_dmoe.demo import PLANS, _bin, _run, demo_env
+from nnunet_dmoe.data.attribute import attribute_specs_from_dataset_json
+from nnunet_dmoe.commands.demo import PLANS, _bin, _run, demo_env
 from nnunet_dmoe.evaluation import CaseAttributes, compare_methods
-from nnunet_dmoe.synthetic import DEFAULT_CENTRES, make_synthetic_dataset
-from nnunet_dmoe.trainers.training_length import variant_name
+from nnunet_dmoe.data.synthetic import DEFAULT_CENTRES, make_synthetic_dataset
+from nnunet_dmoe.trainers.seam.training_length import variant_name
 
 NAME = "SyntheticTwoAttributes"
 

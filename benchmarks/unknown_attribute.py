@@ -1,7 +1,7 @@
 """How good is a dMoE prediction when the attribute is unknown?
 
 Takes a finished demo folder (``nnUNetv2_dmoe_demo -o DIR``), writes the test images again with an all-zero
-("unknown") attribute channel through ``nnunet_dmoe.attach.attach_attribute``, predicts them with
+("unknown") attribute channel through ``nnunet_dmoe.data.attach.attach_attribute``, predicts them with
 ``nnUNetv2_predict`` for each trained method and compares Dice with the known-attribute predictions.
 
     python benchmarks/unknown_attribute.py -o demo_output [-fold 0]
@@ -13,9 +13,9 @@ import shutil
 import subprocess
 import sys
 
-from nnunet_dmoe.attach import attach_attribute
-from nnunet_dmoe.demo import METHODS, PLANS, demo_env
-from nnunet_dmoe.trainers.training_length import variant_name
+from nnunet_dmoe.data.attach import attach_attribute
+from nnunet_dmoe.commands.demo import METHODS, PLANS, demo_env
+from nnunet_dmoe.trainers.seam.training_length import variant_name
 from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
 
 

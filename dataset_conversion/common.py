@@ -25,8 +25,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from nnunet_dmoe.attribute import UNKNOWN_LEVEL, AttributeSpec, channel_file, encode_attribute_channel, fmt_cases
-from nnunet_dmoe.tables import read_attribute_table, read_text
+from nnunet_dmoe.data.attribute import UNKNOWN_LEVEL, AttributeSpec, channel_file, encode_attribute_channel, fmt_cases
+from nnunet_dmoe.data.tables import read_attribute_table, read_text
 
 UNKNOWN = UNKNOWN_LEVEL
 _SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",

@@ -21,7 +21,7 @@ from nnunet_dmoe.dataset_conversion.common import (Problems, add_split_and_age_a
                                                     normalise_split, progress, staged_dataset,
                                                     split_from_file, to_uint8, write_png_case, write_png_label)
 from nnunet_dmoe.errors import command
-from nnunet_dmoe.tables import bin_labels, bin_value
+from nnunet_dmoe.data.tables import bin_labels, bin_value
 
 IMAGE_KEYS = ("slo_fundus", "fundus_slo")
 MASK_KEYS = ("disc_cup_mask", "disc_cup")
@@ -29,7 +29,7 @@ MASK_TO_LABEL = {0: 0, -1: 1, -2: 2}
 LABELS = {"background": 0, "rim": 1, "cup": 2}
 CHANNEL_NAMES = {"0": "rgb_to_0_1", "1": "noNorm"}
 # FairSeg's raw code for a missing demographic value; written as the attribute channel's unknown code
-# (nnunet_dmoe.attribute.UNKNOWN_CODE, 0)
+# (nnunet_dmoe.data.attribute.UNKNOWN_CODE, 0)
 FAIRSEG_MISSING_CODE = -1
 # code -> level, from the Harvard-FairSeg README; the level order is the router order
 CODEBOOKS: Dict[str, Dict[int, str]] = {

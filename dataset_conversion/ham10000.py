@@ -22,13 +22,13 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from nnunet_dmoe.attribute import fmt_cases
+from nnunet_dmoe.data.attribute import fmt_cases
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
                                                     add_split_and_age_arguments, attribute_names, finish, make_parser,
                                                     progress, split_from_file, staged_dataset, write_png_case,
                                                     write_png_label)
 from nnunet_dmoe.errors import command
-from nnunet_dmoe.tables import bin_labels, read_attribute_table
+from nnunet_dmoe.data.tables import bin_labels, read_attribute_table
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"

@@ -33,7 +33,7 @@ from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, at
                                                     finish, make_parser, normalise_split,
                                                     progress, staged_dataset, write_nifti_case)
 from nnunet_dmoe.errors import command
-from nnunet_dmoe.tables import DEFAULT_MISSING, read_rows
+from nnunet_dmoe.data.tables import DEFAULT_MISSING, read_rows
 
 _TSTAGE = re.compile(r"^(?:[cpyra]{1,3})?T?(is|[0-4])[a-d]?\d?$", re.IGNORECASE)
 _STAGE_ORDER = ["T0", "Tis", "T1", "T2", "T3", "T4"]

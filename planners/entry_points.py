@@ -6,7 +6,7 @@ import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from nnunet_dmoe.attribute import (AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement,
+from nnunet_dmoe.data.attribute import (AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement,
                                    channel_suffix)
 from nnunet_dmoe.errors import command
 
@@ -61,7 +61,7 @@ def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict
 def _case_channel_problems(specs: List[AttributeSpec], reader_class, folder: str,
                            task: Tuple[str, List[Optional[str]]]) -> List[Problem]:
     """Read one case's attribute-channel file(s) (each once) and apply the trainers' rule
-    (:func:`nnunet_dmoe.attribute.channel_disagreement`): a code above the number of levels, or a level other than
+    (:func:`nnunet_dmoe.data.attribute.channel_disagreement`): a code above the number of levels, or a level other than
     the one ``cases`` gives."""
     case, paths = task
     problems = []

@@ -12,9 +12,9 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     nnUNetPlannerResEncM
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_dmoe.attribute import attribute_settings, attribute_specs_from_dataset_json
-from nnunet_dmoe.dmoe import DMoEConfig
-from nnunet_dmoe.networks import PLANS_KEY, AttributeUNet
+from nnunet_dmoe.data.attribute import attribute_settings, attribute_specs_from_dataset_json
+from nnunet_dmoe.method.dmoe import DMoEConfig
+from nnunet_dmoe.networks.unet import PLANS_KEY, AttributeUNet
 
 
 class DMoEPlannerMixin:

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The trainers' CPU memory setting (nnunet_dmoe.trainers.cpu_memory) stays off in the tests' trainings, in this
+# The trainers' CPU memory setting (nnunet_dmoe.trainers.seam.cpu_memory) stays off in the tests' trainings, in this
 # process and the CLIs it starts: on this project's 2-core machine the suite took 17:04 with it on (a run whose disk
 # was also nearly full) and 14:09 with it off; with tiny networks it has little to save, and the cause of the
 # difference is not isolated. tests/test_cpu_memory.py and one end-to-end test turn it on.

@@ -10,8 +10,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from nnunet_dmoe._expert_ops import sort_rows
-from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.method._expert_ops import sort_rows
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
 
 def dense_reference(block: DistributionAwareMoE, x: torch.Tensor, router_index: torch.Tensor,

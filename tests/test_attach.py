@@ -1,4 +1,4 @@
-"""The attribute-channel writer (``nnunet_dmoe.attach`` and ``nnUNetv2_dmoe_attach_attribute``) on NIfTI (3D, anisotropic,
+"""The attribute-channel writer (``nnunet_dmoe.data.attach`` and ``nnUNetv2_dmoe_attach_attribute``) on NIfTI (3D, anisotropic,
 rotated, shifted) and PNG (2D) cases: values, geometry, refusals, no silent overwrite, table formats, and a round trip
 through nnU-Net's own reader and the channel decoder."""
 import json
@@ -11,9 +11,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import VENV_BIN, nnunet_env
-from nnunet_dmoe.attach import attach_attribute, load_model_dataset_json
-from nnunet_dmoe.attribute import decode_attribute_channel
-from nnunet_dmoe.tables import read_attribute_table
+from nnunet_dmoe.data.attach import attach_attribute, load_model_dataset_json
+from nnunet_dmoe.data.attribute import decode_attribute_channel
+from nnunet_dmoe.data.tables import read_attribute_table
 
 LEVELS = ["T1", "T2", "T3", "T4"]
 CLI = os.path.join(VENV_BIN, "nnUNetv2_dmoe_attach_attribute")
@@ -337,7 +337,7 @@ def test_table_errors_list_twenty_rows_then_the_count(tmp_path):
 def test_attach_and_evaluate_share_the_table_flags(capsys):
     from nnunet_dmoe.cli import Parser
     from nnunet_dmoe.evaluation import evaluate_entry_point
-    from nnunet_dmoe.tables import add_attribute_table_arguments
+    from nnunet_dmoe.data.tables import add_attribute_table_arguments
     parser = Parser()
     add_attribute_table_arguments(parser, "-t", "[REQUIRED] table", required=True)
     args = parser.parse_args(["-t", "x.csv", "-id_column", "pid", "-attribute_column", "age", "-bins", "40", "60"])

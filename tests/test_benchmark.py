@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import nnunet_env, run
-from nnunet_dmoe import benchmark
-from nnunet_dmoe.benchmark import (build_pair, count_flops, count_parameters, dmoe_flops, dmoe_parameters,
+from nnunet_dmoe.commands import benchmark
+from nnunet_dmoe.commands.benchmark import (build_pair, count_flops, count_parameters, dmoe_flops, dmoe_parameters,
                                    grouped_mm_flops, peak_memory_bytes, preset_configuration)
-from nnunet_dmoe.dmoe import DistributionAwareMoE
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
 TINY_CHANNELS = (8, 16, 32)
 
@@ -96,7 +96,7 @@ def test_cli_from_plans(preprocessed_3d, tmp_path):
 
 def test_cpu_dropout_mask_keeps_one_minus_p():
     # the layer's CPU fast path for Dropout(p) (16-bit thresholds from 64-bit draws), optimised with these benchmarks
-    from nnunet_dmoe.dmoe import _keep_mask
+    from nnunet_dmoe.method.dmoe import _keep_mask
 
     torch.manual_seed(0)
     like = torch.empty(1000, 999)
@@ -113,7 +113,7 @@ def test_cpu_dropout_mask_keeps_one_minus_p():
 def test_nnunet_train_step_updates_every_parameter(tiny_pair):
     # one nnU-Net iteration (loss over every deep-supervision output, clip, SGD with momentum) on the dMoE network:
     # every parameter, experts and routers included, gets a gradient and moves; momentum buffers for all of them
-    from nnunet_dmoe.benchmark import NNUNetTrainStep, _inputs, _targets
+    from nnunet_dmoe.commands.benchmark import NNUNetTrainStep, _inputs, _targets
 
     _, moe = build_pair(preset_configuration("tiny_3d"), num_levels=4, deep_supervision=True)
     x = _inputs(2, 2, 1, (16, 16, 16), 4, "cpu")

@@ -43,7 +43,7 @@ def _dro_steps(dro, logits, target, mine=slice(None)):
 def _losses():
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from nnunet_dmoe.fairness_losses import FEBSDiceLoss, GroupDROLoss
+    from nnunet_dmoe.fairness.losses import FEBSDiceLoss, GroupDROLoss
 
     def dc_ce():
         return DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": dist.is_initialized()},
@@ -67,10 +67,10 @@ def _worker(rank, world, port, out_dir):
         torch.save({"q": q, "values": values, "febs": w, "grad": grad}, os.path.join(out_dir, f"losses{rank}.pt"))
 
         # the adversary: rank 1 has only samples of unknown level
-        from nnunet_dmoe.configuration import unet_configuration
-        from nnunet_dmoe.adversary import AdversarialNetwork
-        from nnunet_dmoe.fairness_losses import AdversarialLoss
-        from nnunet_dmoe.networks import build_attribute_network
+        from nnunet_dmoe.plans.configuration import unet_configuration
+        from nnunet_dmoe.fairness.adversary import AdversarialNetwork
+        from nnunet_dmoe.fairness.losses import AdversarialLoss
+        from nnunet_dmoe.networks.unet import build_attribute_network
         torch.manual_seed(0)
         cm = unet_configuration(2, (8, 16, 32), num_levels=3, attribute_channel=1)
         net = AdversarialNetwork(build_attribute_network(None, cm, 2, 2, True), 3, reversal_scale=0.5)

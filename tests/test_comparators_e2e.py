@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import nnunet_env, run
-from nnunet_dmoe.attribute import AttributeSpec
-from nnunet_dmoe.per_level import level_splits
+from nnunet_dmoe.data.attribute import AttributeSpec
+from nnunet_dmoe.commands.per_level import level_splits
 
 DATASET = "Dataset994_SyntheticFairness"
 SIZE = (48, 48)
@@ -110,7 +110,7 @@ def test_adversarial_trainer_and_nnunet_predict(two_levels, tmp_path, monkeypatc
 def test_group_balanced_loaders_built_by_nnunet(two_levels, monkeypatch, name):
     """nnU-Net's own get_dataloaders (single-threaded augmenter) with the sampler: the training loader draws a case
     of group g with probability 1 / (G n_g), the validation loader uniformly; the log names the groups."""
-    from nnunet_dmoe.group_sampling import balanced_probabilities
+    from nnunet_dmoe.trainers.seam.group_sampling import balanced_probabilities
     for k, v in nnunet_env(two_levels, nnUNet_n_proc_DA="0").items():
         monkeypatch.setenv(k, v)
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -225,7 +225,7 @@ def test_one_network_per_level(two_levels, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(Image.open(out / f"{case}.png")), ref[0])
 
     # levels from a table instead of the channel; a case of unknown level is an error naming it
-    from nnunet_dmoe.per_level import predict_per_level
+    from nnunet_dmoe.commands.per_level import predict_per_level
     single = tmp_path / "single"
     single.mkdir()
     for c in range(2):
@@ -246,7 +246,7 @@ def test_per_level_refuses_too_few_cases_and_missing_folds(two_levels, monkeypat
             nnunet_env(two_levels))
     assert "level 'L1' has 4 (" in str(e.value) and "level 'L2' has 4 (" in str(e.value)
     assert "Traceback" not in str(e.value)
-    from nnunet_dmoe.per_level import per_level_training_commands
+    from nnunet_dmoe.commands.per_level import per_level_training_commands
     for k, v in nnunet_env(two_levels).items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="fold 4 does not exist for level 'L1': its 4 training cases give a 4-fold"):

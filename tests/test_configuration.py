@@ -3,8 +3,8 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from nnunet_dmoe.benchmark import preset_configuration, resenc_m_configuration
-from nnunet_dmoe.configuration import unet_configuration
+from nnunet_dmoe.commands.benchmark import preset_configuration, resenc_m_configuration
+from nnunet_dmoe.plans.configuration import unet_configuration
 
 
 def test_plain_2d_values():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_dmoe.attribute import UNKNOWN_CODE, AttributeSpec
+from nnunet_dmoe.data.attribute import UNKNOWN_CODE, AttributeSpec
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
 
 

@@ -11,10 +11,10 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from PIL import Image
 
 from conftest import real_data
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.data.attribute import AttributeSpec
 from nnunet_dmoe.dataset_conversion.ham10000 import (IMAGE_DIR, MASK_DIR, _lesion_split, convert_ham10000,
                                                      lesion_folds)
-from nnunet_dmoe.tables import bin_labels, read_attribute_table
+from nnunet_dmoe.data.tables import bin_labels, read_attribute_table
 
 SAMPLE = real_data("ham10000_sample")
 METADATA = os.path.join(SAMPLE, "HAM10000_metadata.csv")
@@ -196,7 +196,7 @@ def test_existing_dataset_folder_is_refused(env):
 
 def test_sample_with_two_attributes_age_and_sex(env):
     """-a age sex: an "attributes" list and one noNorm channel per attribute (_0003 age, _0004 sex)."""
-    from nnunet_dmoe.attribute import attribute_specs_from_dataset_json
+    from nnunet_dmoe.data.attribute import attribute_specs_from_dataset_json
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     out = convert_ham10000(SAMPLE, 503, attribute=["age", "sex"], seed=0)

@@ -6,7 +6,7 @@ import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_json
 import SimpleITK as sitk
 
-from nnunet_dmoe.attribute import AttributeSpec
+from nnunet_dmoe.data.attribute import AttributeSpec
 from nnunet_dmoe.dataset_conversion.radiotherapy import convert_rt, normalise_tstage
 
 SPACING, ORIGIN = (0.9, 0.9, 2.5), (-10.0, 5.0, 3.0)

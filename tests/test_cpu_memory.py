@@ -1,4 +1,4 @@
-"""glibc told to reuse freed memory in CPU training (nnunet_dmoe.trainers.cpu_memory): page faults counted in a
+"""glibc told to reuse freed memory in CPU training (nnunet_dmoe.trainers.seam.cpu_memory): page faults counted in a
 fresh Python process, since the setting lasts for the process."""
 import os
 import platform
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 BLOCKS = 5
 CODE = f"""
 import resource, torch
-from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
+from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
 print(keep_freed_memory())
 for _ in range(3):
     torch.ones(16 << 20)

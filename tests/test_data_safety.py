@@ -16,12 +16,12 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import nnunet_env, real_data, run
-from nnunet_dmoe.attach import attach_attribute, is_attribute_channel
+from nnunet_dmoe.data.attach import attach_attribute, is_attribute_channel
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
 from nnunet_dmoe.dataset_conversion.ham10000 import IMAGE_DIR, MASK_DIR, convert_ham10000
 from nnunet_dmoe.dataset_conversion.radiotherapy import convert_rt
-from nnunet_dmoe.synthetic import make_synthetic_dataset
-from nnunet_dmoe.tables import read_attribute_table
+from nnunet_dmoe.data.synthetic import make_synthetic_dataset
+from nnunet_dmoe.data.tables import read_attribute_table
 from test_convert_fairseg import _npz, _official_layout
 from test_convert_rt import GOOD, _manifest
 
@@ -284,7 +284,7 @@ def test_tables_with_a_byte_order_mark_are_read_and_latin1_is_named(tmp_path):
 
 def test_bad_code_at_prediction_names_the_case_being_predicted():
     import torch
-    from nnunet_dmoe.networks import decode_levels
+    from nnunet_dmoe.networks.unet import decode_levels
 
     channel = torch.zeros(2, 1, 4, 4)
     channel[:, :, 1:3, 1:3] = 9

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_dmoe.demo import (FINE_TUNED_FROM, PLANS_VARIANTS, epochs_of, plans_of, training_seconds,
+from nnunet_dmoe.commands.demo import (FINE_TUNED_FROM, PLANS_VARIANTS, epochs_of, plans_of, training_seconds,
                               write_plans_variant, write_training_times)
 
 
 def _network(plans_file, dataset_json_file):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dmoe.attribute import attribute_specs_from_dataset_json
+    from nnunet_dmoe.data.attribute import attribute_specs_from_dataset_json
     from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import with_attribute_settings
     from nnunet_dmoe.trainers.nnUNetTrainerDMoE import nnUNetTrainerDMoE
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dmoe_reference import assert_close_relative, dense_reference, gradients, keep_rows_to_pairs, make_block
-from nnunet_dmoe import dmoe
-from nnunet_dmoe.dmoe import DMoEConfig, route_index_for_levels, resolve_backend
+from nnunet_dmoe.method import dmoe
+from nnunet_dmoe.method.dmoe import DMoEConfig, route_index_for_levels, resolve_backend
 
 
 def record_torch_dropout(monkeypatch):
@@ -28,8 +28,8 @@ def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, grouped,
     # every level and the unknown router (index 4); train: router noise and the experts' Dropout; hidden rows kept
     # for backward (small blocks) or recomputed; the CPU loop, and CUDA's grouped-GEMM implementation run on CPU
     # (C = 6 is zero-padded to grouped_mm's alignment there, C = 8 is not)
-    monkeypatch.setattr("nnunet_dmoe._expert_ops._KEEP_HIDDEN_BYTES", 1 << 30 if keep_hidden else 0)
-    monkeypatch.setattr("nnunet_dmoe._expert_ops._GROUPED_ON_CPU", grouped)
+    monkeypatch.setattr("nnunet_dmoe.method._expert_ops._KEEP_HIDDEN_BYTES", 1 << 30 if keep_hidden else 0)
+    monkeypatch.setattr("nnunet_dmoe.method._expert_ops._GROUPED_ON_CPU", grouped)
     block = make_block(c=c).train(train)
     x = torch.randn(5, c, *spatial, requires_grad=True)
     r = torch.tensor([0, 1, 2, 3, 4])
@@ -49,8 +49,8 @@ def test_sparse_matches_dense_reference(spatial, c, train, keep_hidden, grouped,
 
 def test_top1_and_chunked_cpu_loop(monkeypatch):
     # k = 1 takes topk + softmax; a tiny chunk size makes every expert span several chunks of the CPU loop
-    monkeypatch.setattr("nnunet_dmoe._expert_ops._CHUNK_BYTES", 16 * 4 * 24)
-    monkeypatch.setattr("nnunet_dmoe._expert_ops._KEEP_HIDDEN_BYTES", 0)
+    monkeypatch.setattr("nnunet_dmoe.method._expert_ops._CHUNK_BYTES", 16 * 4 * 24)
+    monkeypatch.setattr("nnunet_dmoe.method._expert_ops._KEEP_HIDDEN_BYTES", 0)
     block = make_block(top_k=1).eval()
     x = torch.randn(2, 6, 9, 8, requires_grad=True)
     r = torch.tensor([2, 4])

@@ -133,7 +133,7 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
 
     # the Python form, for a predictor the caller holds
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunet_dmoe.predict import predict_with_attribute
+    from nnunet_dmoe.inference.predict import predict_with_attribute
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,))
     pred4 = tmp_path / "pred_python"
@@ -149,7 +149,7 @@ def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
 @pytest.mark.slow
 def test_model_folder_holds_no_case_table(dataset_2d, tmp_path):
     """What a user shares (the model folder, nnU-Net's exported zip) holds the levels but no patient's attribute."""
-    from nnunet_dmoe.model_folder import attribute_table_entries
+    from nnunet_dmoe.data.model_folder import attribute_table_entries
 
     root = dataset_2d
     model = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__2d"
@@ -228,7 +228,7 @@ def test_nnunet_2d_resampling_keeps_the_attribute(dataset_2d, spacing, monkeypat
     another spacing (up and down, order-3 for data) and decode the attribute channel of every test case."""
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_dmoe.attribute import decode_attribute_channel
+    from nnunet_dmoe.data.attribute import decode_attribute_channel
 
     root = dataset_2d
     for k, v in nnunet_env(root).items():

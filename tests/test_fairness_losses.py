@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_dmoe.configuration import unet_configuration
-from nnunet_dmoe.adversary import AdversarialNetwork, AdversarialOutput, reverse_gradient
-from nnunet_dmoe.fairness_losses import (AdversarialLoss, FEBSDiceLoss, GroupDROLoss, febs_weights, group_dro_step,
+from nnunet_dmoe.plans.configuration import unet_configuration
+from nnunet_dmoe.fairness.adversary import AdversarialNetwork, AdversarialOutput, reverse_gradient
+from nnunet_dmoe.fairness.losses import (AdversarialLoss, FEBSDiceLoss, GroupDROLoss, febs_weights, group_dro_step,
                                          group_sums, with_febs_dice)
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.networks.unet import build_attribute_network
 
 
 class AbsLoss(nn.Module):

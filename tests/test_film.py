@@ -3,10 +3,10 @@ sum over several attributes, the dMoE's stage placement, and the trainer's netwo
 import pytest
 import torch
 
-from nnunet_dmoe.configuration import unet_configuration
-from nnunet_dmoe.dmoe import DistributionAwareMoE
-from nnunet_dmoe.film import FiLM, FiLMUNet, build_film_network
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.plans.configuration import unet_configuration
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE
+from nnunet_dmoe.networks.film import FiLM, FiLMUNet, build_film_network
+from nnunet_dmoe.networks.unet import build_attribute_network
 
 
 def test_film_by_hand():

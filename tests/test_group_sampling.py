@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
-from nnunet_dmoe.group_sampling import GroupBalancedSampling, balanced_probabilities, training_sampling_probabilities
+from nnunet_dmoe.trainers.seam.group_sampling import GroupBalancedSampling, balanced_probabilities, training_sampling_probabilities
 
 # six cases: three of level 0, one of level 1, two of unknown level (group 2)
 KEYS = ["a", "b", "c", "d", "e", "f"]

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import nnunet_env, run
-from nnunet_dmoe.attribute import attribute_settings, attribute_specs_from_dataset_json
-from nnunet_dmoe.configuration import unet_configuration
-from nnunet_dmoe.dmoe import DMoEConfig, DistributionAwareMoE, NoisyTopKRouter, route_index_for_levels
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.data.attribute import attribute_settings, attribute_specs_from_dataset_json
+from nnunet_dmoe.plans.configuration import unet_configuration
+from nnunet_dmoe.method.dmoe import DMoEConfig, DistributionAwareMoE, NoisyTopKRouter, route_index_for_levels
+from nnunet_dmoe.networks.unet import build_attribute_network
 
 STAGE = {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1, "cases": {"a": "T2", "b": None}}
 CENTRE = {"name": "centre", "levels": ["A", "B"], "channel": 2, "cases": {"a": "B", "b": "A"}}
@@ -118,7 +118,7 @@ def test_levels_must_name_every_attribute():
 def test_routing_report_rows_per_attribute_on_summed_routers():
     """The routing report's recorder on a real two-attribute dMoE: each attribute's rows sum to k, and the centre
     rows differ because the centre's routers take part."""
-    from nnunet_dmoe.routing_report import RoutingRecorder
+    from nnunet_dmoe.commands.routing_report import RoutingRecorder
     specs = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
     net = _network([4, 2], [1, 2])
     _randomise_routers(net)
@@ -245,7 +245,7 @@ def test_two_attributes_end_to_end(tmp_path):
 
 
 def test_transunet_routes_on_two_attributes():
-    from nnunet_dmoe.transformer_networks import build_transunet_network
+    from nnunet_dmoe.networks.transformers import build_transunet_network
     torch.manual_seed(0)
     cm = unet_configuration(2, num_levels=[4, 2], attribute_channel=[1, 2])
     cm.configuration["patch_size"] = [32, 32]

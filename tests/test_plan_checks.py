@@ -148,8 +148,8 @@ def test_stale_preprocessed_data_are_warned(raw, monkeypatch):
 
 def test_trainers_start_check_keeps_its_rule():
     """The rule now shared with the planner (attribute.channel_disagreement) gives the start-up check's lines."""
-    from nnunet_dmoe.attribute import AttributeSpec
-    from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
+    from nnunet_dmoe.data.attribute import AttributeSpec
+    from nnunet_dmoe.trainers.seam.attribute_checks import check_preprocessed_attribute
 
     class Cases:
         identifiers = ["a", "b", "c", "d"]

@@ -7,8 +7,8 @@ import pytest
 
 def test_registry_finds_every_trainer_module_and_makes_variants():
     import nnunet_dmoe.trainers as trainers
-    from nnunet_dmoe.trainers.registry import trainer_classes
-    from nnunet_dmoe.trainers.training_length import EPOCHS, ITERATIONS, variant_name
+    from nnunet_dmoe.trainers.seam.registry import trainer_classes
+    from nnunet_dmoe.trainers.seam.training_length import EPOCHS, ITERATIONS, variant_name
     names = [c.__name__ for c in trainer_classes()]
     assert {"nnUNetTrainerNoAttribute", "nnUNetTrainerAttributeChannel", "nnUNetTrainerMoE",
             "nnUNetTrainerDMoE"} <= set(names)
@@ -16,11 +16,11 @@ def test_registry_finds_every_trainer_module_and_makes_variants():
     for name in names:
         base = getattr(trainers, name)
         v = getattr(trainers, variant_name(name, 5, 10))
-        assert v.__mro__[1] is base and v.__module__ == "nnunet_dmoe.trainers.training_length"
+        assert v.__mro__[1] is base and v.__module__ == "nnunet_dmoe.trainers.seam.training_length"
         assert getattr(trainers, variant_name(name, 5, 10)) is v  # made once, then kept
         assert v.__name__ == f"{name}_5epochs_10iters"
     assert len(trainers.__all__) == 1 + len(names)
-    from nnunet_dmoe.trainers.training_length import variant_names
+    from nnunet_dmoe.trainers.seam.training_length import variant_names
     assert len(variant_names()) == len(names) * len(EPOCHS) * (1 + len(ITERATIONS))
     for missing in ("nnUNetTrainerDMoE_7epochs", "nnUNetTrainerDMoE_5epochs_3iters", "nnUNetTrainerNope_5epochs"):
         assert not hasattr(trainers, missing)
@@ -39,7 +39,7 @@ def test_importing_the_trainers_makes_no_variant():
 
 
 def test_variant_name_rejects_schedules_without_a_class():
-    from nnunet_dmoe.trainers.training_length import variant_name
+    from nnunet_dmoe.trainers.seam.training_length import variant_name
     assert variant_name("nnUNetTrainerDMoE", 10, 50) == "nnUNetTrainerDMoE_10epochs_50iters"
     assert variant_name("nnUNetTrainerDMoE", 250) == "nnUNetTrainerDMoE_250epochs"
     with pytest.raises(ValueError, match="7 epochs: choose one of"):
@@ -49,7 +49,7 @@ def test_variant_name_rejects_schedules_without_a_class():
 
 
 def test_list_trainers_command():
-    code = "import sys; sys.argv[1:] = ['--variants']; from nnunet_dmoe.trainers.registry import " \
+    code = "import sys; sys.argv[1:] = ['--variants']; from nnunet_dmoe.trainers.seam.registry import " \
            "list_trainers_entry_point as f; f()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()

@@ -37,7 +37,7 @@ def test_trainer_found_in_a_clean_shell():
     p = subprocess.run(["env", "-i", f"PATH={os.path.dirname(sys.executable)}", sys.executable, "-c", code],
                        capture_output=True, text=True, cwd="/", timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "nnunet_dmoe.trainers.training_length" in p.stdout
+    assert "nnunet_dmoe.trainers.seam.training_length" in p.stdout
 
 
 def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
@@ -47,7 +47,7 @@ def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     log = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
               dict(env, NNUNET_DMOE_KEEP_FREED_MEMORY="1"))
     assert "dataset.json and the attribute channel agree for all 10 cases" in log
-    assert "CPU memory: glibc keeps freed memory for reuse" in log  # nnunet_dmoe.trainers.cpu_memory
+    assert "CPU memory: glibc keeps freed memory for reuse" in log  # nnunet_dmoe.trainers.seam.cpu_memory
     model = root / "results" / "Dataset991_SyntheticFairness" / f"{TRAINER}__nnUNetPlans__3d_fullres"
     plans = json.loads((model / "plans.json").read_text())
     block = plans["configurations"]["3d_fullres"]["dmoe"]
@@ -218,7 +218,7 @@ def test_cpu_trainer_sgd_is_fused_and_updates_as_nnunets(preprocessed_3d, monkey
 def test_no_unknown_trainer_is_the_papers_setting(preprocessed_3d, monkeypatch):
     """nnUNetTrainerDMoE_noUnknown: one router per level (4, no unknown router), nothing hidden in training, and an
     unknown attribute refused in training data and at prediction."""
-    from nnunet_dmoe.dmoe import DistributionAwareMoE
+    from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
     t = _trainer(preprocessed_3d, monkeypatch, cls="nnUNetTrainerDMoE_noUnknown")
     assert t.unknown_attribute_rate == 0.0
@@ -246,7 +246,7 @@ def test_strip_attribute_table_of_an_earlier_model_folder(preprocessed_3d, tmp_p
     """A model folder as version 0.2 wrote it (the dataset's attribute table in dataset.json, in each checkpoint's
     init_args and in debug.json): nnUNetv2_dmoe_strip_attribute_table removes every table, and the folder still
     predicts as before."""
-    from nnunet_dmoe.model_folder import attribute_table_entries
+    from nnunet_dmoe.data.model_folder import attribute_table_entries
 
     root = preprocessed_3d
     env = nnunet_env(root, nnUNet_n_proc_DA="0")

@@ -5,10 +5,10 @@ import hashlib
 
 import pytest
 import torch
-from nnunet_dmoe.benchmark import build_pair, cost_report, dmoe_flops, preset_configuration
-from nnunet_dmoe.configuration import unet_configuration
-from nnunet_dmoe.dmoe import DistributionAwareMoE
-from nnunet_dmoe.transformer_networks import (AttributeTransformer, PrimusBackbone, StemSkipTransUNet,
+from nnunet_dmoe.commands.benchmark import build_pair, cost_report, dmoe_flops, preset_configuration
+from nnunet_dmoe.plans.configuration import unet_configuration
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE
+from nnunet_dmoe.networks.transformers import (AttributeTransformer, PrimusBackbone, StemSkipTransUNet,
                                               TRANSUNET_DEFAULTS, TransUNet, build_primus_network,
                                               build_transunet_network, round_patch_size,
                                               transunet_deep_supervision_scales, with_transformer_defaults)
@@ -288,7 +288,7 @@ def test_the_dmoe_planners_block_builds_a_transformer():
     """nnUNetDMoEPlans' "dmoe" block (every setting, stages null) serves the transformer trainers too."""
     from dataclasses import asdict
 
-    from nnunet_dmoe.dmoe import DMoEConfig
+    from nnunet_dmoe.method.dmoe import DMoEConfig
 
     block = {k: v for k, v in asdict(DMoEConfig(num_levels=4, attribute_channel=1)).items() if k != "mode"}
     net = build_transunet_network(None, configuration((32, 32), TINY_VIT, **block), 2, 3, routing="dmoe")

@@ -61,7 +61,7 @@ def _tiny_plans(root, configuration, pretrained=None) -> str:
 def _inputs_for_every_level(root, out):
     """The first two test cases, each once per level and once as unknown (channel 0): ``{case}_L{k}`` with k the
     level index or 'u'. Written with nnUNetv2_dmoe_attach_attribute's API from the image channel alone."""
-    from nnunet_dmoe.attach import attach_attribute
+    from nnunet_dmoe.data.attach import attach_attribute
 
     raw = root / "raw" / _dataset(root)
     dj = json.loads((raw / "dataset.json").read_text())

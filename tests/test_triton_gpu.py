@@ -32,7 +32,7 @@ def exact_reference_matmuls():
 
 def record_dropout(monkeypatch):
     """Keeps the expert indices and the Dropout seed (Triton) or mask (grouped_mm) each backend was given."""
-    from nnunet_dmoe import _triton_experts, dmoe
+    from nnunet_dmoe.method import _triton_experts, dmoe
 
     seen = {}
     triton_op, torch_op = _triton_experts.experts_triton, dmoe.experts_torch
@@ -52,7 +52,7 @@ def record_dropout(monkeypatch):
 
 def keep_by_pair(seen, channels):
     from dmoe_reference import keep_rows_to_pairs
-    from nnunet_dmoe import _triton_experts
+    from nnunet_dmoe.method import _triton_experts
 
     n, k = seen["expert_index"].shape
     if seen["backend"] == "triton":

@@ -17,10 +17,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from dmoe_reference import assert_close_relative, dense_reference, gradients, make_block  # noqa: E402
-from nnunet_dmoe import _triton_experts  # noqa: E402
+from nnunet_dmoe.method import _triton_experts  # noqa: E402
 
 if not _triton_experts._INTERPRET:
-    pytest.skip("nnunet_dmoe._triton_experts was imported before TRITON_INTERPRET=1 was set",
+    pytest.skip("nnunet_dmoe.method._triton_experts was imported before TRITON_INTERPRET=1 was set",
                 allow_module_level=True)
 
 

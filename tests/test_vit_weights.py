@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from nnunet_dmoe.configuration import unet_configuration
-from nnunet_dmoe.transformer_networks import build_transunet_network
-from nnunet_dmoe.vit_weights import adapt_patch_kernel, load_vit_weights, npz_key
+from nnunet_dmoe.plans.configuration import unet_configuration
+from nnunet_dmoe.networks.transformers import build_transunet_network
+from nnunet_dmoe.networks.vit_weights import adapt_patch_kernel, load_vit_weights, npz_key
 
 D, DEPTH, HEADS, MLP, GRID = 32, 2, 2, 128, 4
 TINY = {"embed_dim": D, "depth": DEPTH, "num_heads": HEADS, "decoder": "paper", "decoder_features": [16, 8, 8, 8, 8]}

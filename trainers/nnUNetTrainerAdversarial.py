@@ -1,7 +1,7 @@
-from nnunet_dmoe.adversary import AdversarialNetwork
-from nnunet_dmoe.fairness_losses import AdversarialLoss
-from nnunet_dmoe.networks import dmoe_settings
-from nnunet_dmoe.trainers.fairness_loss_base import nnUNetTrainerFairnessLossBase
+from nnunet_dmoe.fairness.adversary import AdversarialNetwork
+from nnunet_dmoe.fairness.losses import AdversarialLoss
+from nnunet_dmoe.networks.unet import dmoe_settings
+from nnunet_dmoe.trainers.seam.fairness_loss_base import nnUNetTrainerFairnessLossBase
 
 
 class nnUNetTrainerAdversarial(nnUNetTrainerFairnessLossBase):

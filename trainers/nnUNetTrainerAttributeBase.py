@@ -5,17 +5,17 @@
 1. **dataset.json -> plans** (``__init__``): reads and validates the ``attribute`` block and writes ``num_levels``
    and ``attribute_channel`` into the configuration's ``"dmoe"`` block of the plans, so that a model folder
    rebuilds the same network at prediction time.
-2. **seeding** (:mod:`nnunet_dmoe.trainers.seeding`): every fold a replicate with its own seed.
+2. **seeding** (:mod:`nnunet_dmoe.trainers.seam.seeding`): every fold a replicate with its own seed.
 3. **the attribute of a batch** (:meth:`prepare_attribute`, the one batch hook): each sample's level from
    dataset.json through the batch's case keys; the channel holds the clean code (intensity augmentation is kept off
-   it: :mod:`nnunet_dmoe.trainers.attribute_augmentation`); a share of training samples is shown as "unknown".
-4. **the start-up check** (:mod:`nnunet_dmoe.trainers.attribute_checks`): dataset.json and the preprocessed channel
+   it: :mod:`nnunet_dmoe.trainers.seam.attribute_augmentation`); a share of training samples is shown as "unknown".
+4. **the start-up check** (:mod:`nnunet_dmoe.trainers.seam.attribute_checks`): dataset.json and the preprocessed channel
    agree for every case.
 5. **CPU speed** (:meth:`configure_optimizers`, :meth:`on_train_start`): nnU-Net's SGD as torch's fused kernel,
-   and glibc told to reuse freed memory (:mod:`nnunet_dmoe.trainers.cpu_memory`); nothing changes on GPU.
+   and glibc told to reuse freed memory (:mod:`nnunet_dmoe.trainers.seam.cpu_memory`); nothing changes on GPU.
 
 A trainer of the plugin is one short subclass overriding one hook. The network:
-:meth:`build_network_architecture` calling :func:`nnunet_dmoe.networks.build_attribute_network` with explicit
+:meth:`build_network_architecture` calling :func:`nnunet_dmoe.networks.unet.build_attribute_network` with explicit
 arguments (this base: the attribute-blind baseline, channel stripped). The loss or the use of the levels:
 :meth:`prepare_attribute` or nnU-Net's own hooks (``train_step``, ``_build_loss``, ...), reading
 ``batch["attribute"]``.
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dmoe.attribute import (AttributeSpec, attribute_settings, attribute_specs_from_dataset_json,
+from nnunet_dmoe.data.attribute import (AttributeSpec, attribute_settings, attribute_specs_from_dataset_json,
                                    strip_attribute_tables)
-from nnunet_dmoe.networks import PLANS_KEY, build_attribute_network, current_settings
-from nnunet_dmoe.trainers.attribute_augmentation import protect_attribute_channel
-from nnunet_dmoe.trainers.attribute_checks import check_preprocessed_attribute
-from nnunet_dmoe.trainers.cpu_memory import keep_freed_memory
-from nnunet_dmoe.trainers.pretrained_weights import install as install_upcycling
-from nnunet_dmoe.trainers.seeding import fold_seed, seed_everything
+from nnunet_dmoe.networks.unet import PLANS_KEY, build_attribute_network, current_settings
+from nnunet_dmoe.trainers.seam.attribute_augmentation import protect_attribute_channel
+from nnunet_dmoe.trainers.seam.attribute_checks import check_preprocessed_attribute
+from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
+from nnunet_dmoe.trainers.seam.pretrained_weights import install as install_upcycling
+from nnunet_dmoe.trainers.seam.seeding import fold_seed, seed_everything
 
 __all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
 
@@ -42,9 +42,9 @@ __all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
 def with_attribute_settings(plans: dict, configuration: str,
                             specs: Union[AttributeSpec, Sequence[AttributeSpec]]) -> dict:
     """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel`` of
-    the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.attribute.attribute_settings`;
+    the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.data.attribute.attribute_settings`;
     other settings kept, inherited ones included) and the current defaults of the settings the plans do not set
-    (:func:`nnunet_dmoe.networks.current_settings`), so that the model folder records the network it trains."""
+    (:func:`nnunet_dmoe.networks.unet.current_settings`), so that the model folder records the network it trains."""
     specs = [specs] if isinstance(specs, AttributeSpec) else list(specs)
     plans = deepcopy(plans)
     configs = plans["configurations"]

@@ -1,4 +1,4 @@
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.networks.unet import build_attribute_network
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from nnunet_dmoe.attribute import fmt_cases
-from nnunet_dmoe.networks import build_attribute_network
+from nnunet_dmoe.data.attribute import fmt_cases
+from nnunet_dmoe.networks.unet import build_attribute_network
 from nnunet_dmoe.trainers.nnUNetTrainerDMoE import nnUNetTrainerDMoE
 
 

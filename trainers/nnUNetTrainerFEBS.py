@@ -1,5 +1,5 @@
-from nnunet_dmoe.fairness_losses import with_febs_dice
-from nnunet_dmoe.trainers.fairness_loss_base import nnUNetTrainerFairnessLossBase
+from nnunet_dmoe.fairness.losses import with_febs_dice
+from nnunet_dmoe.trainers.seam.fairness_loss_base import nnUNetTrainerFairnessLossBase
 
 
 class nnUNetTrainerFEBS(nnUNetTrainerFairnessLossBase):

@@ -1,4 +1,4 @@
-from nnunet_dmoe.film import build_film_network
+from nnunet_dmoe.networks.film import build_film_network
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 
 

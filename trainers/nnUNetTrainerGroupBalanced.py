@@ -1,4 +1,4 @@
-from nnunet_dmoe.group_sampling import GroupBalancedSampling
+from nnunet_dmoe.trainers.seam.group_sampling import GroupBalancedSampling
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 
 

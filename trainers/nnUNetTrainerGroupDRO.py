@@ -1,8 +1,8 @@
 import math
 
-from nnunet_dmoe.fairness_losses import GroupDROLoss
-from nnunet_dmoe.group_sampling import GroupBalancedSampling
-from nnunet_dmoe.trainers.fairness_loss_base import nnUNetTrainerFairnessLossBase
+from nnunet_dmoe.fairness.losses import GroupDROLoss
+from nnunet_dmoe.trainers.seam.group_sampling import GroupBalancedSampling
+from nnunet_dmoe.trainers.seam.fairness_loss_base import nnUNetTrainerFairnessLossBase
 
 
 class nnUNetTrainerGroupDRO(GroupBalancedSampling, nnUNetTrainerFairnessLossBase):

@@ -1,4 +1,4 @@
-from nnunet_dmoe.transformer_networks import build_primus_network
+from nnunet_dmoe.networks.transformers import build_primus_network
 from nnunet_dmoe.trainers.nnUNetTrainerPrimusMoE import nnUNetTrainerPrimusMoE
 
 

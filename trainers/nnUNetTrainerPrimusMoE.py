@@ -1,8 +1,8 @@
 from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_M_Trainer
 
-from nnunet_dmoe.transformer_networks import PRIMUS_DEFAULTS, build_primus_network
+from nnunet_dmoe.networks.transformers import PRIMUS_DEFAULTS, build_primus_network
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
-from nnunet_dmoe.trainers.token_patch import RoundPatchToTokens
+from nnunet_dmoe.trainers.seam.token_patch import RoundPatchToTokens
 
 
 class nnUNetTrainerPrimusMoE(RoundPatchToTokens, nnUNetTrainerAttributeBase, nnUNet_Primus_M_Trainer):

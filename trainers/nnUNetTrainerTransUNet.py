@@ -1,11 +1,11 @@
 import torch
 
-from nnunet_dmoe.transformer_networks import (DECODER_KEY, TRANSFORMER_KEY, TRANSUNET_DECODER, TRANSUNET_DEFAULTS,
+from nnunet_dmoe.networks.transformers import (DECODER_KEY, TRANSFORMER_KEY, TRANSUNET_DECODER, TRANSUNET_DEFAULTS,
                                               build_transunet_network, transunet_deep_supervision_scales,
                                               transunet_settings, with_transformer_defaults)
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
-from nnunet_dmoe.trainers.token_patch import RoundPatchToTokens
-from nnunet_dmoe.vit_weights import load_vit_weights
+from nnunet_dmoe.trainers.seam.token_patch import RoundPatchToTokens
+from nnunet_dmoe.networks.vit_weights import load_vit_weights
 
 
 class nnUNetTrainerTransUNet(RoundPatchToTokens, nnUNetTrainerAttributeBase):

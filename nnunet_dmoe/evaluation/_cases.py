@@ -10,8 +10,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-from nnunet_dmoe.attribute import UNKNOWN_LEVEL, attribute_specs_from_dataset_json, fmt_cases
-from nnunet_dmoe.tables import bin_labels, read_attribute_table
+from nnunet_dmoe.data.attribute import UNKNOWN_LEVEL, attribute_specs_from_dataset_json, fmt_cases
+from nnunet_dmoe.data.tables import bin_labels, read_attribute_table
 
 COMMON_FILE_ENDINGS = (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".tif", ".tiff", ".bmp", ".gipl")
 UNKNOWN_GROUP = UNKNOWN_LEVEL
@@ -69,7 +69,7 @@ class CaseAttributes:
 
     @classmethod
     def from_any(cls, attributes) -> "CaseAttributes":
-        """A ``CaseAttributes``, an :class:`~nnunet_dmoe.attribute.AttributeSpec` (or anything with ``levels`` and
+        """A ``CaseAttributes``, an :class:`~nnunet_dmoe.data.attribute.AttributeSpec` (or anything with ``levels`` and
         ``cases``), or a plain mapping ``{case: level}`` (levels then in sorted order)."""
         if isinstance(attributes, cls):
             return attributes
@@ -112,7 +112,7 @@ def attributes_from_table(path: str, id_column: Optional[str] = None,
                           attribute_column: Union[None, str, Sequence[str]] = None,
                           bins: Optional[Sequence[float]] = None, strip_suffix: Optional[str] = None,
                           ) -> Union[CaseAttributes, List[CaseAttributes]]:
-    """Case -> level from a CSV/TSV/JSON table (:func:`nnunet_dmoe.tables.read_attribute_table`). Levels are the
+    """Case -> level from a CSV/TSV/JSON table (:func:`nnunet_dmoe.data.tables.read_attribute_table`). Levels are the
     bin names in order when ``bins`` is given, else the sorted values (numerically when all are numbers).
 
     ``attribute_column`` may name several columns (several attributes): the result is then a list of

@@ -11,7 +11,7 @@ from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attribut
 from nnunet_dmoe.evaluation._checks import check_output_folder, check_processes
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
 from nnunet_dmoe.evaluation._routing import add_routing_to_report, read_routing
-from nnunet_dmoe.tables import add_attribute_table_arguments
+from nnunet_dmoe.data.tables import add_attribute_table_arguments
 
 _BAD_COMPARE = ("-compare: {item!r} is not NAME=PRED_FOLDER. Give each method as a name, '=', and its prediction "
                 "folder, e.g. -compare dMoE=preds/dmoe baseline=preds/base.")
