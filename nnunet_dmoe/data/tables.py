@@ -49,6 +49,20 @@ def read_text(path: str, what: str = "table") -> str:
                          f"Save it as UTF-8 (in Excel: 'CSV UTF-8') and run the command again.") from None
 
 
+def read_json_object(path: str, what: str, fix: str) -> dict:
+    """The JSON object ``{...}`` in the file ``path``: a missing file, one that is not UTF-8 JSON, or JSON other than
+    an object is a ``ValueError`` that names the file, ``what`` it should be and the ``fix``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the {what} does not exist. {fix}")
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the {what} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the {what} must be a JSON object {{...}}, it holds a {type(data).__name__}. {fix}")
+    return data
+
+
 def read_rows(path: str, what: str = "attribute table") -> List[Dict[str, object]]:
     """The rows of a table (CSV, TSV, or JSON records) as dicts. CSV and TSV are read by pandas, every cell as text
     (an empty cell as ``""``); ``what`` names the table in errors."""
@@ -107,13 +121,7 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the attribute table has no rows")
-    given = {"id column": id_column, "attribute column": attribute_column}
-    id_column, attribute_column = id_column or "case", attribute_column or "value"
-    for what, col in (("id column", id_column), ("attribute column", attribute_column)):
-        if col not in rows[0]:
-            name = repr(col) if given[what] else f"{col!r} (the default)"
-            raise ValueError(f"{path}: {what} {name} not found; the table has the columns {list(rows[0])}. "
-                             f"Name it with -id_column / -attribute_column.")
+    id_column, attribute_column = _table_columns(path, rows[0], id_column, attribute_column)
     missing = {m.casefold() for m in missing_values}
     out: Dict[str, Optional[str]] = {}
     bad, dup = [], []
@@ -123,31 +131,51 @@ def read_attribute_table(path: str, id_column: Optional[str] = None, attribute_c
             case = case[: -len(strip_suffix)]
         if case in out:
             dup.append(case)
-        raw = row[attribute_column]
-        text = "" if raw is None else str(raw).strip()
-        if text.casefold() in missing or (isinstance(raw, float) and math.isnan(raw)):
-            out[case] = None
-            continue
-        if bins is not None:
-            try:
-                value = float(text)
-            except ValueError:
-                bad.append(f"row {lineno} ({case}): {text!r}")
-                continue
-            if math.isnan(value):
-                out[case] = None
-                continue
-            out[case] = bin_value(value, bins)
-        else:
-            if isinstance(raw, float) and raw.is_integer():
-                text = str(int(raw))
-            out[case] = text
+        try:
+            out[case] = _cell_level(row[attribute_column], missing, bins)
+        except _NotANumber as e:
+            bad.append(f"row {lineno} ({case}): {e}")
     if dup:
         raise ValueError(f"{path}: case ids listed more than once: {fmt_cases(sorted(set(dup)))}")
     if bad:
         raise ValueError(f"{path}: column {attribute_column!r} is binned with edges {list(bins)} but these values "
                          f"are not numbers: {fmt_cases(bad, sep='; ')}")
     return out
+
+
+def _table_columns(path: str, header: Mapping, id_column: Optional[str], attribute_column: Optional[str]):
+    """The id and attribute column names (defaults ``case`` and ``value``), each checked against the table's
+    ``header``."""
+    given = {"id column": id_column, "attribute column": attribute_column}
+    id_column, attribute_column = id_column or "case", attribute_column or "value"
+    for what, col in (("id column", id_column), ("attribute column", attribute_column)):
+        if col not in header:
+            name = repr(col) if given[what] else f"{col!r} (the default)"
+            raise ValueError(f"{path}: {what} {name} not found; the table has the columns {list(header)}. "
+                             f"Name it with -id_column / -attribute_column.")
+    return id_column, attribute_column
+
+
+class _NotANumber(Exception):
+    """A cell of a binned column that is not a number."""
+
+
+def _cell_level(raw, missing, bins: Optional[Sequence[float]]) -> Optional[str]:
+    """The level of one attribute cell: ``None`` for a text in ``missing`` (case-folded) or NaN, the bin label with
+    ``bins``, else the text (a whole float without its ``.0``). A cell that ``bins`` cannot read raises
+    :class:`_NotANumber` with the cell's ``repr``."""
+    text = "" if raw is None else str(raw).strip()
+    if text.casefold() in missing or (isinstance(raw, float) and math.isnan(raw)):
+        return None
+    if bins is not None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _NotANumber(repr(text)) from None
+        return None if math.isnan(value) else bin_value(value, bins)
+    if isinstance(raw, float) and raw.is_integer():
+        return str(int(raw))
+    return text
 
 
 class _RepeatableColumn(argparse.Action):
