@@ -16,15 +16,16 @@ import filecmp
 import os
 import shutil
 import tempfile
-from typing import Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from nnunet_dmoe.data.attribute import (attribute_specs_from_dataset_json, cases_in_folder, channel_file,
-                                   encode_attribute_channel, fmt_cases)
+from nnunet_dmoe.data.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_specs_from_dataset_json,
+                                        cases_in_folder, channel_file, encode_attribute_channel, fmt_cases)
+from nnunet_dmoe.data.tables import read_json_object
 from nnunet_dmoe.errors import command
 
-__all__ = ["attach_attribute", "load_model_dataset_json"]
+__all__ = ["attach_attribute", "attach_attribute_from_table", "load_model_dataset_json"]
 
 _UNKNOWN_LEVELS = ("{n} case(s) have levels that the model does not know (its levels: {levels}): {cases}. "
                    "Correct the table, or leave the cell empty / 'unknown' for an unknown attribute.")
@@ -35,18 +36,24 @@ _MISSING_CHANNELS = "{n} case(s) in {folder} lack image channels: {cases}. Each 
 
 def load_model_dataset_json(dataset_json: Optional[str] = None, dataset: Optional[str] = None) -> dict:
     """dataset.json from a path (a raw dataset or a model folder) or from a dataset name/id in ``nnUNet_raw``."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     if dataset_json is None and dataset is None:
         raise ValueError("give the model's dataset.json (-dataset_json) or the dataset (-d)")
     if dataset_json is None:
         from nnunetv2.paths import nnUNet_raw
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        dataset_json = os.path.join(nnUNet_raw.require(), maybe_convert_to_dataset_name(dataset), "dataset.json")
+        raw = nnUNet_raw.require()
+        try:
+            name = maybe_convert_to_dataset_name(dataset)
+        except RuntimeError:
+            raise ValueError(f"-d {dataset}: no such dataset in $nnUNet_raw ({raw}). Give the dataset's name or id "
+                             f"there, or the model's dataset.json with -dataset_json.") from None
+        dataset_json = os.path.join(raw, name, "dataset.json")
     if os.path.isdir(dataset_json):
         dataset_json = os.path.join(dataset_json, "dataset.json")
     if not os.path.isfile(dataset_json):
         raise ValueError(f"{dataset_json} does not exist")
-    return load_json(dataset_json)
+    return read_json_object(dataset_json, "model's dataset.json",
+                            "Give the dataset.json of the model's dataset (-dataset_json, or the dataset with -d).")
 
 
 def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
@@ -87,20 +94,49 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
                          f"{len(tables)} attribute table column(s) are given. Give one column per attribute, in this "
                          f"order (-attribute_column {' -attribute_column '.join(s.name for s in specs)}).")
     sources = list(sources) if sources is not None else [None] * len(specs)
-    file_ending = dataset_json["file_ending"]
-    num_channels = len(dataset_json["channel_names"])
+    file_ending, num_channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
     image_channels = [c for c in range(num_channels) if c not in {s.channel for s in specs}]
+    cases = _input_cases(input_folder, file_ending, image_channels)
+    _check_tables(specs, tables, sources, cases, input_folder)
+    output_folder = output_folder or input_folder
+    targets, copy_images, existing = _planned_writes(input_folder, output_folder, images, overwrite, cases, specs,
+                                                     image_channels, file_ending)
+    os.makedirs(output_folder, exist_ok=True)
+    example = cases[next(iter(cases))][image_channels[0]]
+    rw = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
+    _check_replaceable(rw, existing, set(targets.values()), specs, cases, image_channels)
+    staging = tempfile.mkdtemp(prefix=".nnunet_dmoe_tmp_", dir=output_folder)
+    try:  # everything is written beside the targets first; they are replaced only when all cases are done
+        staged = _write_channels(rw, cases, image_channels, specs, tables, targets, staging, several, verbose)
+        if copy_images:
+            staged += [(f, os.path.join(output_folder, os.path.basename(f))) for c in cases
+                       for f in (cases[c][i] for i in image_channels)]
+        _put_in_place(staged, staging, images)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    written = [{c: table[c] for c in cases} for table in tables]
+    return written if several else written[0]
+
+
+def _input_cases(input_folder: str, file_ending: str, image_channels: List[int]) -> Dict[str, Dict[int, str]]:
+    """The cases of ``input_folder`` (``case -> {channel: file}``); each must have every image channel."""
     if not os.path.isdir(input_folder):
         raise ValueError(f"input folder {input_folder} does not exist")
     cases = cases_in_folder(input_folder, file_ending)
     if not cases:
         raise ValueError(f"{input_folder} holds no nnU-Net-named images CASE_XXXX{file_ending}")
-
     incomplete = sorted(c for c, ch in cases.items() if any(i not in ch for i in image_channels))
     if incomplete:
-        expected = ", ".join(f"CASE_{i:04d}{file_ending}" for i in image_channels)
+        expected = ", ".join(channel_file("CASE", i, file_ending) for i in image_channels)
         raise ValueError(_MISSING_CHANNELS.format(n=len(incomplete), folder=input_folder,
                                                   cases=", ".join(incomplete), expected=expected))
+    return cases
+
+
+def _check_tables(specs: List[AttributeSpec], tables: List[Mapping], sources: List[Optional[str]], cases,
+                  input_folder: str) -> None:
+    """Every case has a row in each attribute's table, with a level of the model (or unknown)."""
+    several = len(specs) > 1
     for spec, table, source in zip(specs, tables, sources):
         where = "" if not several else f"attribute {spec.name!r}" + (f" ({source})" if source else "") + ": "
         not_in_table = sorted(c for c in cases if c not in table)
@@ -113,9 +149,14 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
             raise ValueError(where + _UNKNOWN_LEVELS.format(n=len(unknown), levels=spec.levels,
                                                             cases=", ".join(unknown)))
 
+
+def _planned_writes(input_folder: str, output_folder: str, images: str, overwrite: bool, cases, specs, image_channels,
+                    file_ending: str) -> Tuple[Dict[tuple, str], bool, List[str]]:
+    """The attribute-channel file of each ``(case, attribute index)``, whether the image channels are copied (or
+    linked) into the output folder, and the files of both that exist already (sorted; any is an error without
+    ``overwrite``)."""
     if images not in ("copy", "link", "none"):
         raise ValueError(f"images must be 'copy', 'link' or 'none', got {images!r}")
-    output_folder = output_folder or input_folder
     copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder) and images != "none"
     targets = {(c, k): os.path.join(output_folder, channel_file(c, spec.channel, file_ending))
                for c in cases for k, spec in enumerate(specs)}
@@ -128,30 +169,21 @@ def attach_attribute(input_folder: str, case_levels, dataset_json: dict,
         raise FileExistsError(f"{len(existing)} file(s) exist already in {output_folder}: "
                               f"{fmt_cases(os.path.basename(p) for p in existing)}. Pass --overwrite (overwrite=True) "
                               f"to replace them: only attribute-channel files are replaced, never an image.")
-    os.makedirs(output_folder, exist_ok=True)
+    return targets, copy_images, existing
 
-    example = cases[next(iter(cases))][image_channels[0]]
-    rw = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
-    _check_replaceable(rw, existing, set(targets.values()), specs, cases, image_channels)
-    staging = tempfile.mkdtemp(prefix=".nnunet_dmoe_tmp_", dir=output_folder)
-    try:  # everything is written beside the targets first; they are replaced only when all cases are done
-        staged = _write_channels(rw, cases, image_channels, specs, tables, targets, staging, several, verbose)
-        if copy_images:
-            staged += [(f, os.path.join(output_folder, os.path.basename(f))) for c in cases
-                       for f in (cases[c][i] for i in image_channels)]
-        for source, target in staged:
-            if os.path.dirname(source) == staging:
-                os.replace(source, target)  # a rename: replaces a link itself, never writes through it
-            elif os.path.lexists(target):  # an existing copy equals its source (_check_replaceable)
-                continue
-            elif images == "link":
-                os.symlink(os.path.abspath(source), target)
-            else:
-                shutil.copy2(source, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    written = [{c: table[c] for c in cases} for table in tables]
-    return written if several else written[0]
+
+def _put_in_place(staged: List[Tuple[str, str]], staging: str, images: str) -> None:
+    """Move the staged channels onto their targets; copy (or link, ``images="link"``) each image that is not in the
+    output folder yet."""
+    for source, target in staged:
+        if os.path.dirname(source) == staging:
+            os.replace(source, target)  # a rename: replaces a link itself, never writes through it
+        elif os.path.lexists(target):  # an existing copy equals its source (_check_replaceable)
+            continue
+        elif images == "link":
+            os.symlink(os.path.abspath(source), target)
+        else:
+            shutil.copy2(source, target)
 
 
 def _write_channels(rw, cases, image_channels, specs, tables, targets, staging: str, several: bool, verbose: bool):
@@ -166,7 +198,7 @@ def _write_channels(rw, cases, image_channels, specs, tables, targets, staging: 
             staged.append((path, targets[(case, k)]))
             if verbose:
                 name = (spec.name + " ") if several else ""
-                print(f"{case}: {name}{table[case] or 'unknown'} -> {targets[(case, k)]}")
+                print(f"{case}: {name}{table[case] or UNKNOWN_LEVEL} -> {targets[(case, k)]}")
     return staged
 
 
@@ -200,10 +232,49 @@ def _check_replaceable(rw, existing, channel_files, specs, cases, image_channels
                              f"output folder (-o) or move the file away.")
 
 
-@command("nnUNetv2_dmoe_attach_attribute")
-def attach_attribute_entry_point():
+def attach_attribute_from_table(input_folder: str, table: str, dataset_json: Optional[str] = None,
+                                dataset: Optional[str] = None, id_column: Optional[str] = None,
+                                columns: Union[None, str, List[str]] = None, bins: Optional[List[float]] = None,
+                                output_folder: Optional[str] = None, overwrite: bool = False):
+    """``nnUNetv2_dmoe_attach_attribute``: the attribute channel(s) of the cases of ``input_folder`` from the column(s)
+    ``columns`` of ``table``, for the model whose dataset.json is ``dataset_json`` (a file or folder) or that of the
+    raw dataset ``dataset``; see :func:`attach_attribute`, whose result it returns."""
+    from nnunet_dmoe.data.tables import read_attribute_table
+
+    model_json = load_model_dataset_json(dataset_json, dataset)
+    ending = model_json.get("file_ending")
+    several = isinstance(model_json.get("attributes"), list) and len(model_json["attributes"]) > 1
+    if several:  # one column each, in the order of the list
+        columns = _columns_per_attribute(model_json, columns, bins, table)
+        case_levels = [read_attribute_table(table, id_column, c, strip_suffix=ending) for c in columns]
+        sources = [f"column {c!r} of {table}" for c in columns]
+    elif not isinstance(columns, (str, type(None))):
+        raise ValueError(f"-attribute_column is given {len(columns)} times ({', '.join(columns)}) but the model "
+                         f"has one attribute. Give one column.")
+    else:
+        case_levels = read_attribute_table(table, id_column, columns, bins, strip_suffix=ending)
+        sources = None
+    return attach_attribute(input_folder, case_levels, model_json, output_folder, overwrite, sources=sources)
+
+
+def _columns_per_attribute(model_json: dict, columns: Union[None, str, List[str]], bins: Optional[List[float]],
+                           table: str) -> List[str]:
+    """The table column of each attribute of a model with several (default: the attributes' names)."""
+    names = [b.get("name") for b in model_json["attributes"] if isinstance(b, dict)]
+    columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
+    if len(columns) != len(names):
+        raise ValueError(f"the model has {len(names)} attributes ({', '.join(map(str, names))}); "
+                         f"-attribute_column names {len(columns)} column(s) ({', '.join(columns)}) of "
+                         f"{table}. Repeat -attribute_column once per attribute, in this order.")
+    if bins is not None:
+        raise ValueError("-bins bins one numeric column; this model has several attributes. Bin the "
+                         "column in the table beforehand (its level names as in the model's dataset.json).")
+    return columns
+
+
+def _parser():
     from nnunet_dmoe.cli import Parser
-    from nnunet_dmoe.data.tables import add_attribute_table_arguments, read_attribute_table
+    from nnunet_dmoe.data.tables import add_attribute_table_arguments
     parser = Parser(
         description="Write the attribute channel for a folder of new cases (nnU-Net naming) from a table, so that "
                     "nnUNetv2_predict can run on it with a dMoE model.")
@@ -219,28 +290,11 @@ def attach_attribute_entry_point():
     parser.add_argument("-d", default=None, help="[OPTIONAL] dataset name or id in nnUNet_raw. Either this or -dataset_json")
     parser.add_argument("-o", default=None, help="[OPTIONAL] output folder. Default: write into -i")
     parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace existing attribute channels")
-    args = parser.parse_args()
-    dataset_json = load_model_dataset_json(args.dataset_json, args.d)
-    columns = args.attribute_column
-    several = isinstance(dataset_json.get("attributes"), list) and len(dataset_json["attributes"]) > 1
-    if several:  # one column each, in the order of the list
-        names = [b.get("name") for b in dataset_json["attributes"] if isinstance(b, dict)]
-        columns = names if columns is None else ([columns] if isinstance(columns, str) else columns)
-        if len(columns) != len(names):
-            raise ValueError(f"the model has {len(names)} attributes ({', '.join(map(str, names))}); "
-                             f"-attribute_column names {len(columns)} column(s) ({', '.join(columns)}) of "
-                             f"{args.t}. Repeat -attribute_column once per attribute, in this order.")
-        if args.bins is not None:
-            raise ValueError("-bins bins one numeric column; this model has several attributes. Bin the "
-                             "column in the table beforehand (its level names as in the model's dataset.json).")
-        case_levels = [read_attribute_table(args.t, args.id_column, c,
-                                            strip_suffix=dataset_json.get("file_ending")) for c in columns]
-        sources = [f"column {c!r} of {args.t}" for c in columns]
-    elif not isinstance(columns, (str, type(None))):
-        raise ValueError(f"-attribute_column is given {len(columns)} times ({', '.join(columns)}) but the model "
-                         f"has one attribute. Give one column.")
-    else:
-        case_levels = read_attribute_table(args.t, args.id_column, columns, args.bins,
-                                           strip_suffix=dataset_json.get("file_ending"))
-        sources = None
-    attach_attribute(args.i, case_levels, dataset_json, args.o, args.overwrite, sources=sources)
+    return parser
+
+
+@command("nnUNetv2_dmoe_attach_attribute")
+def attach_attribute_entry_point():
+    args = _parser().parse_args()
+    attach_attribute_from_table(args.i, args.t, args.dataset_json, args.d, args.id_column, args.attribute_column,
+                                args.bins, args.o, args.overwrite)
