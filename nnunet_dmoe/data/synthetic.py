@@ -227,8 +227,16 @@ def make_synthetic_entry_point():
                              "intensity shift 0/0.1")
     parser.add_argument("--overwrite", action="store_true", help="[OPTIONAL] replace an existing dataset with this id")
     args = parser.parse_args()
-    n = len(args.proportions)
+    make_synthetic_command(args.d, args.dim, args.num_train, args.num_test, args.size, args.seed, args.proportions,
+                           args.margins, args.centres, args.overwrite)
+
+
+def make_synthetic_command(dataset_id: int, dim: int, num_train: int, num_test: int, size: Optional[Sequence[int]],
+                           seed: int, proportions: Sequence[float], margins: Sequence[int], centres: bool,
+                           overwrite: bool) -> str:
+    """``nnUNetv2_dmoe_make_synthetic``: :func:`make_synthetic_dataset` with one level per proportion (T1-T4 for
+    four, else L1, L2, ...) and, with ``centres``, the centres A and B as second attribute."""
+    n = len(proportions)
     levels = DEFAULT_LEVELS if n == len(DEFAULT_LEVELS) else tuple(f"L{i + 1}" for i in range(n))
-    make_synthetic_dataset(args.d, args.dim, args.num_train, args.num_test, args.size, args.seed, levels,
-                           args.proportions, args.margins, overwrite=args.overwrite,
-                           centres=DEFAULT_CENTRES if args.centres else None)
+    return make_synthetic_dataset(dataset_id, dim, num_train, num_test, size, seed, levels, proportions, margins,
+                                  overwrite=overwrite, centres=DEFAULT_CENTRES if centres else None)
