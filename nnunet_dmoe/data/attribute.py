@@ -354,5 +354,5 @@ def channel_disagreement(spec: AttributeSpec, case: str, channel, name: Optional
     expected = spec.case_level_index(case)
     if found == expected:
         return None
-    level = (lambda i: "unknown" if i is None else spec.levels[i])
+    level = (lambda i: UNKNOWN_LEVEL if i is None else spec.levels[i])
     return f"dataset.json says {level(expected)}, the channel holds {level(found)}"
