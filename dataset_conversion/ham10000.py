@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -111,44 +111,21 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
 
     metadata = metadata or os.path.join(input_folder, METADATA_NAME)
     image_dir, mask_dir = os.path.join(input_folder, IMAGE_DIR), os.path.join(input_folder, MASK_DIR)
-    for folder in (image_dir, mask_dir):
-        if not os.path.isdir(folder):
-            raise ValueError(f"-i {input_folder}: the official ISIC 2018 folder {os.path.basename(folder)} is missing "
-                             f"(expected {IMAGE_DIR}/ and {MASK_DIR}/ inside -i).")
-    names = attribute_names(attribute, "-a", ATTRIBUTES)
-    if num_folds < 2:
-        raise ValueError(f"-num_folds must be at least 2 (nnU-Net's cross-validation needs two folds), got "
-                         f"{num_folds}")
-    if not 0 <= test_fraction < 1:
-        raise ValueError(f"-test_fraction must be in [0, 1), got {test_fraction}")
+    names = _check_settings(input_folder, image_dir, mask_dir, attribute, num_folds, test_fraction)
     bins = {a: (list(age_bins) if a == "age" else None) for a in names}
+    if not os.path.isfile(metadata):
+        raise FileNotFoundError(f"the HAM10000 metadata CSV {metadata} does not exist. Put {METADATA_NAME} into -i, "
+                                f"or give its path with -metadata.")
     all_values = {a: read_attribute_table(metadata, id_column="image_id", attribute_column=a, bins=bins[a])
                   for a in names}
-    values = all_values[names[0]]  # the same rows for every column
     lesions = read_attribute_table(metadata, id_column="image_id", attribute_column="lesion_id")
-
     problems = Problems()
-    cases = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".png")))
-    image_files = {os.path.splitext(f)[0]: os.path.join(image_dir, f) for f in os.listdir(image_dir)}
-    mask_files = {c: os.path.join(mask_dir, f"{c}_segmentation.png") for c in cases}
-    for case in cases:
-        if not os.path.isfile(mask_files[case]):
-            problems.add(image_files[case], f"the mask {mask_files[case]} is missing",
-                         "Add the mask, or remove the image from the input folder.")
-        if case not in values:
-            problems.add(image_files[case], f"no row with image_id {case} in {metadata}",
-                         "Add its metadata row, or remove the image from the input folder.")
-    if not cases:
-        problems.add(image_dir, "holds no .jpg images", "Point -i at the folder that holds the ISIC 2018 folders.")
-    known = [c for c in cases if c in values]
+    cases, image_files, mask_files = _find_cases(image_dir, mask_dir, all_values[names[0]], metadata, problems)
+    known = [c for c in cases if c in all_values[names[0]]]  # the same rows for every column
     lesion_of = {c: lesions[c] or c for c in known}
     split = (split_from_file(known, split_file, problems) if split_file
              else _lesion_split(lesion_of, test_fraction, seed))
-    shared = sorted({lesion_of[c] for c in split if split[c] == "train"}
-                    & {lesion_of[c] for c in split if split[c] == "test"})
-    if shared:
-        print(f"Warning: the split file puts images of {len(shared)} lesion(s) into both train and test "
-              f"({fmt_cases(shared, limit=10)}); test scores will be optimistic.")
+    _warn_shared_lesions(split, lesion_of)
     levels = {a: bin_labels(bins[a]) if bins[a] else sorted({v[c] for c in known if v[c] is not None})
               for a, v in all_values.items()}
     for a in names:
@@ -161,18 +138,68 @@ def convert_ham10000(input_folder: str, nnunet_dataset_id: int, metadata: Option
                         inputs=[input_folder, metadata, split_file]) as staged:
         _write_cases(staged.path, cases, image_files, mask_files, split, names, levels, all_values, problems)
         problems.raise_if_any("HAM10000")
-        blocks = [attribute_block(a, levels[a], attribute_channel_index(3) + k, {c: all_values[a][c] for c in cases},
-                                  split) for k, a in enumerate(names)]
-        channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(3) + k): "noNorm" for k in range(len(names))}}
-        finish(staged.path, channel_names, LABELS, ".png", blocks,
-               reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
-               license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
-               description=f"HAM10000 lesion segmentation; attribute{'s' * (len(names) > 1)} {', '.join(names)}; "
-                           f"split {split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}",
-               converted_by="nnUNetv2_dmoe_convert_ham10000")
+        blocks = _finish_ham(staged.path, cases, split, names, levels, all_values,
+                             f"split {split_file or f'seeded by lesion_id (seed {seed}, test fraction {test_fraction})'}")
         if splits_path:
             _write_folds(staged, splits_path, {c: lesion_of[c] for c in blocks[0]["cases"]}, num_folds, seed)
     return staged.final
+
+
+def _check_settings(input_folder: str, image_dir: str, mask_dir: str, attribute: Union[str, Sequence[str]],
+                    num_folds: int, test_fraction: float) -> List[str]:
+    """Refuse a missing official folder, unknown attributes and impossible folds or test fraction; returns the
+    attribute names."""
+    for folder in (image_dir, mask_dir):
+        if not os.path.isdir(folder):
+            raise ValueError(f"-i {input_folder}: the official ISIC 2018 folder {os.path.basename(folder)} is missing "
+                             f"(expected {IMAGE_DIR}/ and {MASK_DIR}/ inside -i).")
+    names = attribute_names(attribute, "-a", ATTRIBUTES)
+    if num_folds < 2:
+        raise ValueError(f"-num_folds must be at least 2 (nnU-Net's cross-validation needs two folds), got "
+                         f"{num_folds}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"-test_fraction must be in [0, 1), got {test_fraction}")
+    return names
+
+
+def _find_cases(image_dir: str, mask_dir: str, values: Dict[str, Optional[str]], metadata: str,
+                problems: Problems) -> Tuple[List[str], Dict[str, str], Dict[str, str]]:
+    """The images (cases, case -> image file, case -> mask file); a missing mask or metadata row is a problem."""
+    cases = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".png")))
+    image_files = {os.path.splitext(f)[0]: os.path.join(image_dir, f) for f in os.listdir(image_dir)}
+    mask_files = {c: os.path.join(mask_dir, f"{c}_segmentation.png") for c in cases}
+    for case in cases:
+        if not os.path.isfile(mask_files[case]):
+            problems.add(image_files[case], f"the mask {mask_files[case]} is missing",
+                         "Add the mask, or remove the image from the input folder.")
+        if case not in values:
+            problems.add(image_files[case], f"no row with image_id {case} in {metadata}",
+                         "Add its metadata row, or remove the image from the input folder.")
+    if not cases:
+        problems.add(image_dir, "holds no .jpg images", "Point -i at the folder that holds the ISIC 2018 folders.")
+    return cases, image_files, mask_files
+
+
+def _warn_shared_lesions(split: Dict[str, str], lesion_of: Dict[str, str]) -> None:
+    shared = sorted({lesion_of[c] for c in split if split[c] == "train"}
+                    & {lesion_of[c] for c in split if split[c] == "test"})
+    if shared:
+        print(f"Warning: the split file puts images of {len(shared)} lesion(s) into both train and test "
+              f"({fmt_cases(shared, limit=10)}); test scores will be optimistic.")
+
+
+def _finish_ham(out: str, cases, split, names, levels, all_values, split_note: str) -> List[dict]:
+    """dataset.json of the converted dataset; returns its attribute blocks."""
+    blocks = [attribute_block(a, levels[a], attribute_channel_index(3) + k, {c: all_values[a][c] for c in cases},
+                              split) for k, a in enumerate(names)]
+    channel_names = {**CHANNEL_NAMES, **{str(attribute_channel_index(3) + k): "noNorm" for k in range(len(names))}}
+    finish(out, channel_names, LABELS, ".png", blocks,
+           reference="Tschandl et al., Sci Data 5, 180161 (2018); Codella et al., ISIC 2018",
+           license="CC BY-NC-SA 4.0 (images), CC BY-NC 4.0 (dataset)",
+           description=f"HAM10000 lesion segmentation; attribute{'s' * (len(names) > 1)} {', '.join(names)}; "
+                       f"{split_note}",
+           converted_by="nnUNetv2_dmoe_convert_ham10000")
+    return blocks
 
 
 def _write_cases(out, cases, image_files, mask_files, split, names, levels, all_values, problems: Problems):

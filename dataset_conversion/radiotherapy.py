@@ -158,34 +158,10 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
         raise ValueError(f"-attribute_column: {clash} repeat a column or name the id, T-stage, label, split or an "
                          f"image column. Name each further attribute column once.")
     rows, image_columns = _read_manifest(manifest, id_column, tstage_column, attribute_columns)
-    base = os.path.dirname(os.path.abspath(manifest))
     problems = Problems()
-    entries, extra = [], {}
-    for lineno, row in enumerate(rows, start=2):
-        entry = _check_row(row, lineno, manifest, image_columns, id_column, tstage_column, base,
-                           unparsable_as_unknown, problems)
-        if entry is not None:
-            entries.append(entry)
-            extra[entry[0]] = [None if (row[c] or "").strip().casefold() in DEFAULT_MISSING else row[c].strip()
-                               for c in attribute_columns]
-    ids = [e[0] for e in entries]
-    for case in sorted({c for c in ids if ids.count(c) > 1}):
-        problems.add(manifest, f"case id {case} is listed more than once", "Give every case its own id.")
-    found = {e[2] for e in entries if e[2] is not None}
-    try:
-        levels = [normalise_tstage(lv) for lv in levels] if levels else [s for s in _STAGE_ORDER if s in found]
-    except ValueError as e:
-        raise ValueError(f"-levels: {e}; give T-stages such as T1 T2 T3 T4") from None
-    twice = sorted({lv for lv in levels if levels.count(lv) > 1})
-    if twice:
-        raise ValueError(f"-levels: {', '.join(twice)} given more than once (after normalising, e.g. t2 = T2). "
-                         f"Give each T-stage once, in router order.")
-    for entry in [e for e in entries if e[2] is not None and e[2] not in levels]:
-        problems.add(f"{manifest} ({entry[0]})", f"T-stage {entry[2]} is not one of -levels {levels}",
-                     "Add it to -levels or correct the row.")
-        entries.remove(entry)
-    if not levels:
-        problems.add(manifest, "no case has a known T-stage", "Fill the T-stage column.")
+    entries, extra = _read_entries(manifest, rows, image_columns, id_column, tstage_column, attribute_columns,
+                                   unparsable_as_unknown, problems)
+    levels = _tstage_levels(manifest, levels, entries, problems)
 
     extra_levels = [sorted({extra[e[0]][k] for e in entries} - {None}) for k in range(len(attribute_columns))]
     for column, found_levels in zip(attribute_columns, extra_levels):
@@ -202,6 +178,46 @@ def convert_rt(manifest: str, nnunet_dataset_id: int, labels: Sequence[str] = ("
         _finish_rt(staged.path, manifest, labels, levels, entries, extra, attribute_columns, extra_levels,
                    image_columns)
     return staged.final
+
+
+def _read_entries(manifest: str, rows, image_columns: List[str], id_column: str, tstage_column: str,
+                  attribute_columns: List[str], unparsable_as_unknown: bool, problems: Problems):
+    """The checked rows (:func:`_check_row`) and each case's values of the further attribute columns; a case id
+    listed twice is a problem."""
+    base = os.path.dirname(os.path.abspath(manifest))
+    entries, extra = [], {}
+    for lineno, row in enumerate(rows, start=2):
+        entry = _check_row(row, lineno, manifest, image_columns, id_column, tstage_column, base,
+                           unparsable_as_unknown, problems)
+        if entry is not None:
+            entries.append(entry)
+            extra[entry[0]] = [None if (row[c] or "").strip().casefold() in DEFAULT_MISSING else row[c].strip()
+                               for c in attribute_columns]
+    ids = [e[0] for e in entries]
+    for case in sorted({c for c in ids if ids.count(c) > 1}):
+        problems.add(manifest, f"case id {case} is listed more than once", "Give every case its own id.")
+    return entries, extra
+
+
+def _tstage_levels(manifest: str, levels: Optional[Sequence[str]], entries: list, problems: Problems) -> List[str]:
+    """The T-stage levels: ``levels`` normalised, or the stages found in router order. A case whose stage is not
+    one of them is a problem (and leaves ``entries``)."""
+    found = {e[2] for e in entries if e[2] is not None}
+    try:
+        levels = [normalise_tstage(lv) for lv in levels] if levels else [s for s in _STAGE_ORDER if s in found]
+    except ValueError as e:
+        raise ValueError(f"-levels: {e}; give T-stages such as T1 T2 T3 T4") from None
+    twice = sorted({lv for lv in levels if levels.count(lv) > 1})
+    if twice:
+        raise ValueError(f"-levels: {', '.join(twice)} given more than once (after normalising, e.g. t2 = T2). "
+                         f"Give each T-stage once, in router order.")
+    for entry in [e for e in entries if e[2] is not None and e[2] not in levels]:
+        problems.add(f"{manifest} ({entry[0]})", f"T-stage {entry[2]} is not one of -levels {levels}",
+                     "Add it to -levels or correct the row.")
+        entries.remove(entry)
+    if not levels:
+        problems.add(manifest, "no case has a known T-stage", "Fill the T-stage column.")
+    return levels
 
 
 def _finish_rt(out, manifest, labels, levels, entries, extra, attribute_columns, extra_levels, image_columns):
