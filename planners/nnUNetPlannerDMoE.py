@@ -13,8 +13,9 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_dmoe.data.attribute import attribute_settings, attribute_specs_from_dataset_json
-from nnunet_dmoe.method.dmoe import DMoEConfig
-from nnunet_dmoe.networks.unet import PLANS_KEY, AttributeUNet
+from nnunet_dmoe.method.config import DMoEConfig
+from nnunet_dmoe.networks.unet import AttributeUNet
+from nnunet_dmoe.plans.blocks import DMOE_KEY, planned_dmoe_block
 
 
 class DMoEPlannerMixin:
@@ -41,10 +42,7 @@ class DMoEPlannerMixin:
 
     def get_plans_for_configuration(self, *args, **kwargs) -> dict:
         plan = super().get_plans_for_configuration(*args, **kwargs)
-        settings = {k[len("dmoe_"):]: v for k, v in self._dmoe_config().to_arch_kwargs().items()}
-        settings.pop("mode")  # chosen by the trainer (nnUNetTrainerMoE / nnUNetTrainerDMoE)
-        settings.pop("unknown_router")  # likewise (nnUNetTrainerDMoE_noUnknown)
-        plan[PLANS_KEY] = settings
+        plan[DMOE_KEY] = planned_dmoe_block(self._dmoe_config())  # the routing is the trainer's choice
         return plan
 
 

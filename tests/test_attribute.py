@@ -138,7 +138,7 @@ DECODE_TABLE = [
 def test_numpy_and_torch_decoding_share_one_rule(shape, fill, expected):
     import torch
 
-    from nnunet_dmoe.networks.unet import decode_levels
+    from nnunet_dmoe.networks.attribute_input import decode_levels
     ch = _channel(shape, fill)
     assert decode_attribute_channel(ch, 4) == expected
     assert decode_attribute_channel(ch.astype(np.float16), 4) == expected
@@ -177,7 +177,7 @@ def test_torch_decoding_without_check_traces_in_one_graph():
     import torch
     import torch._dynamo as dynamo
 
-    from nnunet_dmoe.networks.unet import decode_levels
+    from nnunet_dmoe.networks.attribute_input import decode_levels
     dynamo.reset()
     compiled = torch.compile(lambda ch: decode_levels(ch, 4, check=False), backend="aot_eager", fullgraph=True)
     batch = torch.from_numpy(np.stack([_channel((2, 6, 6), f) for f in ({2.0: 9, 1.4: 2}, {}, {4.0: 5, 9.0: 6})]))

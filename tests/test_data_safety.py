@@ -284,7 +284,7 @@ def test_tables_with_a_byte_order_mark_are_read_and_latin1_is_named(tmp_path):
 
 def test_bad_code_at_prediction_names_the_case_being_predicted():
     import torch
-    from nnunet_dmoe.networks.unet import decode_levels
+    from nnunet_dmoe.networks.attribute_input import decode_levels
 
     channel = torch.zeros(2, 1, 4, 4)
     channel[:, :, 1:3, 1:3] = 9

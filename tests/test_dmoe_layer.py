@@ -4,7 +4,9 @@ import torch
 
 from dmoe_reference import assert_close_relative, dense_reference, gradients, keep_rows_to_pairs, make_block
 from nnunet_dmoe.method import dmoe
-from nnunet_dmoe.method.dmoe import DMoEConfig, route_index_for_levels, resolve_backend
+from nnunet_dmoe.method.config import DMoEConfig
+from nnunet_dmoe.method.routing import route_index_for_levels
+from nnunet_dmoe.method.dmoe import resolve_backend
 
 
 def record_torch_dropout(monkeypatch):
@@ -146,14 +148,31 @@ def test_route_index_for_levels():
 
 def test_config_roundtrip_and_validation():
     cfg = DMoEConfig(num_levels=4, stages=(0, 2), attribute_channel=1)
-    kw = dict(cfg.to_arch_kwargs(), n_stages=3)
-    back = DMoEConfig.pop_from_arch_kwargs(kw)
-    assert kw == {"n_stages": 3} and back == cfg and back.num_routers == 5
+    block = cfg.to_block()
+    back = DMoEConfig.from_block(block)
+    assert block["stages"] == [0, 2] and back == cfg and back.num_routers == 5
     assert DMoEConfig(mode="moe", num_levels=4).num_routers == 1
     with pytest.raises(ValueError, match="dmoe_top_k"):
         DMoEConfig(top_k=9)
-    with pytest.raises(ValueError, match="dmoe_typo"):
-        DMoEConfig.pop_from_arch_kwargs({"dmoe_typo": 1})
+    with pytest.raises(ValueError, match=r"unknown dMoE settings .*\['typo'\]"):
+        DMoEConfig.from_block({"typo": 1})
+    with pytest.raises(ValueError, match="transformer_placement"):
+        DMoEConfig(transformer_placement="everywhere")
+
+
+def test_plans_of_version_0_1_load():
+    """Version 0.1 kept the settings in arch_kwargs with the prefix dmoe_: nnunet_dmoe.plans.blocks reads them (and
+    only there), drops them from the U-Net's kwargs, and gives the settings changed since their earlier values."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    from nnunet_dmoe.plans.blocks import read_dmoe_config, unet_arch_kwargs
+
+    arch = {"n_stages": 3, "dmoe_num_levels": 4, "dmoe_attribute_channel": 1, "dmoe_num_experts": 4}
+    cm = ConfigurationManager({"architecture": {"network_class_name": "x", "arch_kwargs": arch,
+                                                "_kw_requires_import": []}})
+    config = read_dmoe_config(cm, mode="moe")
+    assert (config.num_levels, config.attribute_channel, config.num_experts, config.mode) == (4, 1, 4, "moe")
+    assert (config.stages, config.router_init) == ("all", "zero")
+    assert unet_arch_kwargs(cm) == {"n_stages": 3}
 
 
 def test_bfloat16_autocast_cpu():

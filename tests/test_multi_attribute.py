@@ -11,7 +11,9 @@ from PIL import Image
 from conftest import nnunet_env, run
 from nnunet_dmoe.data.attribute import attribute_settings, attribute_specs_from_dataset_json
 from nnunet_dmoe.plans.configuration import unet_configuration
-from nnunet_dmoe.method.dmoe import DMoEConfig, DistributionAwareMoE, NoisyTopKRouter, route_index_for_levels
+from nnunet_dmoe.method.config import DMoEConfig
+from nnunet_dmoe.method.routing import route_index_for_levels
+from nnunet_dmoe.method.dmoe import DistributionAwareMoE, NoisyTopKRouter
 from nnunet_dmoe.networks.unet import build_attribute_network
 
 STAGE = {"name": "tstage", "levels": ["T1", "T2", "T3", "T4"], "channel": 1, "cases": {"a": "T2", "b": None}}
@@ -245,7 +247,7 @@ def test_two_attributes_end_to_end(tmp_path):
 
 
 def test_transunet_routes_on_two_attributes():
-    from nnunet_dmoe.networks.transformers import build_transunet_network
+    from nnunet_dmoe.networks.transunet import build_transunet_network
     torch.manual_seed(0)
     cm = unet_configuration(2, num_levels=[4, 2], attribute_channel=[1, 2])
     cm.configuration["patch_size"] = [32, 32]

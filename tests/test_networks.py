@@ -9,7 +9,8 @@ import torch
 from nnunet_dmoe.data.attribute import decode_attribute_channel, encode_attribute_channel
 from nnunet_dmoe.plans.configuration import unet_configuration
 from nnunet_dmoe.method.dmoe import DistributionAwareMoE
-from nnunet_dmoe.networks.unet import AttributeUNet, build_attribute_network, decode_levels
+from nnunet_dmoe.networks.attribute_input import decode_levels
+from nnunet_dmoe.networks.unet import AttributeUNet, build_attribute_network
 
 
 def build(mode, dim=3, residual=False, ds=False, seed=0, **dmoe):
@@ -206,8 +207,8 @@ def test_model_of_version_0_2_keeps_its_network_and_predictions():
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(saved["input"]), saved["output"], rtol=1e-6, atol=1e-6)
     # a new training of the same plans records and gets the paper's network
-    from nnunet_dmoe.networks.unet import current_settings
-    assert current_settings(saved["configuration"]["dmoe"]) == {"num_levels": 4, "attribute_channel": 1,
+    from nnunet_dmoe.plans.blocks import current_dmoe_block
+    assert current_dmoe_block(saved["configuration"]["dmoe"]) == {"num_levels": 4, "attribute_channel": 1,
                                                                 "stages": "downsampling", "router_init": "linear"}
     new = build("dmoe", dim=2)
     assert isinstance(new.moe[0], torch.nn.Identity) and new.moe[1].router.b_gate.shape == (5, 8)

@@ -5,13 +5,16 @@ import hashlib
 
 import pytest
 import torch
-from nnunet_dmoe.commands.benchmark import build_pair, cost_report, dmoe_flops, preset_configuration
+from nnunet_dmoe.commands.benchmark.flops import dmoe_flops
+from nnunet_dmoe.commands.benchmark.presets import build_pair, preset_configuration
+from nnunet_dmoe.commands.benchmark.report import cost_report
 from nnunet_dmoe.plans.configuration import unet_configuration
 from nnunet_dmoe.method.dmoe import DistributionAwareMoE
-from nnunet_dmoe.networks.transformers import (AttributeTransformer, PrimusBackbone, StemSkipTransUNet,
-                                              TRANSUNET_DEFAULTS, TransUNet, build_primus_network,
-                                              build_transunet_network, round_patch_size,
-                                              transunet_deep_supervision_scales, with_transformer_defaults)
+from nnunet_dmoe.networks.primus import PrimusBackbone, build_primus_network
+from nnunet_dmoe.networks.transformer import AttributeTransformer, round_patch_size
+from nnunet_dmoe.networks.transunet import (StemSkipTransUNet, TRANSUNET_DEFAULTS, TransUNet, build_transunet_network,
+                                           transunet_deep_supervision_scales)
+from nnunet_dmoe.plans.blocks import with_transformer_defaults
 
 # the paper's network, tiny: 32 wide, 3 blocks; decoder 16 channels on the token grid, then 4 up-blocks (tokens of 16)
 TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder": "paper", "decoder_features": [16, 16, 8, 8, 8]}
@@ -288,7 +291,7 @@ def test_the_dmoe_planners_block_builds_a_transformer():
     """nnUNetDMoEPlans' "dmoe" block (every setting, stages null) serves the transformer trainers too."""
     from dataclasses import asdict
 
-    from nnunet_dmoe.method.dmoe import DMoEConfig
+    from nnunet_dmoe.method.config import DMoEConfig
 
     block = {k: v for k, v in asdict(DMoEConfig(num_levels=4, attribute_channel=1)).items() if k != "mode"}
     net = build_transunet_network(None, configuration((32, 32), TINY_VIT, **block), 2, 3, routing="dmoe")

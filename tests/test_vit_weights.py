@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from nnunet_dmoe.plans.configuration import unet_configuration
-from nnunet_dmoe.networks.transformers import build_transunet_network
+from nnunet_dmoe.networks.transunet import build_transunet_network
 from nnunet_dmoe.networks.vit_weights import adapt_patch_kernel, load_vit_weights, npz_key
 
 D, DEPTH, HEADS, MLP, GRID = 32, 2, 2, 128, 4

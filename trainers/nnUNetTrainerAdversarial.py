@@ -1,6 +1,6 @@
 from nnunet_dmoe.fairness.adversary import AdversarialNetwork
 from nnunet_dmoe.fairness.losses import AdversarialLoss
-from nnunet_dmoe.networks.unet import dmoe_settings
+from nnunet_dmoe.plans.blocks import read_dmoe_block
 from nnunet_dmoe.trainers.seam.fairness_loss_base import nnUNetTrainerFairnessLossBase
 
 
@@ -16,7 +16,7 @@ class nnUNetTrainerAdversarial(nnUNetTrainerFairnessLossBase):
                                    num_output_channels, enable_deep_supervision: bool = True):
         segmenter = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                        num_output_channels, enable_deep_supervision)
-        num_levels = dmoe_settings(configuration_manager)[0]["dmoe_num_levels"]
+        num_levels = read_dmoe_block(configuration_manager)["num_levels"]
         if isinstance(num_levels, list):  # several attributes: the classifier predicts the first (its groups)
             num_levels = num_levels[0]
         return AdversarialNetwork(segmenter, num_levels, cls.adversary_weight)

@@ -14,13 +14,13 @@
 5. **CPU speed** (:meth:`configure_optimizers`, :meth:`on_train_start`): nnU-Net's SGD as torch's fused kernel,
    and glibc told to reuse freed memory (:mod:`nnunet_dmoe.trainers.seam.cpu_memory`); nothing changes on GPU.
 
-A trainer of the plugin is one short subclass overriding one hook. The network:
-:meth:`build_network_architecture` calling :func:`nnunet_dmoe.networks.unet.build_attribute_network` with explicit
-arguments (this base: the attribute-blind baseline, channel stripped). The loss or the use of the levels:
-:meth:`prepare_attribute` or nnU-Net's own hooks (``train_step``, ``_build_loss``, ...), reading
-``batch["attribute"]``.
+A trainer of the plugin is one short subclass. Its network it declares with four class attributes, from which
+this base's :meth:`build_network_architecture` builds it (:func:`nnunet_dmoe.networks.build.build_network`):
+``network_family`` (``"unet"``, ``"film"``, ``"transunet"``, ``"primus"``), ``routing`` (``None``, ``"moe"``,
+``"dmoe"``), ``keep_attribute_channel`` and ``unknown_router``; this base is the attribute-blind U-Net. The loss or
+the use of the levels: :meth:`prepare_attribute` or nnU-Net's own hooks (``train_step``, ``_build_loss``, ...),
+reading ``batch["attribute"]``.
 """
-from copy import deepcopy
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -29,7 +29,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dmoe.data.attribute import (AttributeSpec, attribute_settings, attribute_specs_from_dataset_json,
                                    strip_attribute_tables)
-from nnunet_dmoe.networks.unet import PLANS_KEY, build_attribute_network, current_settings
+from nnunet_dmoe.networks.build import build_network
+from nnunet_dmoe.plans.blocks import with_dmoe_block
 from nnunet_dmoe.trainers.seam.attribute_augmentation import protect_attribute_channel
 from nnunet_dmoe.trainers.seam.attribute_checks import check_preprocessed_attribute
 from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
@@ -42,24 +43,11 @@ __all__ = ["nnUNetTrainerAttributeBase", "with_attribute_settings"]
 def with_attribute_settings(plans: dict, configuration: str,
                             specs: Union[AttributeSpec, Sequence[AttributeSpec]]) -> dict:
     """A copy of ``plans`` whose configuration's ``"dmoe"`` block holds ``num_levels`` and ``attribute_channel`` of
-    the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.data.attribute.attribute_settings`;
-    other settings kept, inherited ones included) and the current defaults of the settings the plans do not set
-    (:func:`nnunet_dmoe.networks.unet.current_settings`), so that the model folder records the network it trains."""
+    the attribute(s) ``specs`` (lists for several attributes: :func:`nnunet_dmoe.data.attribute.attribute_settings`),
+    the settings it inherits and the current defaults of the rest
+    (:func:`nnunet_dmoe.plans.blocks.with_dmoe_block`), so that the model folder records the network it trains."""
     specs = [specs] if isinstance(specs, AttributeSpec) else list(specs)
-    plans = deepcopy(plans)
-    configs = plans["configurations"]
-    if configuration not in configs:
-        raise ValueError(f"configuration {configuration!r} is not in the plans; it has {sorted(configs)}")
-    block, name = {}, configuration
-    chain = []
-    while name is not None:  # nnU-Net's inheritance: the child's keys win
-        chain.append(configs[name])
-        name = configs[name].get("inherits_from")
-    for cfg in reversed(chain):
-        block.update(cfg.get(PLANS_KEY) or {})
-    block.update(attribute_settings(specs))
-    configs[configuration][PLANS_KEY] = current_settings(block)
-    return plans
+    return with_dmoe_block(plans, configuration, attribute_settings(specs))
 
 
 class nnUNetTrainerAttributeBase(nnUNetTrainer):
@@ -86,11 +74,19 @@ class nnUNetTrainerAttributeBase(nnUNetTrainer):
         self._attribute_rng = seed_everything(self.random_seed)
         install_upcycling()  # -pretrained_weights: a plain nnU-Net checkpoint into a (d)MoE U-Net
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
-        return build_attribute_network(plans_manager, configuration_manager, num_input_channels,
-                                       num_output_channels, enable_deep_supervision)
+    # What the trainer trains (a subclass sets what differs; the builder: nnunet_dmoe.networks.build.build_network)
+    network_family = "unet"  # "unet", "film", "transunet" or "primus"
+    routing = None  # None (no (d)MoE blocks), "moe" (one router for all) or "dmoe" (one router per level)
+    keep_attribute_channel = False  # U-Net only: the attribute channel as an ordinary input channel
+    unknown_router = True  # dMoE: a router for cases whose attribute is unknown
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        # nnU-Net calls it on the class (the predictor) and on the trainer: a classmethod serves both
+        return build_network(cls.network_family, plans_manager, configuration_manager, num_input_channels,
+                             num_output_channels, enable_deep_supervision, routing=cls.routing,
+                             keep_attribute_channel=cls.keep_attribute_channel, unknown_router=cls.unknown_router)
 
     # --- the attribute of a batch ---------------------------------------------------------------------------------
     def attribute_levels(self, keys: List[str], spec: Optional[AttributeSpec] = None) -> np.ndarray:

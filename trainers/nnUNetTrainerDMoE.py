@@ -1,4 +1,3 @@
-from nnunet_dmoe.networks.unet import build_attribute_network
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 
 
@@ -7,8 +6,4 @@ class nnUNetTrainerDMoE(nnUNetTrainerAttributeBase):
     routed by one router per attribute level (plus one, trained by hiding the level of a share of the samples, for
     cases whose attribute is unknown)."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        return build_attribute_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                       enable_deep_supervision, routing="dmoe")
+    routing = "dmoe"

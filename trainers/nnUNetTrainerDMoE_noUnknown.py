@@ -1,7 +1,6 @@
 import torch
 
 from nnunet_dmoe.data.attribute import fmt_cases
-from nnunet_dmoe.networks.unet import build_attribute_network
 from nnunet_dmoe.trainers.nnUNetTrainerDMoE import nnUNetTrainerDMoE
 
 
@@ -10,6 +9,7 @@ class nnUNetTrainerDMoE_noUnknown(nnUNetTrainerDMoE):
     hidden in training. Every training case needs its level, and predicting a case without one is an error (use
     nnUNetTrainerDMoE for data with unknown attributes)."""
 
+    unknown_router = False  # one router per level only
     predicts_unknown_attribute = False  # nnUNetv2_dmoe_predict refuses cases without a level before predicting
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -22,9 +22,3 @@ class nnUNetTrainerDMoE_noUnknown(nnUNetTrainerDMoE):
             raise ValueError(f"nnUNetTrainerDMoE_noUnknown needs the attribute of every training case, but "
                              f"{len(unknown)} are unknown in dataset.json: {fmt_cases(unknown)}. Give them their "
                              f"levels, or train nnUNetTrainerDMoE, which has a router for unknown attributes.")
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        return build_attribute_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                       enable_deep_supervision, routing="dmoe", unknown_router=False)

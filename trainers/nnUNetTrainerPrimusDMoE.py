@@ -1,4 +1,3 @@
-from nnunet_dmoe.networks.transformers import build_primus_network
 from nnunet_dmoe.trainers.nnUNetTrainerPrimusMoE import nnUNetTrainerPrimusMoE
 
 
@@ -8,8 +7,4 @@ class nnUNetTrainerPrimusDMoE(nnUNetTrainerPrimusMoE):
     One dMoE block shared by all transformer blocks and applied after each (``"transformer_placement": "per_block"``
     in the plans' ``"dmoe"`` block: one per block). Training as nnU-Net's ``nnUNet_Primus_M_Trainer``."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = False):
-        return build_primus_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                    enable_deep_supervision, routing="dmoe")
+    routing = "dmoe"

@@ -1,6 +1,6 @@
 from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_M_Trainer
 
-from nnunet_dmoe.networks.transformers import PRIMUS_DEFAULTS, build_primus_network
+from nnunet_dmoe.networks.primus import PRIMUS_DEFAULTS
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 from nnunet_dmoe.trainers.seam.token_patch import RoundPatchToTokens
 
@@ -14,10 +14,6 @@ class nnUNetTrainerPrimusMoE(RoundPatchToTokens, nnUNetTrainerAttributeBase, nnU
     down to a multiple of the token size (8); the plans' ``"transformer"`` block may change the Primus size
     (``embed_dim``, ``depth``, ``num_heads``)."""
 
+    network_family = "primus"
+    routing = "moe"
     transformer_defaults = PRIMUS_DEFAULTS
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = False):
-        return build_primus_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                    enable_deep_supervision, routing="moe")

@@ -1,11 +1,11 @@
 import torch
 
-from nnunet_dmoe.networks.transformers import (DECODER_KEY, TRANSFORMER_KEY, TRANSUNET_DECODER, TRANSUNET_DEFAULTS,
-                                              build_transunet_network, transunet_deep_supervision_scales,
-                                              transunet_settings, with_transformer_defaults)
+from nnunet_dmoe.networks.transunet import (DECODER_KEY, TRANSUNET_DECODER, TRANSUNET_DEFAULTS,
+                                           transunet_deep_supervision_scales, transunet_settings)
+from nnunet_dmoe.networks.vit_weights import load_vit_weights
+from nnunet_dmoe.plans.blocks import TRANSFORMER_KEY, with_transformer_defaults
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase
 from nnunet_dmoe.trainers.seam.token_patch import RoundPatchToTokens
-from nnunet_dmoe.networks.vit_weights import load_vit_weights
 
 
 class nnUNetTrainerTransUNet(RoundPatchToTokens, nnUNetTrainerAttributeBase):
@@ -18,6 +18,7 @@ class nnUNetTrainerTransUNet(RoundPatchToTokens, nnUNetTrainerAttributeBase):
     paper's network has one output, so no deep supervision (``"skips"``: one output per stem stage). ``"pretrained"``
     in the block names a ViT checkpoint file (Google's ``.npz`` or timm's state dict) loaded before training."""
 
+    network_family = "transunet"
     transformer_defaults = TRANSUNET_DEFAULTS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -27,12 +28,6 @@ class nnUNetTrainerTransUNet(RoundPatchToTokens, nnUNetTrainerAttributeBase):
         self.decoder_kind = transunet_settings(self.configuration_manager)[DECODER_KEY]
         if self.decoder_kind == "paper":
             self.enable_deep_supervision = False
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        return build_transunet_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                       enable_deep_supervision)
 
     def _get_deep_supervision_scales(self):
         return transunet_deep_supervision_scales(self.configuration_manager) if self.enable_deep_supervision else None

@@ -1,4 +1,3 @@
-from nnunet_dmoe.networks.transformers import build_transunet_network
 from nnunet_dmoe.trainers.nnUNetTrainerTransUNet import nnUNetTrainerTransUNet
 
 
@@ -9,8 +8,4 @@ class nnUNetTrainerTransUNetMoE(nnUNetTrainerTransUNet):
     and applied after each, as in the paper's reference code; ``"transformer_placement": "per_block"`` in the plans'
     ``"dmoe"`` block gives one per block."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        return build_transunet_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                       enable_deep_supervision, routing="moe")
+    routing = "moe"

@@ -9,7 +9,8 @@ with shared experts ``E_i = Linear(C, 4C) -> ReLU -> Linear(4C, C) -> Dropout(0.
 ``G^a`` chosen by the case's attribute level ``a`` (one router per level: distribution-aware). The "MoE" ablation
 is the same block with one router for everyone.
 
-Classes in data-flow order: :class:`Experts` -> :class:`NoisyTopKRouter` -> :class:`DistributionAwareMoE`.
+Classes in data-flow order: :class:`Experts` -> :class:`NoisyTopKRouter` -> :class:`DistributionAwareMoE`. Its
+settings: :mod:`nnunet_dmoe.method.config`; which router a sample uses: :mod:`nnunet_dmoe.method.routing`.
 
 Dispatch is sparse: each token is evaluated by its ``k`` experts only. The (token, slot) pairs are sorted by
 expert; results go back to their pair's row (a permutation, each token has exactly ``k`` rows) and are summed, so
@@ -32,8 +33,7 @@ import functools
 import importlib.util
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,163 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_dmoe.method._expert_ops import experts_torch
+from nnunet_dmoe.method.config import ROUTER_INITS
 
-__all__ = ["DMoEConfig", "EARLIER_VALUES", "STAGE_RULES", "ROUTER_INITS", "Experts", "NoisyTopKRouter", "DistributionAwareMoE", "route_index_for_levels", "BACKENDS",
-           "BACKEND_ENV", "resolve_backend", "triton_available"]
-
-
-STAGE_RULES = ("downsampling", "all")
-ROUTER_INITS = ("linear", "zero")
-# The settings whose default changed after version 0.2. Blocks written since record them; a block without them was
-# written by an earlier version, and its model is rebuilt with the earlier value (see dmoe_settings in networks.py).
-EARLIER_VALUES = {"stages": "all", "router_init": "zero"}
-
-
-@dataclass
-class DMoEConfig:
-    """dMoE hyperparameters, stored in the plans' ``arch_kwargs`` with the prefix ``dmoe_`` (see :meth:`to_arch_kwargs`).
-
-    Experts
-        num_experts, top_k, expert_ratio (hidden width = ratio * C), expert_dropout.
-    Routing
-        mode ("dmoe": one router per level plus one for "unknown"; "moe": one shared router), router_noise
-        (noisy top-k gating in training; eval is always deterministic), num_levels (attribute levels).
-    Placement
-        stages: encoder stages followed by a (d)MoE block: ``"downsampling"`` (the paper's Table 5: every stage
-        whose stride is not 1, bottleneck included; in nnU-Net's plans all but stage 0), ``"all"`` (stage 0 at
-        full resolution too; ``None`` means the same, as plans of versions up to 0.2 wrote it) or a list.
-    Router
-        router_init: ``"linear"`` (the paper's code: ``nn.Linear(C, E)`` with a bias and PyTorch's default
-        initialisation, for the logits and the noise scale) or ``"zero"`` (no bias, zero weights: versions up to
-        0.2).
-    Input
-        attribute_channel: index of the attribute channel in the network input (stripped before the U-Net).
-
-    Several attributes (dataset.json's ``"attributes"``): ``num_levels`` and ``attribute_channel`` are lists, one
-    entry per attribute. Each attribute gets its routers (one per level plus unknown) and a token's router logits
-    are the sum of its attributes' routers (see :func:`route_index_for_levels`). Single values are one attribute.
-    """
-
-    # experts
-    num_experts: int = 8
-    top_k: int = 2
-    expert_ratio: int = 4
-    expert_dropout: float = 0.1
-    # routing
-    mode: str = "dmoe"
-    router_noise: bool = True
-    num_levels: Union[int, Sequence[int]] = 1
-    # placement
-    stages: Union[None, str, Sequence[int]] = "downsampling"
-    router_init: str = "linear"
-    # input
-    attribute_channel: Union[int, Sequence[int]] = -1
-    # chosen by the trainer, not the plans: False = one router per level only (the paper's setting); an unknown
-    # attribute is then an error
-    unknown_router: bool = True
-
-    def __post_init__(self):
-        if self.mode not in ("dmoe", "moe"):
-            raise ValueError(f"dmoe_mode must be 'dmoe' or 'moe', got {self.mode!r}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"dmoe_top_k must be in 1..dmoe_num_experts={self.num_experts}, got {self.top_k}")
-        if self.expert_ratio < 1:
-            raise ValueError(f"dmoe_expert_ratio must be >= 1, got {self.expert_ratio}")
-        if not 0.0 <= self.expert_dropout < 1.0:
-            raise ValueError(f"dmoe_expert_dropout must be in [0, 1), got {self.expert_dropout}")
-        lists = [isinstance(v, (list, tuple)) for v in (self.num_levels, self.attribute_channel)]
-        if any(lists):
-            if not all(lists) or len(self.num_levels) != len(self.attribute_channel):
-                raise ValueError(f"num_levels {self.num_levels} and attribute_channel {self.attribute_channel} in "
-                                 f"the plans' \"dmoe\" block must be two lists of the same length (one entry per "
-                                 f"attribute) or two numbers (one attribute)")
-            self.num_levels = [int(n) for n in self.num_levels]
-            self.attribute_channel = [int(c) for c in self.attribute_channel]
-        if any(n < 1 for n in self.levels_per_attribute):
-            raise ValueError(f"dmoe_num_levels must be >= 1 (per attribute), got {self.num_levels}")
-        if isinstance(self.stages, str) and self.stages not in STAGE_RULES:
-            raise ValueError(f"dmoe stages must be one of {STAGE_RULES} or a list of stage indices, got "
-                             f"{self.stages!r}")
-        if self.stages is not None and not isinstance(self.stages, str):
-            self.stages = [int(s) for s in self.stages]
-        if self.router_init not in ROUTER_INITS:
-            raise ValueError(f"dmoe router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
-
-    def stage_indices(self, strides: Sequence) -> List[int]:
-        """The encoder stages followed by a block, for an encoder with these per-stage ``strides``."""
-        if self.stages is None or self.stages == "all":
-            return list(range(len(strides)))
-        if self.stages == "downsampling":
-            return [s for s, stride in enumerate(strides) if np.any(np.asarray(stride) != 1)]
-        bad = [s for s in self.stages if not 0 <= s < len(strides)]
-        if bad:
-            raise ValueError(f"dmoe_stages {bad} out of range: the encoder has {len(strides)} stages")
-        return list(self.stages)
-
-    @property
-    def levels_per_attribute(self) -> List[int]:
-        """Number of levels of each attribute (one entry for a single attribute)."""
-        return list(self.num_levels) if isinstance(self.num_levels, (list, tuple)) else [self.num_levels]
-
-    @property
-    def attribute_channels(self) -> List[int]:
-        """Input channel of each attribute (one entry for a single attribute)."""
-        c = self.attribute_channel
-        return list(c) if isinstance(c, (list, tuple)) else [c]
-
-    @property
-    def num_routers(self) -> int:
-        # per attribute: one router per level + one trained for "unknown" (see route_index_for_levels)
-        extra = 1 if self.unknown_router else 0
-        return sum(n + extra for n in self.levels_per_attribute) if self.mode == "dmoe" else 1
-
-    def to_arch_kwargs(self) -> dict:
-        return {f"dmoe_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def pop_from_arch_kwargs(cls, arch_kwargs: dict, **overrides) -> "DMoEConfig":
-        """Remove every ``dmoe_*`` key from ``arch_kwargs`` (in place) and build the config (defaults if absent)."""
-        values = {k[len("dmoe_"):]: arch_kwargs.pop(k) for k in list(arch_kwargs) if k.startswith("dmoe_")}
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown dMoE settings in the plans: {sorted('dmoe_' + u for u in unknown)}; "
-                             f"known: {sorted('dmoe_' + k for k in cls.__dataclass_fields__)}")
-        values.update(overrides)
-        return cls(**values)
-
-
-def route_index_for_levels(levels: torch.Tensor, num_levels: Union[int, Sequence[int]], mode: str,
-                           unknown_router: bool = True) -> torch.Tensor:
-    """Router index per sample. ``levels`` holds level indices, ``-1`` for unknown.
-
-    One attribute (``levels`` (b,), ``num_levels`` an int): dMoE: level ``i`` -> router ``i``; unknown -> router
-    ``num_levels`` (trained on samples whose attribute the trainer hides at a small rate). MoE: everyone -> router 0.
-
-    Several attributes (``levels`` (b, A), ``num_levels`` one entry per attribute): returns (b, A), attribute
-    ``a``'s routers following those of attributes ``0..a-1`` (``num_levels[j] + 1`` each). The router sums the
-    logits of a sample's A routers, so a combination of levels that no training case had still routes (each
-    attribute's router was trained). MoE: everyone -> router 0, shape (b,).
-
-    ``unknown_router=False`` (the paper's setting): each attribute has its level routers only; callers make sure
-    that no level is unknown (:func:`nnunet_dmoe.networks.unet.attribute_router_index` refuses it at inference).
-    """
-    counts = [int(num_levels)] if isinstance(num_levels, int) else [int(n) for n in num_levels]
-    if (levels.ndim == 1 and len(counts) > 1) or (levels.ndim == 2 and levels.shape[1] != len(counts)):
-        raise ValueError(f"levels of shape {tuple(levels.shape)} for {len(counts)} attribute(s) (num_levels "
-                         f"{num_levels}): give one level per sample and attribute, shape (b, {len(counts)})"
-                         + ("" if len(counts) > 1 else " or (b,)"))
-    if mode == "moe":
-        return torch.zeros_like(levels if levels.ndim == 1 else levels[:, 0])
-    if levels.ndim == 1:
-        return torch.where(levels < 0, torch.full_like(levels, counts[0]), levels) if unknown_router else levels
-    # Python numbers only (no host-to-device copy of an offsets tensor in the forward pass)
-    routers, offset = [], 0
-    for a, n in enumerate(counts):
-        level = levels[:, a]
-        routers.append(offset + (torch.where(level < 0, torch.full_like(level, n), level) if unknown_router
-                                 else level))
-        offset += n + (1 if unknown_router else 0)
-    return torch.stack(routers, dim=1)
+__all__ = ["Experts", "NoisyTopKRouter", "DistributionAwareMoE", "BACKENDS", "BACKEND_ENV", "resolve_backend",
+           "triton_available"]
 
 
 def _linear_init_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int):
@@ -374,7 +221,7 @@ class DistributionAwareMoE(nn.Module):
     """Residual (d)MoE block over the channel vectors of a conv feature map (2D or 3D).
 
     ``forward(x, router_index)``: x is (b, c, *spatial), router_index (b,) long, or (b, A) for several attributes
-    (see :func:`route_index_for_levels`). Axis letters: b batch, c channels, n tokens per sample, k top-k, e experts.
+    (see :func:`nnunet_dmoe.method.routing.route_index_for_levels`). Axis letters: b batch, c channels, n tokens per sample, k top-k, e experts.
     ``backend``: see :func:`resolve_backend` (``None``: ``$NNUNET_DMOE_BACKEND`` or automatic).
     """
 

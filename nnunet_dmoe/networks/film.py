@@ -9,7 +9,7 @@ unchanged. With several attributes the modulations add up: ``gamma = 1 + sum_a (
 
 :class:`FiLMUNet` is the plans' U-Net behind the attribute-channel front end (as
 :class:`nnunet_dmoe.networks.unet.AttributeUNet`) with a :class:`FiLM` after the encoder stages that the dMoE uses
-(the same rule: :meth:`nnunet_dmoe.method.dmoe.DMoEConfig.stage_indices` of the plans' ``"dmoe"`` settings).
+(the same rule: :meth:`nnunet_dmoe.method.config.DMoEConfig.stage_indices` of the plans' ``"dmoe"`` settings).
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_dmoe.method.dmoe import DMoEConfig
-from nnunet_dmoe.networks.unet import (UNetBehindAttributeInput, build_attribute_network, decode_levels, dmoe_settings,
-                                  stage_blocks_and_sizes, unet_with_stage_blocks)
+from nnunet_dmoe.method.config import DMoEConfig
+from nnunet_dmoe.networks.attribute_input import decode_levels
+from nnunet_dmoe.networks.unet import (UNetBehindAttributeInput, build_attribute_network, stage_blocks_and_sizes,
+                                      unet_with_stage_blocks)
+from nnunet_dmoe.plans.blocks import read_dmoe_config
 
 __all__ = ["FiLM", "FiLMUNet", "film_levels", "build_film_network"]
 
@@ -99,8 +101,8 @@ class FiLMUNet(UNetBehindAttributeInput):
 def build_film_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                        enable_deep_supervision: bool = True) -> FiLMUNet:
     """The plans' U-Net (attribute channel stripped, as the baseline) with FiLM after the dMoE's stages; levels,
-    channel(s) and stages from the configuration's ``"dmoe"`` block (:func:`nnunet_dmoe.networks.unet.dmoe_settings`)."""
+    channel(s) and stages from the configuration's ``"dmoe"`` block (:func:`nnunet_dmoe.plans.blocks.read_dmoe_config`)."""
     base = build_attribute_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision)
-    config = DMoEConfig.pop_from_arch_kwargs(dmoe_settings(configuration_manager)[0])
+    config = read_dmoe_config(configuration_manager)
     return FiLMUNet(base.unet, num_input_channels, base.attribute_channel, config)

@@ -43,6 +43,6 @@ def unet_configuration(dim: int = 3, features: Sequence[int] = (32, 64, 128, 256
     configuration = {"architecture": {"network_class_name": network_class, "arch_kwargs": kw,
                                       "_kw_requires_import": list(_KW_REQUIRES_IMPORT)}}
     if dmoe:  # complete, as the trainers write it
-        from nnunet_dmoe.networks.unet import current_settings
-        configuration["dmoe"] = current_settings(dmoe)
+        from nnunet_dmoe.plans.blocks import write_dmoe_block
+        write_dmoe_block(configuration, **dmoe)
     return ConfigurationManager(configuration)

@@ -1,7 +1,7 @@
 """The transformer trainers' patch: rounded down to a multiple of the network's token size."""
 import torch
 
-from nnunet_dmoe.networks.transformers import round_patch_size
+from nnunet_dmoe.networks.transformer import round_patch_size
 
 __all__ = ["RoundPatchToTokens"]
 
