@@ -54,8 +54,13 @@ def read_json_object(path: str, what: str, fix: str) -> dict:
     an object is a ``ValueError`` that names the file, ``what`` it should be and the ``fix``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the {what} does not exist. {fix}")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        data = json.loads(read_text(path, what))
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the {what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}). {fix}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the {what} is not valid JSON ({e}). {fix}") from None
     if not isinstance(data, dict):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
+from nnunet_dmoe.data.tables import read_json_object
 from nnunet_dmoe.errors import command
 from nnunet_dmoe.evaluation._api import compare_methods, evaluate_folders, print_summary
 from nnunet_dmoe.evaluation._cases import attributes_from_dataset_json, attributes_from_table, detect_file_ending
-from nnunet_dmoe.evaluation._checks import check_output_folder, check_processes
+from nnunet_dmoe.evaluation._checks import check_output_folder, check_processes, find_dataset_json
 from nnunet_dmoe.evaluation._metrics import DEFAULT_NSD_TOLERANCE_MM
 from nnunet_dmoe.evaluation._routing import add_routing_to_report, read_routing
 from nnunet_dmoe.data.tables import add_attribute_table_arguments
@@ -21,6 +22,7 @@ _NO_ATTRIBUTE_SOURCE = ("Give the attribute of each case: -dataset_json PATH (a 
                         "block) or -attributes TABLE -id_column C -attribute_column A.")
 _BOTH_ATTRIBUTE_SOURCES = "Give the attribute either with -dataset_json or with -attributes (a table), not both."
 _TABLE_ONLY = "{flag} goes with -attributes TABLE (it describes the table); with -dataset_json leave it out."
+_DATASET_JSON_FIX = "Give the dataset.json of the reference's dataset (nnU-Net's format) with -dataset_json."
 
 
 def parse_compare(items: Sequence[str]) -> Dict[str, str]:
@@ -86,51 +88,78 @@ def _parser():
     return parser
 
 
-def _input_folders(args) -> Dict[str, str]:
+def _input_folders(ref: str, pred: Optional[str], compare: Optional[Sequence[str]]) -> Dict[str, str]:
     """``{flag: folder}`` of every input folder (-ref, -pred or each -compare method) for the -o check."""
-    if args.pred is not None and args.compare is not None:
+    if pred is not None and compare is not None:
         raise ValueError(_PRED_AND_COMPARE)
-    if args.pred is None and args.compare is None:
+    if pred is None and compare is None:
         raise ValueError(_NO_PRED)
-    if args.pred is not None:
-        return {"-ref": args.ref, "-pred": args.pred}
-    return {"-ref": args.ref, **{f"-compare {n}": f for n, f in parse_compare(args.compare).items()}}
+    if pred is not None:
+        return {"-ref": ref, "-pred": pred}
+    return {"-ref": ref, **{f"-compare {n}": f for n, f in parse_compare(compare).items()}}
 
 
-def _attributes(args):
+def _attributes(ref: str, dataset_json: Optional[str], table: Optional[str], id_column: Optional[str],
+                attribute_column: Union[None, str, List[str]], bins: Optional[List[float]],
+                file_ending: Optional[str]):
     """The attribute(s) of every case from -dataset_json or from -attributes (a table)."""
-    if args.dataset_json is not None and args.attributes is not None:
+    if dataset_json is not None and table is not None:
         raise ValueError(_BOTH_ATTRIBUTE_SOURCES)
-    if args.dataset_json is not None:
-        for flag, value in (("-id_column", args.id_column), ("-attribute_column", args.attribute_column),
-                            ("-bins", args.bins)):
+    if dataset_json is not None:
+        for flag, value in (("-id_column", id_column), ("-attribute_column", attribute_column), ("-bins", bins)):
             if value is not None:
                 raise ValueError(_TABLE_ONLY.format(flag=flag))
-        return attributes_from_dataset_json(args.dataset_json)
-    if args.attributes is not None:
-        ending = args.fe or (detect_file_ending(args.ref) if os.path.isdir(args.ref) else None)
-        return attributes_from_table(args.attributes, args.id_column, args.attribute_column, bins=args.bins,
-                                     strip_suffix=ending)
+        _check_json_object(dataset_json)
+        return attributes_from_dataset_json(dataset_json)
+    if table is not None:
+        ending = file_ending or (detect_file_ending(ref) if os.path.isdir(ref) else None)
+        return attributes_from_table(table, id_column, attribute_column, bins=bins, strip_suffix=ending)
     raise ValueError(_NO_ATTRIBUTE_SOURCE)
+
+
+def _check_json_object(path: Optional[str]) -> None:
+    """A dataset.json that exists must be a JSON object (its absence is reported where it is read)."""
+    if path is not None and os.path.isfile(path):
+        read_json_object(path, "dataset.json", _DATASET_JSON_FIX)
+
+
+def evaluate_command(ref: str, labels: Sequence[str], output_folder: str, pred: Optional[str] = None,
+                     compare: Optional[Sequence[str]] = None, dataset_json: Optional[str] = None,
+                     attribute_table: Optional[str] = None, id_column: Optional[str] = None,
+                     attribute_column: Union[None, str, List[str]] = None, bins: Optional[List[float]] = None,
+                     file_ending: Optional[str] = None, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+                     n_boot: int = 1000, seed: int = 0, num_processes: int = 1, routing: Optional[str] = None,
+                     progress: bool = True) -> dict:
+    """``nnUNetv2_dmoe_evaluate``: the fairness report of ``pred`` (one method) or of each ``NAME=FOLDER`` of
+    ``compare`` against ``ref`` into ``output_folder``, the attribute from ``dataset_json`` or ``attribute_table``;
+    with ``routing``, the routing report of that folder joins it. Returns the summary per method."""
+    check_processes(num_processes, "-np ")  # refusals that need no file come before any work
+    check_output_folder(("-o", output_folder), _input_folders(ref, pred, compare),
+                        "-ref, -pred and the -compare folders")
+    if routing is not None:
+        read_routing(routing)  # fail before the evaluation
+    attributes = _attributes(ref, dataset_json, attribute_table, id_column, attribute_column, bins, file_ending)
+    _check_json_object(dataset_json or find_dataset_json(ref))  # the labels are read from it
+    common = dict(labels=labels, attributes=attributes, output_folder=output_folder, n_boot=n_boot, seed=seed,
+                  file_ending=file_ending, nsd_tolerance=nsd_tolerance, num_processes=num_processes,
+                  dataset_json=dataset_json, progress=progress)
+    if compare is not None:
+        summaries = compare_methods(parse_compare(compare), ref, **common)["methods"]
+    else:
+        name = os.path.basename(os.path.normpath(pred))
+        summaries = {name: evaluate_folders(ref, pred, method_name=name, **common)}
+    print_summary(summaries)
+    if routing is not None:
+        add_routing_to_report(routing, output_folder)
+    print(f"\nReport written to {output_folder} (summary.json, per_case.csv, report.md, report.png)")
+    return summaries
 
 
 @command("nnUNetv2_dmoe_evaluate")
 def evaluate_entry_point(argv: Optional[List[str]] = None):
     """``nnUNetv2_dmoe_evaluate``; ``argv`` defaults to the command line. Bad input: one line on stderr, exit 2."""
-    args = _parser().parse_args(argv)
-    check_processes(args.np, "-np ")  # refusals that need no file come before any work
-    check_output_folder(("-o", args.o), _input_folders(args), "-ref, -pred and the -compare folders")
-    if args.routing is not None:
-        read_routing(args.routing)  # fail before the evaluation
-    common = dict(labels=args.l, attributes=_attributes(args), output_folder=args.o, n_boot=args.bootstrap,
-                  seed=args.seed, file_ending=args.fe, nsd_tolerance=args.nsd_tolerance, num_processes=args.np,
-                  dataset_json=args.dataset_json, progress=not args.disable_progress_bar)
-    if args.compare is not None:
-        result = compare_methods(parse_compare(args.compare), args.ref, **common)
-        print_summary(result["methods"])
-    else:
-        name = os.path.basename(os.path.normpath(args.pred))
-        print_summary({name: evaluate_folders(args.ref, args.pred, method_name=name, **common)})
-    if args.routing is not None:
-        add_routing_to_report(args.routing, args.o)
-    print(f"\nReport written to {args.o} (summary.json, per_case.csv, report.md, report.png)")
+    a = _parser().parse_args(argv)
+    evaluate_command(a.ref, a.l, a.o, pred=a.pred, compare=a.compare, dataset_json=a.dataset_json,
+                     attribute_table=a.attributes, id_column=a.id_column, attribute_column=a.attribute_column,
+                     bins=a.bins, file_ending=a.fe, nsd_tolerance=a.nsd_tolerance, n_boot=a.bootstrap, seed=a.seed,
+                     num_processes=a.np, routing=a.routing, progress=not a.disable_progress_bar)
