@@ -4,10 +4,10 @@ The demo's data and plans are made as ``nnUNetv2_dmoe_demo`` makes them (synthet
 cases; ``nnUNetv2_dmoe_plan_and_preprocess``, whose 2D plans give PlainConvUNet 32..512 at patch 80x80), in
 ``-o`` (reused when present). The networks are built from those plans through the trainers' builder; each step is
 nnU-Net's ``train_step`` on CPU: deep-supervision Dice+CE loss, backward, gradient clip 12, SGD with Nesterov
-momentum (``nnunet_dmoe.commands.benchmark.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing freed memory, as
-the plugin's trainers run on CPU: ``--foreach_sgd`` / ``--glibc_default`` for torch's and glibc's defaults), no
-autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians reported. Not a
-test; run by hand:
+momentum (``nnunet_dmoe.commands.benchmark.train_step.NNUNetTrainStep``; torch's fused SGD kernel and glibc reusing
+freed memory, as the plugin's trainers run on CPU: ``--foreach_sgd`` / ``--glibc_default`` for torch's and glibc's
+defaults), no autocast (nnU-Net autocasts on CUDA only). Runs are interleaved (baseline, MoE, dMoE, ...), medians
+reported. Not a test; run by hand:
 
     .venv/bin/python benchmarks/bench_demo_2d.py [-o /tmp/demo2d_bench] [--repeats 15] [-b 2] [--parts]
 
@@ -26,9 +26,12 @@ import time
 
 import torch
 
-from nnunet_dmoe.commands.benchmark import (NNUNetTrainStep, _from_plans, _inputs, _targets, build_pair, count_parameters,
-                                   time_interleaved)
+from nnunet_dmoe.commands.benchmark.flops import count_parameters
+from nnunet_dmoe.commands.benchmark.presets import build_pair
+from nnunet_dmoe.commands.benchmark.timing import time_interleaved
+from nnunet_dmoe.commands.benchmark.train_step import NNUNetTrainStep, make_inputs, make_targets
 from nnunet_dmoe.commands.demo import PLANS, demo_env
+from nnunet_dmoe.plans.loading import load_configuration
 from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
 
 
@@ -62,13 +65,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     prepare(os.path.abspath(args.o), args.d)
-    cm, num_levels, channels, outputs, attribute_channel, patch = _from_plans(str(args.d), "2d", PLANS)
+    cm, num_levels, channels, outputs, attribute_channel, patch = load_configuration(str(args.d), "2d", PLANS)
     nets = {}
     base, nets["dmoe"] = build_pair(cm, num_levels, True, channels, outputs, attribute_channel, mode="dmoe")
     _, nets["moe"] = build_pair(cm, num_levels, True, channels, outputs, attribute_channel, mode="moe")
     nets = {"baseline": base, **nets}
-    x = _inputs(args.b, channels, attribute_channel, patch, num_levels, "cpu")
-    targets = _targets(base, x, outputs)
+    x = make_inputs(args.b, channels, attribute_channel, patch, num_levels, "cpu")
+    targets = make_targets(base, x, outputs)
     steps = {}
     for k, n in nets.items():
         n.train()

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from nnunet_dmoe.commands.benchmark import time_interleaved
+from nnunet_dmoe.commands.benchmark.timing import time_interleaved
 from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
 

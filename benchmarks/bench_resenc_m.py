@@ -26,8 +26,10 @@ import statistics
 
 import torch
 
-from nnunet_dmoe.commands.benchmark import (_stages_argument, _with_dmoe_settings, build_pair, count_parameters,
-                                   resenc_m_configuration, time_interleaved)
+from nnunet_dmoe.commands.benchmark.flops import count_parameters
+from nnunet_dmoe.commands.benchmark.presets import (build_pair, resenc_m_configuration, stages_argument,
+                                                    with_dmoe_settings)
+from nnunet_dmoe.commands.benchmark.timing import time_interleaved
 from nnunet_dmoe.networks.unet import build_attribute_network, stage_blocks_and_sizes
 from nnunet_dmoe.trainers.seam.cpu_memory import keep_freed_memory
 
@@ -97,7 +99,7 @@ def layer_profile(net, patch, batch, repeats):
 
 def _configuration(stages):
     cm = resenc_m_configuration(3)
-    return cm if stages is None else _with_dmoe_settings(cm, stages=_stages_argument(stages))
+    return cm if stages is None else with_dmoe_settings(cm, stages=stages_argument(stages))
 
 
 def _input(batch, patch):
@@ -117,7 +119,7 @@ def _peak_of_train_step(which, stages, batch, patch, glibc_default, queue):
     if not glibc_default:
         keep_freed_memory()
     torch.manual_seed(0)
-    cm = _with_dmoe_settings(_configuration(stages), num_levels=4, attribute_channel=1)
+    cm = with_dmoe_settings(_configuration(stages), num_levels=4, attribute_channel=1)
     net = build_attribute_network(None, cm, 2, 2, True, routing=None if which == "plain" else "dmoe").train()
     x = _input(batch, patch)
     before = _peak_rss_kib()

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from conftest import nnunet_env, run
-from nnunet_dmoe.commands import benchmark
-from nnunet_dmoe.commands.benchmark import (build_pair, count_flops, count_parameters, dmoe_flops, dmoe_parameters,
-                                   grouped_mm_flops, peak_memory_bytes, preset_configuration)
+from nnunet_dmoe.commands.benchmark.entry_point import benchmark_entry_point
+from nnunet_dmoe.commands.benchmark.flops import (count_flops, count_parameters, dmoe_flops, dmoe_parameters,
+                                                  grouped_mm_flops)
+from nnunet_dmoe.commands.benchmark.presets import build_pair, preset_configuration
+from nnunet_dmoe.commands.benchmark.report import cost_report, format_table
+from nnunet_dmoe.commands.benchmark.timing import peak_memory_bytes
 from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 
 TINY_CHANNELS = (8, 16, 32)
@@ -65,7 +68,7 @@ def test_cli_preset_writes_markdown(tmp_path, monkeypatch, capsys):
     out = tmp_path / "table.md"
     monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", "-preset", "tiny_3d", "-patch", "8", "8", "8",
                                      "-b", "1", "-repeats", "1", "-flops_size", "16", "16", "16", "-o", str(out)])
-    benchmark.benchmark_entry_point()
+    benchmark_entry_point()
     text = out.read_text()
     assert text in capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
@@ -82,7 +85,7 @@ def test_cli_preset_writes_markdown(tmp_path, monkeypatch, capsys):
 def test_cli_bad_arguments(monkeypatch, capsys, argv, message):
     monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", *argv])
     with pytest.raises(SystemExit) as exit_:
-        benchmark.benchmark_entry_point()
+        benchmark_entry_point()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("nnUNetv2_dmoe_benchmark: error: ") and re.search(message, err)
 
@@ -113,11 +116,11 @@ def test_cpu_dropout_mask_keeps_one_minus_p():
 def test_nnunet_train_step_updates_every_parameter(tiny_pair):
     # one nnU-Net iteration (loss over every deep-supervision output, clip, SGD with momentum) on the dMoE network:
     # every parameter, experts and routers included, gets a gradient and moves; momentum buffers for all of them
-    from nnunet_dmoe.commands.benchmark import NNUNetTrainStep, _inputs, _targets
+    from nnunet_dmoe.commands.benchmark.train_step import NNUNetTrainStep, make_inputs, make_targets
 
     _, moe = build_pair(preset_configuration("tiny_3d"), num_levels=4, deep_supervision=True)
-    x = _inputs(2, 2, 1, (16, 16, 16), 4, "cpu")
-    targets = _targets(moe, x, 2)
+    x = make_inputs(2, 2, 1, (16, 16, 16), 4, "cpu")
+    targets = make_targets(moe, x, 2)
     assert [t.shape[2:] for t in targets] == [(16, 16, 16), (8, 8, 8)]
     moe.train()
     step = NNUNetTrainStep(moe, x, targets)
@@ -138,10 +141,10 @@ def test_nnunet_train_step_updates_every_parameter(tiny_pair):
 
 
 def test_train_step_report_with_two_backends_and_profiles():
-    report = benchmark.cost_report(preset_configuration("tiny_3d"), num_levels=4, num_input_channels=2,
-                                   num_outputs=2, attribute_channel=1, flops_size=(16, 16, 16), patch=(16, 16, 16),
-                                   batch=1, repeats=1, warmup=0, train_step=True, backends=("auto", "grouped_mm"),
-                                   profile=True)
+    report = cost_report(preset_configuration("tiny_3d"), num_levels=4, num_input_channels=2,
+                         num_outputs=2, attribute_channel=1, flops_size=(16, 16, 16), patch=(16, 16, 16),
+                         batch=1, repeats=1, warmup=0, train_step=True, backends=("auto", "grouped_mm"),
+                         profile=True)
     rows = report["rows"]
     assert set(rows) == {"parameters", "flops", "forward_s", "first_s", "train_s", "peak_bytes"}
     assert all(len(v) == 3 for v in rows.values())
@@ -149,7 +152,7 @@ def test_train_step_report_with_two_backends_and_profiles():
     assert rows["peak_bytes"][1] > rows["peak_bytes"][0] > 0
     assert set(report["profiles"]) == {"base", "auto", "grouped_mm"}
     assert all("Self CPU" in t and "aten::" in t for t in report["profiles"].values())
-    table = benchmark.format_table(report, "tiny")
+    table = format_table(report, "tiny")
     assert "| | without dMoE | dMoE (auto) | ratio | dMoE (grouped_mm) | ratio |" in table
     assert "Train step (nnU-Net: AMP, SGD, clip)" in table
 
@@ -162,7 +165,7 @@ def test_cli_stages_all_adds_the_full_resolution_block(tmp_path, monkeypatch):
         monkeypatch.setattr("sys.argv", ["nnUNetv2_dmoe_benchmark", "-preset", "tiny_3d", "--no_timing",
                                          "-flops_size", "16", "16", "16", "-json", str(out)]
                             + (["-stages", *stages] if stages else []))
-        benchmark.benchmark_entry_point()
+        benchmark_entry_point()
         flops[bool(stages)] = json.loads(out.read_text())["dmoe_flops"]
     tokens = [16 ** 3 // 8 ** i for i in range(3)]
     assert flops[False] == dmoe_flops(TINY_CHANNELS[1:], tokens[1:], num_experts=8, top_k=2, ratio=4)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from nnunet_dmoe.commands.benchmark import preset_configuration, resenc_m_configuration
+from nnunet_dmoe.commands.benchmark.presets import preset_configuration, resenc_m_configuration
 from nnunet_dmoe.plans.configuration import unet_configuration
 
 

@@ -25,12 +25,12 @@ import subprocess
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from nnunet_dmoe.data.attribute import AttributeSpec, channel_suffix, decode_attribute_channel
+from nnunet_dmoe.data.attribute import AttributeSpec, cases_in_folder, channel_suffix, decode_attribute_channel
 from nnunet_dmoe.errors import command
 
 __all__ = ["PER_LEVEL_FOLDER", "level_folder_name", "level_splits", "make_level_view", "level_model_folder",
            "per_level_training_commands", "train_per_level", "case_levels_from_channel", "predict_per_level",
-           "per_level_cost", "format_per_level_cost", "train_per_level_entry_point",
+           "run_train_per_level", "train_per_level_entry_point", "run_predict_per_level",
            "predict_per_level_entry_point"]
 
 PER_LEVEL_FOLDER = "per_level"
@@ -128,21 +128,15 @@ def per_level_training_commands(dataset: str, configuration: str, fold: int, tra
     """Prepare every level's view and return, per level, ``{"level", "cmd", "env", "model_folder"}``: the
     ``nnUNetv2_train`` call that trains it (nothing is run)."""
     from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_dmoe.plans.loading import load_plans, plans_configuration
 
     if isinstance(fold, str) and not fold.isdigit():
         raise ValueError(f"fold {fold!r}: give a fold number (nnU-Net's 'all' would train on every level's cases)")
     fold = int(fold)
     name, folder, spec = _dataset(dataset)
-    plans_file = os.path.join(folder, plans + ".json")
-    if not os.path.isfile(plans_file):
-        raise ValueError(f"no plans {plans_file} (-p {plans}); run nnUNetv2_plan_and_preprocess first or check -p")
-    with open(plans_file) as f:
-        pm = PlansManager(json.load(f))
-    if configuration not in pm.available_configurations:
-        raise ValueError(f"configuration {configuration!r} is not in {plans_file}; it has "
-                         f"{pm.available_configurations}")
-    data_folder = os.path.join(folder, pm.get_configuration(configuration).data_identifier)
+    pm = load_plans(folder, plans, f"-p {plans}")
+    data_folder = os.path.join(folder, plans_configuration(pm, configuration, folder, plans).data_identifier)
     if not os.path.isdir(data_folder):
         raise ValueError(f"{data_folder} does not exist: preprocess configuration {configuration} first")
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -189,15 +183,13 @@ def train_per_level(dataset: str, configuration: str, fold: int, trainer: str, p
 
 # ---------------------------------------------------------------------------------------------------- predict
 def _input_cases(input_folder: str, file_ending: str) -> Dict[str, List[str]]:
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder, \
-        get_identifiers_from_splitted_dataset_folder
-
+    """case id -> its image files (nnU-Net naming, channels in order) in ``input_folder``."""
     if not os.path.isdir(input_folder):
         raise ValueError(f"input folder {input_folder} does not exist")
-    ids = [str(i) for i in get_identifiers_from_splitted_dataset_folder(input_folder, file_ending)]
-    if not ids:
+    cases = cases_in_folder(input_folder, file_ending)
+    if not cases:
         raise ValueError(f"{input_folder} holds no nnU-Net-named images CASE_XXXX{file_ending}")
-    return dict(zip(ids, create_lists_from_splitted_dataset_folder(input_folder, file_ending, ids, 1)))
+    return {case: [cases[case][c] for c in sorted(cases[case])] for case in sorted(cases)}
 
 
 def case_levels_from_channel(cases: Mapping[str, List[str]], dataset_json: dict) -> Dict[str, Optional[int]]:
@@ -286,54 +278,22 @@ def _models_dataset_json(dataset_name: str, trainer: str, plans: str, configurat
         return json.load(f)
 
 
-# ------------------------------------------------------------------------------------------------------- cost
-def per_level_cost(configuration_manager, num_levels: int, num_input_channels: int, num_outputs: int,
-                   attribute_channel: int, flops_size: Sequence[int]) -> dict:
-    """Parameters and forward GFLOPs (at ``flops_size``, FLOPs = 2 per multiply-add) of one plans' U-Net, of
-    ``num_levels`` of them (one per level) and of the dMoE network (:mod:`nnunet_dmoe.commands.benchmark`)."""
-    from nnunet_dmoe.commands.benchmark import build_pair, count_flops, count_parameters
-
-    base, dmoe = build_pair(configuration_manager, num_levels, deep_supervision=False,
-                            num_input_channels=num_input_channels, num_outputs=num_outputs,
-                            attribute_channel=attribute_channel, mode="dmoe")
-    params = {"unet": count_parameters(base), "dmoe": count_parameters(dmoe)}
-    flops = {k: count_flops(n, flops_size, num_input_channels)["total"] for k, n in (("unet", base), ("dmoe", dmoe))}
-    return {"levels": num_levels, "flops_size": tuple(flops_size),
-            "parameters": {"unet": params["unet"], "per_level": num_levels * params["unet"], "dmoe": params["dmoe"]},
-            "flops_per_case": {"unet": flops["unet"], "per_level": flops["unet"], "dmoe": flops["dmoe"]},
-            "flops_all_models": {"unet": flops["unet"], "per_level": num_levels * flops["unet"],
-                                 "dmoe": flops["dmoe"]}}
-
-
-def format_per_level_cost(cost: dict, title: str) -> str:
-    """Markdown table: one U-Net | one U-Net per level | dMoE."""
-    size = "x".join(map(str, cost["flops_size"]))
-    g = (lambda v: f"{v / 1e9:.0f}" if v >= 1e11 else f"{v / 1e9:.2f}")  # noqa: E731
-    rows = [("Parameters (M), all networks", "parameters", lambda v: f"{v / 1e6:.2f}"),
-            (f"GFLOPs per case (its network), forward at {size}", "flops_per_case", g),
-            (f"GFLOPs, every network once, forward at {size}", "flops_all_models", g)]
-    lines = [f"**{title}**", "", f"| | one U-Net | one U-Net per level ({cost['levels']}) | dMoE |",
-             "|---|---:|---:|---:|"]
-    for label, key, fmt in rows:
-        v = cost[key]
-        lines.append(f"| {label} | {fmt(v['unet'])} | {fmt(v['per_level'])} | {fmt(v['dmoe'])} |")
-    lines += ["", "Per-level networks: the plans' U-Net (attribute-blind) once per level. FLOPs: 2 per multiply-add "
-                  "(torch's FlopCounterMode, meta device); dMoE counts its sparse top-k experts."]
-    return "\n".join(lines) + "\n"
-
-
-def _cost_table(dataset: str, configuration: str, plans: str, flops_size: Optional[Sequence[int]]) -> str:
-    from nnunet_dmoe.commands.benchmark import _from_plans
-
-    cm, num_levels, channels, outputs, attribute_channel, patch = _from_plans(dataset, configuration, plans)
-    size = tuple(flops_size) if flops_size else ((384, 384, 128) if len(patch) == 3 else (224, 224))
-    cost = per_level_cost(cm, num_levels, channels, outputs, attribute_channel, size)
-    return format_per_level_cost(cost, f"dataset {dataset}, configuration {configuration}, plans {plans}")
-
-
 # ------------------------------------------------------------------------------------------------ entry points
-@command("nnUNetv2_dmoe_train_per_level")
-def train_per_level_entry_point():
+def run_train_per_level(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
+                        device: str = "cuda", min_cases: int = 2, flops_size: Optional[Sequence[int]] = None,
+                        continue_training: bool = False, npz: bool = False, cost_only: bool = False) -> None:
+    """The command: train one model per level (nnU-Net's ``--c`` / ``--npz`` passed on) unless ``cost_only``, print
+    their folders, then the table of their parameters and GFLOPs next to the dMoE's."""
+    from nnunet_dmoe.commands.per_level_cost import per_level_cost_table
+
+    if not cost_only:
+        extra = [f for f, on in (("--c", continue_training), ("--npz", npz)) if on]
+        folders = train_per_level(dataset, configuration, fold, trainer, plans, device, extra, min_cases)
+        print("\nModels:\n" + "\n".join(f"  {lv}: {f}" for lv, f in folders.items()))
+    print("\n" + per_level_cost_table(dataset, configuration, plans, flops_size))
+
+
+def _train_parser():
     import argparse
     parser = argparse.ArgumentParser(
         description="Train one nnU-Net per attribute level (the dMoE paper's Table 8) with nnUNetv2_train, each on "
@@ -354,17 +314,35 @@ def train_per_level_entry_point():
     parser.add_argument("--npz", action="store_true", help="[OPTIONAL] nnU-Net's --npz for each level")
     parser.add_argument("--cost_only", action="store_true",
                         help="[OPTIONAL] print the parameter/GFLOPs table without training")
-    args = parser.parse_args()
-    if not args.cost_only:
-        extra = [f for f, on in (("--c", args.c), ("--npz", args.npz)) if on]
-        folders = train_per_level(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p,
-                                  args.device, extra, args.min_cases)
-        print("\nModels:\n" + "\n".join(f"  {lv}: {f}" for lv, f in folders.items()))
-    print("\n" + _cost_table(args.dataset_name_or_id, args.configuration, args.p, args.flops_size))
+    return parser
 
 
-@command("nnUNetv2_dmoe_predict_per_level")
-def predict_per_level_entry_point():
+@command("nnUNetv2_dmoe_train_per_level")
+def train_per_level_entry_point():
+    args = _train_parser().parse_args()
+    run_train_per_level(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
+                        args.min_cases, args.flops_size, args.c, args.npz, args.cost_only)
+
+
+def run_predict_per_level(input_folder: str, output_folder: str, dataset: str, configuration: str, fold: int,
+                          trainer: str, plans: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth",
+                          device: str = "cuda", table: Optional[str] = None, id_column: Optional[str] = None,
+                          attribute_column: Optional[str] = None, num_processes: int = 3, sequential: bool = False,
+                          save_probabilities: bool = False) -> Dict[str, str]:
+    """The command: :func:`predict_per_level`, the levels from the attribute ``table`` (columns ``id_column``,
+    ``attribute_column``) when given, else from the attribute channel; prints how many cases of each level."""
+    levels = None
+    if table:
+        from nnunet_dmoe.data.tables import read_attribute_table
+        levels = read_attribute_table(table, id_column, attribute_column)
+    chosen = predict_per_level(input_folder, output_folder, dataset, configuration, fold, trainer, plans, device,
+                               levels, checkpoint, save_probabilities, sequential, num_processes)
+    counts = {lv: sum(1 for v in chosen.values() if v == lv) for lv in dict.fromkeys(chosen.values())}
+    print("Predicted " + ", ".join(f"{n} case(s) of {lv}" for lv, n in counts.items()) + f" into {output_folder}")
+    return chosen
+
+
+def _predict_parser():
     from nnunet_dmoe.cli import Parser
     parser = Parser(
         description="Predict each case with the model of its attribute level (trained by "
@@ -391,12 +369,11 @@ def predict_per_level_entry_point():
     parser.add_argument("--sequential", action="store_true",
                         help="[OPTIONAL] predict in this process, no worker processes (quicker for a few cases)")
     parser.add_argument("--save_probabilities", action="store_true", help="[OPTIONAL] also write .npz probabilities")
-    args = parser.parse_args()
-    levels = None
-    if args.t:
-        from nnunet_dmoe.data.tables import read_attribute_table
-        levels = read_attribute_table(args.t, args.id_column, args.attribute_column)
-    chosen = predict_per_level(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, args.device, levels,
-                               args.chk, args.save_probabilities, args.sequential, args.npp)
-    counts = {lv: sum(1 for v in chosen.values() if v == lv) for lv in dict.fromkeys(chosen.values())}
-    print("Predicted " + ", ".join(f"{n} case(s) of {lv}" for lv, n in counts.items()) + f" into {args.o}")
+    return parser
+
+
+@command("nnUNetv2_dmoe_predict_per_level")
+def predict_per_level_entry_point():
+    args = _predict_parser().parse_args()
+    run_predict_per_level(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, args.chk, args.device, args.t,
+                          args.id_column, args.attribute_column, args.npp, args.sequential, args.save_probabilities)
