@@ -18,7 +18,9 @@ from nnunet_dmoe.data.attribute import AttributeSpec
 from nnunet_dmoe.plans.configuration import unet_configuration
 from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 from nnunet_dmoe.networks.unet import build_attribute_network
-from nnunet_dmoe.commands.routing_report import RoutingRecorder, js_divergence, routing_report
+from nnunet_dmoe.commands.routing_recorder import RoutingRecorder
+from nnunet_dmoe.commands.routing_report import routing_report
+from nnunet_dmoe.commands.routing_summary import js_divergence
 
 LEVELS = ["T1", "T2", "T3", "T4"]
 SPEC = AttributeSpec("tstage", LEVELS, 1)
@@ -186,7 +188,7 @@ def test_rows_per_attribute_when_there_are_several():
 @pytest.mark.parametrize("placement", ["shared", "per_block"])
 def test_transformer_blocks_each_get_their_rows(placement):
     """TransUNet: one (d)MoE block after every transformer block (shared: one module called once per block)."""
-    from nnunet_dmoe.networks.transformers import build_transunet_network
+    from nnunet_dmoe.networks.transunet import build_transunet_network
 
     cm = unet_configuration(2, num_levels=4, attribute_channel=1, transformer_placement=placement)
     cm.configuration["patch_size"] = [32, 32]
