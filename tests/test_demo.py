@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_dmoe.commands.demo import (FINE_TUNED_FROM, PLANS_VARIANTS, epochs_of, plans_of, training_seconds,
-                              write_plans_variant, write_training_times)
+from nnunet_dmoe.commands.demo import FINE_TUNED_FROM, PLANS_VARIANTS, epochs_of, plans_of, write_plans_variant
+from nnunet_dmoe.commands.demo_report import training_seconds, write_training_times
 
 
 def _network(plans_file, dataset_json_file):

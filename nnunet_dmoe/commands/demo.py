@@ -28,8 +28,10 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from nnunet_dmoe.commands.demo_report import fairness_report
 from nnunet_dmoe.errors import command
 
 METHODS = {  # report name -> trainer class
@@ -111,26 +113,90 @@ def demo_env(output: str) -> Dict[str, str]:
     return env
 
 
-def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, num_train: int = 60,
-             num_test: int = 40, size: Sequence[int] = None, data_seed: int = 0, epochs: int = 10, iters=50,
-             replicates: int = 1, methods: Sequence[str] = tuple(METHODS), device: str = "cpu", n_boot: int = 1000,
-             overwrite: bool = False) -> dict:
-    from nnunet_dmoe.evaluation import attributes_from_dataset_json, compare_methods
-    from nnunet_dmoe.evaluation._api import print_summary
-    from nnunet_dmoe.data.synthetic import make_synthetic_dataset
+@dataclass
+class _Demo:
+    """One demo run: its settings, nnU-Net's environment on its folder, and the trainer class of every method."""
+    output: str
+    dataset_id: int
+    dim: int
+    epochs: int
+    iters: Optional[int]
+    device: str
+    num_test: int
+    trainers: Dict[str, str]
+    env: Dict[str, str]
+    t_start: float
+
+    @property
+    def configuration(self) -> str:
+        return "3d_fullres" if self.dim == 3 else "2d"
+
+    @property
+    def name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_SyntheticFairness"
+
+    @property
+    def raw(self) -> str:
+        return os.path.join(self.env["nnUNet_raw"], self.name)
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.output, "logs")
+
+    def stage(self, text: str) -> None:
+        print(f"\n=== [{time.time() - self.t_start:6.0f} s] {text}", flush=True)
+
+    def train(self, method: str, r: int) -> str:
+        """The model folder of ``method``, fold ``r``, trained unless it exists (and its starting model first)."""
+        from nnunet_dmoe.trainers.seam.training_length import variant_name
+
+        trainer = self.trainers.get(method) or variant_name(ALL_METHODS[method], epochs_of(method, self.epochs),
+                                                            self.iters)
+        plans = plans_of(method)
+        model = os.path.join(self.env["nnUNet_results"], self.name, f"{trainer}__{plans}__{self.configuration}",
+                             f"fold_{r}")
+        if os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
+            print(f"reusing {model}")
+            return model
+        cmd = [_bin("nnUNetv2_train"), str(self.dataset_id), self.configuration, str(r), "-tr", trainer, "-p", plans,
+               "-device", self.device]
+        if method in FINE_TUNED_FROM:
+            start = self.train(FINE_TUNED_FROM[method], r)
+            print(f"{method} fine-tunes {FINE_TUNED_FROM[method]}'s final checkpoint of fold {r}")
+            cmd += ["-pretrained_weights", os.path.join(start, "checkpoint_final.pth")]
+        _run(cmd, dict(self.env, nnUNet_n_proc_DA="0"),
+             os.path.join(self.logs, f"train_{trainer}_{plans}_fold{r}.log"))
+        return model
+
+    def predict(self, method: str, r: int) -> str:
+        """The test split's prediction folder of ``method``, fold ``r``, predicted unless it is complete."""
+        trainer, plans = self.trainers[method], plans_of(method)
+        out = os.path.join(self.output, "predictions", f"{trainer}_{plans}_fold{r}")
+        if not os.path.isfile(os.path.join(out, "predict_from_raw_data_args.json")) or \
+                len([f for f in os.listdir(out) if f.endswith(("nii.gz", ".png"))]) < self.num_test:
+            _run([_bin("nnUNetv2_predict"), "-i", os.path.join(self.raw, "imagesTs"), "-o", out, "-d",
+                  str(self.dataset_id), "-c", self.configuration, "-tr", trainer, "-p", plans, "-f", str(r),
+                  "-device", self.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"], self.env,
+                 os.path.join(self.logs, f"predict_{trainer}_{plans}_fold{r}.log"))
+        return out
+
+
+def _demo_trainers(methods: Sequence[str], epochs: int, iters) -> Dict[str, str]:
+    """The trainer class of every method (a schedule of ``epochs`` epochs, ``iters`` iterations each)."""
     from nnunet_dmoe.trainers.seam.training_length import variant_name
 
-    t_start = time.time()
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"-methods {unknown}: choose from {list(ALL_METHODS)}")
     try:
-        trainers = {m: variant_name(ALL_METHODS[m], epochs_of(m, epochs), iters) for m in methods}
+        return {m: variant_name(ALL_METHODS[m], epochs_of(m, epochs), iters) for m in methods}
     except ValueError as e:
         raise ValueError(f"-epochs {epochs} / -iters {iters}: {e}") from None
-    settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
-                    size=list(size) if size else None, data_seed=data_seed, epochs=epochs, iters=iters)
-    output = os.path.abspath(output)
+
+
+def _keep_settings(output: str, settings: dict, overwrite: bool) -> None:
+    """Write ``demo_settings.json`` into ``output`` (made with its logs folder); a run there with other settings is
+    an error, or removed with ``overwrite``."""
     settings_file = os.path.join(output, "demo_settings.json")
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
@@ -144,93 +210,69 @@ def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, n
     with open(settings_file, "w") as f:
         json.dump(settings, f, indent=1)
 
-    env = demo_env(output)
-    configuration = "3d_fullres" if dim == 3 else "2d"
-    name = f"Dataset{dataset_id:03d}_SyntheticFairness"
-    raw = os.path.join(env["nnUNet_raw"], name)
-    logs = os.path.join(output, "logs")
 
-    def stage(text):
-        print(f"\n=== [{time.time() - t_start:6.0f} s] {text}", flush=True)
+def _make_data(demo: _Demo, num_train: int, size: Optional[Sequence[int]], data_seed: int) -> str:
+    """Stages 1 and 2: the synthetic dataset and its plans (each reused when present); returns the plans file."""
+    from nnunet_dmoe.data.synthetic import make_synthetic_dataset
 
-    stage(f"1/5 synthetic {dim}D dataset: {num_train} training and {num_test} test cases")
-    if not os.path.isfile(os.path.join(raw, "dataset.json")):
-        make_synthetic_dataset(dataset_id, dim, num_train, num_test, size, data_seed, raw_folder=env["nnUNet_raw"])
+    demo.stage(f"1/5 synthetic {demo.dim}D dataset: {num_train} training and {demo.num_test} test cases")
+    if not os.path.isfile(os.path.join(demo.raw, "dataset.json")):
+        make_synthetic_dataset(demo.dataset_id, demo.dim, num_train, demo.num_test, size, data_seed,
+                               raw_folder=demo.env["nnUNet_raw"])
     else:
-        print(f"reusing {raw}")
-
-    stage("2/5 nnU-Net plan and preprocess")
-    plans_file = os.path.join(env["nnUNet_preprocessed"], name, PLANS + ".json")
+        print(f"reusing {demo.raw}")
+    demo.stage("2/5 nnU-Net plan and preprocess")
+    plans_file = os.path.join(demo.env["nnUNet_preprocessed"], demo.name, PLANS + ".json")
     if not os.path.isfile(plans_file):
-        _run([_bin("nnUNetv2_dmoe_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "2"],
-             env, os.path.join(logs, "plan_and_preprocess.log"))
+        _run([_bin("nnUNetv2_dmoe_plan_and_preprocess"), "-d", str(demo.dataset_id), "-c", demo.configuration,
+              "-np", "2"], demo.env, os.path.join(demo.logs, "plan_and_preprocess.log"))
     else:
         print(f"reusing {plans_file}")
+    return plans_file
 
-    for method in methods:
-        if method in PLANS_VARIANTS:
-            write_plans_variant(plans_file, *PLANS_VARIANTS[method])
 
-    def train(method: str, r: int) -> str:
-        """The model folder of ``method``, fold ``r``, trained unless it exists (and its starting model first)."""
-        trainer = trainers.get(method) or variant_name(ALL_METHODS[method], epochs_of(method, epochs), iters)
-        plans = plans_of(method)
-        model = os.path.join(env["nnUNet_results"], name, f"{trainer}__{plans}__{configuration}", f"fold_{r}")
-        if os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
-            print(f"reusing {model}")
-            return model
-        cmd = [_bin("nnUNetv2_train"), str(dataset_id), configuration, str(r), "-tr", trainer, "-p", plans,
-               "-device", device]
-        if method in FINE_TUNED_FROM:
-            start = train(FINE_TUNED_FROM[method], r)
-            print(f"{method} fine-tunes {FINE_TUNED_FROM[method]}'s final checkpoint of fold {r}")
-            cmd += ["-pretrained_weights", os.path.join(start, "checkpoint_final.pth")]
-        _run(cmd, dict(env, nnUNet_n_proc_DA="0"), os.path.join(logs, f"train_{trainer}_{plans}_fold{r}.log"))
-        return model
-
+def _train_and_predict(demo: _Demo, methods: Sequence[str],
+                       replicates: int) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
+    """Stages 3 and 4 for every replicate and method: (run label -> predictions, run label -> model folders)."""
     predictions: Dict[str, str] = {}
     models: Dict[str, List[str]] = {}
     for r in range(replicates):
         for method in methods:
-            trainer = trainers[method]
+            trainer = demo.trainers[method]
             label = method if replicates == 1 else f"{method} r{r}"
             if method == PER_LEVEL:
-                stage(f"3-4/5 {method}: train {trainer} on each level's cases, predict each test case with its "
-                      f"level's model (replicate {r} = fold {r})")
-                predictions[label], models[label] = _per_level(dataset_id, configuration, r, trainer, device, env,
-                                                               logs, os.path.join(raw, "imagesTs"), output, num_test)
+                demo.stage(f"3-4/5 {method}: train {trainer} on each level's cases, predict each test case with its "
+                           f"level's model (replicate {r} = fold {r})")
+                predictions[label], models[label] = _per_level(
+                    demo.dataset_id, demo.configuration, r, trainer, demo.device, demo.env, demo.logs,
+                    os.path.join(demo.raw, "imagesTs"), demo.output, demo.num_test)
                 continue
-            plans = plans_of(method)
-            stage(f"3/5 train {method} ({trainer}, plans {plans}, replicate {r} = fold {r})")
-            models[label] = [train(method, r)]
-            out = os.path.join(output, "predictions", f"{trainer}_{plans}_fold{r}")
-            stage(f"4/5 predict the test split with {method} (replicate {r})")
-            if not os.path.isfile(os.path.join(out, "predict_from_raw_data_args.json")) or \
-                    len([f for f in os.listdir(out) if f.endswith(("nii.gz", ".png"))]) < num_test:
-                _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", str(dataset_id),
-                      "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(r), "-device", device,
-                      "-npp", "1", "-nps", "1", "--disable_progress_bar"], env,
-                     os.path.join(logs, f"predict_{trainer}_{plans}_fold{r}.log"))
-            predictions[label] = out
+            demo.stage(f"3/5 train {method} ({trainer}, plans {plans_of(method)}, replicate {r} = fold {r})")
+            models[label] = [demo.train(method, r)]
+            demo.stage(f"4/5 predict the test split with {method} (replicate {r})")
+            predictions[label] = demo.predict(method, r)
+    return predictions, models
 
-    stage("5/5 fairness report")
-    report = os.path.join(output, "report")
-    attributes = attributes_from_dataset_json(os.path.join(raw, "dataset.json"))
-    result = compare_methods(predictions, os.path.join(raw, "labelsTs"), [1], attributes, report, n_boot=n_boot)
-    summaries = result["methods"]
-    if replicates > 1:
-        write_replicate_table(summaries, methods, replicates, os.path.join(report, "replicates.md"))
-    write_training_times(models, os.path.join(report, "training_times.md"))
-    print()
-    print_summary(summaries)
-    if replicates > 1:
-        print("\n" + open(os.path.join(report, "replicates.md")).read())
-    print("\n" + open(os.path.join(report, "training_times.md")).read())
-    print(f"\nDone in {time.time() - t_start:.0f} s.")
-    print(f"Report: {os.path.join(report, 'report.md')}")
-    print(f"Figure: {os.path.join(report, 'report.png')}")
-    return result
 
+def run_demo(output: str = "demo_output", dataset_id: int = 990, dim: int = 2, num_train: int = 60,
+             num_test: int = 40, size: Sequence[int] = None, data_seed: int = 0, epochs: int = 10, iters=50,
+             replicates: int = 1, methods: Sequence[str] = tuple(METHODS), device: str = "cpu", n_boot: int = 1000,
+             overwrite: bool = False) -> dict:
+    """The demo (see the module docstring); returns :func:`nnunet_dmoe.evaluation.compare_methods`' result."""
+    t_start = time.time()
+    trainers = _demo_trainers(methods, epochs, iters)
+    settings = dict(dataset_id=dataset_id, dim=dim, num_train=num_train, num_test=num_test,
+                    size=list(size) if size else None, data_seed=data_seed, epochs=epochs, iters=iters)
+    output = os.path.abspath(output)
+    _keep_settings(output, settings, overwrite)
+    demo = _Demo(output, dataset_id, dim, epochs, iters, device, num_test, trainers, demo_env(output), t_start)
+    plans_file = _make_data(demo, num_train, size, data_seed)
+    for method in methods:
+        if method in PLANS_VARIANTS:
+            write_plans_variant(plans_file, *PLANS_VARIANTS[method])
+    predictions, models = _train_and_predict(demo, methods, replicates)
+    demo.stage("5/5 fairness report")
+    return fairness_report(output, demo.raw, predictions, models, methods, replicates, n_boot, t_start)
 
 @contextmanager
 def _environ(env: Dict[str, str]):
@@ -291,60 +333,18 @@ def plans_of(method: str) -> str:
 def write_plans_variant(plans_file: str, variant: str, settings: dict) -> str:
     """Writes the plans ``<plans>_<variant>.json`` beside ``plans_file``: the same plans (and preprocessed data) with
     ``settings`` in every configuration's ``"dmoe"`` block. Returns its path."""
-    from nnunet_dmoe.networks.unet import PLANS_KEY
+    from nnunet_dmoe.plans.blocks import write_dmoe_block
 
     with open(plans_file) as f:
         plans = json.load(f)
     plans["plans_name"] = f"{plans['plans_name']}_{variant}"
     for cfg in plans["configurations"].values():
         if "inherits_from" not in cfg:
-            cfg[PLANS_KEY] = {**(cfg.get(PLANS_KEY) or {}), **settings}
+            write_dmoe_block(cfg, **settings)
     path = os.path.join(os.path.dirname(plans_file), plans["plans_name"] + ".json")
     with open(path, "w") as f:
         json.dump(plans, f, indent=4)
     return path
-
-
-def training_seconds(model_folder: str) -> float:
-    """The sum of nnU-Net's epoch times of a finished training (its final checkpoint's log)."""
-    import torch
-
-    log = torch.load(os.path.join(model_folder, "checkpoint_final.pth"), map_location="cpu",
-                     weights_only=False)["logging"]
-    return float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
-
-
-def write_training_times(models: Dict[str, List[str]], path: str) -> None:
-    """One row per run: the sum of its epoch times (one network per level: its networks together; a fine-tuned
-    method: the fine-tuning only)."""
-    lines = ["Training time: the sum of nnU-Net's epoch times (validation included; planning, preprocessing and "
-             "prediction not)", "", "| Run | s |", "|---|---:|"]
-    lines += [f"| {label} | {sum(training_seconds(m) for m in folders):.0f} |" for label, folders in models.items()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def write_replicate_table(summaries: Dict[str, dict], methods: Sequence[str], replicates: int, path: str) -> None:
-    """Mean and standard deviation over replicates of ES-Dice, Dice and per-group Dice, one row per method."""
-    import numpy as np
-    first = summaries[next(iter(summaries))]
-    groups = [g for g in first["groups"]]
-    header = ["Method", "ES-Dice", "Dice"] + [f"Dice {g} (n={first['groups'][g]['n']})" for g in groups] + ["worst"]
-    rows = []
-    for m in methods:
-        reps = [summaries[f"{m} r{r}"] for r in range(replicates)]
-
-        def cell(values):
-            v = np.array(values, dtype=float)
-            return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "n/a"
-        rows.append([m, cell([s["es"]["Dice"] for s in reps]), cell([s["overall"]["Dice"] for s in reps])]
-                    + [cell([s["groups"][g].get("Dice") for s in reps]) for g in groups]
-                    + [", ".join(sorted({str(s["worst_group"]["Dice"]) for s in reps}))])
-    lines = [f"Mean ± SD over {replicates} replicates (folds 0..{replicates - 1}, each with its own seed)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 @command("nnUNetv2_dmoe_demo")
