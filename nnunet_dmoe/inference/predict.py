@@ -30,7 +30,7 @@ from nnunet_dmoe.data.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_
                                    channel_file, fmt_cases)
 from nnunet_dmoe.errors import command
 
-__all__ = ["case_levels", "predict_with_attribute"]
+__all__ = ["case_levels", "predict_with_attribute", "run_predict", "predict_entry_point"]
 
 UNKNOWN = UNKNOWN_LEVEL
 _SHADOWED = ("-device", "-chk", "-prev_stage_predictions", "-part_id")
@@ -114,14 +114,72 @@ def predict_with_attribute(predictor, input_folder: str, output_folder: str, lev
                                             **predict_kwargs)
 
 
-@command("nnUNetv2_dmoe_predict")
-def predict_entry_point():
-    import argparse
-
+def _model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    """The trained model's folder in $nnUNet_results (an error naming the flags and the fix when there is none)."""
+    from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnunet_dmoe.data.attach import load_model_dataset_json
+    if nnUNet_results is None:
+        raise ValueError("$nnUNet_results is not set. Set it to the folder that holds your trained models.")
+    try:
+        model = get_output_folder(dataset, trainer, plans, configuration)
+    except RuntimeError:
+        raise ValueError(f"-d {dataset}: no such dataset (nnU-Net looks in $nnUNet_raw, $nnUNet_preprocessed and "
+                         f"$nnUNet_results)") from None
+    if not os.path.isfile(os.path.join(model, "dataset.json")):
+        raise ValueError(f"no trained model in {model} (-d {dataset} -tr {trainer} -p {plans} -c {configuration}). "
+                         f"Train it first, or check these flags and $nnUNet_results.")
+    return model
+
+
+def _read_tables(table: str, id_column: Optional[str], attribute_columns: Optional[Sequence[str]],
+                 specs: Sequence[AttributeSpec], ending: str) -> List[Dict[str, Optional[str]]]:
+    """One ``case -> level`` table per attribute of the model, read from the columns of ``table``."""
     from nnunet_dmoe.data.tables import read_attribute_table
+
+    columns = attribute_columns or [s.name for s in specs]
+    if len(columns) != len(specs):
+        raise ValueError(f"the model has {len(specs)} attribute(s) ({', '.join(s.name for s in specs)}); "
+                         f"-attribute_column names {len(columns)}. Give one column per attribute, in this order.")
+    return [read_attribute_table(table, id_column, c, strip_suffix=ending) for c in columns]
+
+
+def run_predict(input_folder: str, output_folder: str, dataset: str, configuration: str,
+                trainer: str = "nnUNetTrainerDMoE", plans: str = "nnUNetPlans", levels: Optional[Sequence[str]] = None,
+                table: Optional[str] = None, id_column: Optional[str] = None,
+                attribute_columns: Optional[Sequence[str]] = None, allow_unknown: bool = False,
+                nnunet_args: Sequence[str] = ()) -> None:
+    """The command: ``nnUNetv2_predict`` (with ``nnunet_args``, its other flags) of the model (dataset, trainer,
+    plans, configuration) over ``input_folder``, the attribute from ``levels`` (every case) or ``table``, written
+    with the images' links into a temporary folder."""
+    from nnunet_dmoe.data.attach import load_model_dataset_json
+
+    if (levels is None) == (table is None):
+        raise ValueError("give the attribute: -attribute LEVEL for every case, or -t TABLE with a row per case")
+    model = _model_folder(dataset, trainer, plans, configuration)
+    dataset_json = load_model_dataset_json(model)
+    specs = attribute_specs_from_dataset_json(dataset_json, where=os.path.join(model, "dataset.json"))
+    ending = dataset_json["file_ending"]
+    if not os.path.isdir(input_folder):
+        raise ValueError(f"-i {input_folder} does not exist")
+    cases = sorted(cases_in_folder(input_folder, ending))
+    tables = None if table is None else _read_tables(table, id_column, attribute_columns, specs, ending)
+    per_attribute = case_levels(specs, cases, levels, tables, allow_unknown, has_unknown_router(trainer), trainer)
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point as nnunet_predict
+
+    with tempfile.TemporaryDirectory(prefix="nnunet_dmoe_predict_") as tmp:
+        _attribute_folder(input_folder, dataset_json, per_attribute, tmp, images="link")
+        argv = sys.argv
+        sys.argv = [argv[0], "-i", tmp, "-o", output_folder, "-d", dataset, "-c", configuration, "-tr", trainer,
+                    "-p", plans] + list(nnunet_args)
+        try:
+            nnunet_predict()
+        finally:
+            sys.argv = argv
+
+
+def _parser():
+    import argparse
 
     p = argparse.ArgumentParser(
         description="nnUNetv2_predict with the patients' attribute: the attribute channel is made in a temporary "
@@ -150,45 +208,14 @@ def predict_entry_point():
     # that argparse does not read "-device cpu" as "-d evice"; passed on as given
     for flag in _SHADOWED:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    a, passed_on = p.parse_known_args()
+    return p
+
+
+@command("nnUNetv2_dmoe_predict")
+def predict_entry_point():
+    a, passed_on = _parser().parse_known_args()
     for flag in _SHADOWED:
         value = getattr(a, flag.lstrip("-"))
         passed_on += [flag, value] if value is not None else []
-    if (a.attribute is None) == (a.t is None):
-        raise ValueError("give the attribute: -attribute LEVEL for every case, or -t TABLE with a row per case")
-    from nnunetv2.paths import nnUNet_results
-
-    if nnUNet_results is None:
-        raise ValueError("$nnUNet_results is not set. Set it to the folder that holds your trained models.")
-    try:
-        model = get_output_folder(a.d, a.tr, a.p, a.c)
-    except RuntimeError:
-        raise ValueError(f"-d {a.d}: no such dataset (nnU-Net looks in $nnUNet_raw, $nnUNet_preprocessed and "
-                         f"$nnUNet_results)") from None
-    if not os.path.isfile(os.path.join(model, "dataset.json")):
-        raise ValueError(f"no trained model in {model} (-d {a.d} -tr {a.tr} -p {a.p} -c {a.c}). Train it first, or "
-                         f"check these flags and $nnUNet_results.")
-    dataset_json = load_model_dataset_json(model)
-    specs = attribute_specs_from_dataset_json(dataset_json, where=os.path.join(model, "dataset.json"))
-    ending = dataset_json["file_ending"]
-    if not os.path.isdir(a.i):
-        raise ValueError(f"-i {a.i} does not exist")
-    cases = sorted(cases_in_folder(a.i, ending))
-    tables = None
-    if a.t is not None:
-        columns = a.attribute_column or [s.name for s in specs]
-        if len(columns) != len(specs):
-            raise ValueError(f"the model has {len(specs)} attribute(s) ({', '.join(s.name for s in specs)}); "
-                             f"-attribute_column names {len(columns)}. Give one column per attribute, in this order.")
-        tables = [read_attribute_table(a.t, a.id_column, c, strip_suffix=ending) for c in columns]
-    per_attribute = case_levels(specs, cases, a.attribute, tables, a.allow_unknown, has_unknown_router(a.tr), a.tr)
-    from nnunetv2.inference.predict_from_raw_data import predict_entry_point as nnunet_predict
-
-    with tempfile.TemporaryDirectory(prefix="nnunet_dmoe_predict_") as tmp:
-        _attribute_folder(a.i, dataset_json, per_attribute, tmp, images="link")
-        argv = sys.argv
-        sys.argv = [argv[0], "-i", tmp, "-o", a.o, "-d", a.d, "-c", a.c, "-tr", a.tr, "-p", a.p] + passed_on
-        try:
-            nnunet_predict()
-        finally:
-            sys.argv = argv
+    run_predict(a.i, a.o, a.d, a.c, a.tr, a.p, a.attribute, a.t, a.id_column, a.attribute_column, a.allow_unknown,
+                passed_on)
