@@ -7,22 +7,43 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from nnunet_dmoe.data.attribute import (AttributeSpec, attribute_specs_from_dataset_json, channel_disagreement,
-                                   channel_suffix)
+                                        channel_file, channel_suffix, fmt_cases)
+from nnunet_dmoe.data.tables import read_json_object
 from nnunet_dmoe.errors import command
 
 Problem = Tuple[str, str]  # (kind, line of the message)
 _POOL_WORTH_S = 20.0
+_DATASET_JSON_KEYS = ("labels", "channel_names", "numTraining", "file_ending")  # those nnU-Net's planning reads
+_DATASET_JSON_FIX = ("nnU-Net's dataset.json is a JSON object with 'labels', 'channel_names', 'numTraining' and "
+                     "'file_ending': fix it, or write the dataset with an nnUNetv2_dmoe_convert_* command.")
 
 
 def _raw_dataset(dataset_id: int) -> Tuple[str, dict, dict]:
     """The raw folder, its dataset.json and nnU-Net's training cases (case -> images, label)."""
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    folder = join(nnUNet_raw.require(), convert_id_to_dataset_name(dataset_id))
-    dataset_json = load_json(join(folder, "dataset.json"))
+    raw = nnUNet_raw.require()
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    if not any(d.startswith(prefix) and os.path.isdir(os.path.join(raw, d)) for d in os.listdir(raw)):
+        raise ValueError(f"-d {dataset_id}: no such dataset in $nnUNet_raw ({raw}): no folder {prefix}<name>. Give "
+                         f"the id of a raw dataset there.")
+    folder = os.path.join(raw, convert_id_to_dataset_name(dataset_id))
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no dataset.json. Write the dataset with an nnUNetv2_dmoe_convert_* "
+                                f"command, or add nnU-Net's dataset.json ({', '.join(_DATASET_JSON_KEYS)}).")
+    dataset_json = read_json_object(path, "dataset.json", _DATASET_JSON_FIX)
+    missing = [k for k in _DATASET_JSON_KEYS if k not in dataset_json]
+    if "channel_names" in missing and "modality" in dataset_json:  # nnU-Net v1's name, which v2 still reads
+        missing.remove("channel_names")
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing)}. {_DATASET_JSON_FIX}")
+    if "dataset" not in dataset_json and not os.path.isdir(os.path.join(folder, "imagesTr")):
+        raise FileNotFoundError(f"{folder} has no imagesTr folder: nnU-Net reads the training images from "
+                                f"imagesTr/CASE_XXXX{dataset_json['file_ending']} (labels: labelsTr/CASE"
+                                f"{dataset_json['file_ending']}).")
     return folder, dataset_json, get_filenames_of_train_images_and_targets(folder, dataset_json)
 
 
@@ -53,7 +74,7 @@ def _file_problems(specs: List[AttributeSpec], dataset: dict, dataset_json: dict
     listed = {case: spec for spec in reversed(specs) for case in spec.cases}  # the first attribute listing it
     for case in sorted(set(listed) - set(dataset)):
         cases = f"the cases of attribute '{listed[case].name}'" if several else "attribute.cases"
-        expected = ", ".join(f"imagesTr/{case}_{c:04d}{ending}" for c in channels)
+        expected = ", ".join(f"imagesTr/{channel_file(case, c, ending)}" for c in channels)
         problems.append(("no_images", f"  {case}: listed in {cases} but has no image files (expected {expected})"))
     return problems
 
@@ -172,6 +193,15 @@ def warn_if_preprocessed_is_stale(dataset_id: int, configurations: Sequence[str]
     return True
 
 
+def _check_labels(folder: str, dataset_json: dict, dataset: dict) -> None:
+    """Every training case has its label file (nnU-Net's fingerprinting reads them all)."""
+    missing = sorted(case for case, entry in dataset.items() if not os.path.isfile(entry["label"]))
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} training case(s) have no label file in labelsTr: "
+                                f"{fmt_cases(missing)} (expected labelsTr/CASE{dataset_json['file_ending']}). Add "
+                                f"the labels, or remove the cases' images from imagesTr.")
+
+
 def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlannerDMoE",
                         configurations: Sequence[str] = ("2d", "3d_fullres"), num_processes: Optional[List[int]] = None,
                         gpu_memory_target_in_gb: Optional[float] = None, verify_dataset_integrity: bool = False,
@@ -183,10 +213,12 @@ def plan_and_preprocess(dataset_ids: Sequence[int], planner: str = "nnUNetPlanne
 
     if planner not in PLANNERS:
         raise ValueError(f"-pl {planner!r}: choose one of {sorted(PLANNERS)}")
+    _check_num_processes(num_processes, configurations)
     for d in dataset_ids:  # before anything is written
         raw = _raw_dataset(d)
         warn_if_preprocessed_is_stale(d, configurations, no_preprocessing, raw)
         check_raw_dataset(d, max(num_processes or [2]), raw)
+        _check_labels(*raw)
     identifiers = []
     for d in dataset_ids:
         extract_fingerprint_dataset(d, num_processes=max(num_processes or [2]),
@@ -220,7 +252,28 @@ def plan_and_preprocess_entry_point():
                         help="[OPTIONAL] run nnU-Net's dataset integrity check")
     parser.add_argument("--no_pp", action="store_true", help="[OPTIONAL] plan only, do not preprocess")
     args = parser.parse_args()
-    ids = plan_and_preprocess(args.d, args.pl, args.c, args.np, args.gpu_memory_target,
-                              args.verify_dataset_integrity, args.no_pp)
-    for d, p in zip(args.d, ids):
+    plan_and_preprocess_command(args.d, args.pl, args.c, args.np, args.gpu_memory_target,
+                                args.verify_dataset_integrity, args.no_pp)
+
+
+def plan_and_preprocess_command(dataset_ids: Sequence[int], planner: str, configurations: Sequence[str],
+                                num_processes: Optional[List[int]], gpu_memory_target_in_gb: Optional[float],
+                                verify_dataset_integrity: bool, no_preprocessing: bool) -> List[str]:
+    """``nnUNetv2_dmoe_plan_and_preprocess``: :func:`plan_and_preprocess`, then how to train on each dataset."""
+    ids = plan_and_preprocess(dataset_ids, planner, configurations, num_processes, gpu_memory_target_in_gb,
+                              verify_dataset_integrity, no_preprocessing)
+    for d, p in zip(dataset_ids, ids):
         print(f"Dataset {d}: plans '{p}'. Train with: nnUNetv2_train {d} 3d_fullres 0 -tr nnUNetTrainerDMoE -p {p}")
+    return ids
+
+
+def _check_num_processes(num_processes: Optional[List[int]], configurations: Sequence[str]) -> None:
+    """-np: numbers of at least 1, one for all configurations or one per configuration of -c."""
+    if num_processes is None:
+        return
+    shown = " ".join(map(str, num_processes))
+    if min(num_processes, default=1) < 1:
+        raise ValueError(f"-np {shown}: give at least 1 process per configuration")
+    if len(num_processes) not in (1, len(configurations)):
+        raise ValueError(f"-np {shown}: give one number for all configurations, or one per configuration of -c "
+                         f"({' '.join(configurations)})")
