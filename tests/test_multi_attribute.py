@@ -120,7 +120,7 @@ def test_levels_must_name_every_attribute():
 def test_routing_report_rows_per_attribute_on_summed_routers():
     """The routing report's recorder on a real two-attribute dMoE: each attribute's rows sum to k, and the centre
     rows differ because the centre's routers take part."""
-    from nnunet_dmoe.commands.routing_report import RoutingRecorder
+    from nnunet_dmoe.commands.routing_recorder import RoutingRecorder
     specs = attribute_specs_from_dataset_json({"channel_names": CHANNELS, "attributes": [STAGE, CENTRE]})
     net = _network([4, 2], [1, 2])
     _randomise_routers(net)
