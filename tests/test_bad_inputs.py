@@ -48,7 +48,35 @@ def world(tmp_path_factory):
     (root / "table_tstage.csv").write_text("case,tstage\nn1,T2\n")
     (root / "table_unknown_level.csv").write_text("case,stage\nn1,T9\n")
     (root / "table_other_case.csv").write_text("case,stage\nn2,T2\n")
+    _broken_inputs(root)
     return root
+
+
+def _broken_inputs(root):
+    """Files and datasets that are broken in one way each: JSON that is not an object, a dataset.json without
+    nnU-Net's keys, a dataset without imagesTr or without labels, model folders with a broken file."""
+    import json
+    (root / "list.json").write_text("[1, 2]")
+    synthetic = root / "raw" / "Dataset701_SyntheticFairness"
+    shutil.copytree(synthetic / "labelsTr", root / "ref_beside_list" / "labelsTr")
+    (root / "ref_beside_list" / "dataset.json").write_text("[1, 2]")
+    (root / "raw" / "Dataset705_NoKeys").mkdir()
+    (root / "raw" / "Dataset705_NoKeys" / "dataset.json").write_text("{}")
+    (root / "raw" / "Dataset706_NoImages").mkdir()
+    (root / "raw" / "Dataset706_NoImages" / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "gray"}, "labels": {"background": 0, "target": 1}, "numTraining": 1,
+         "file_ending": ".png"}))
+    (root / "raw" / "Dataset707_NoLabels").mkdir()
+    shutil.copytree(synthetic / "imagesTr", root / "raw" / "Dataset707_NoLabels" / "imagesTr")
+    shutil.copy(synthetic / "dataset.json", root / "raw" / "Dataset707_NoLabels" / "dataset.json")
+    for name, files in (("model_list", {"dataset.json": "[1, 2]"}),
+                        ("model_checkpoint", {"checkpoint_final.pth": "not a checkpoint"}),
+                        ("model_debug", {"dataset.json": json.dumps({"attribute": {"cases": {"a": "T1"}}}),
+                                         "fold_0/debug.json": "[1, 2]"})):
+        for file, text in files.items():
+            (root / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / file).write_text(text)
+    shutil.copytree(HAM, root / "ham_without_metadata", ignore=shutil.ignore_patterns("*.csv"))
 
 
 RAW = "raw"
@@ -141,6 +169,59 @@ BAD_INPUTS = [
     ("nnUNetv2_dmoe_predict_per_level", ["-i", "{root}/nope", "-o", "{root}/pl", "-d", "701", "-c", "2d", "-device",
                                          "cpu"], "no per-level models nnUNetTrainerNoAttribute__nnUNetPlans__2d of "
      "Dataset701_SyntheticFairness", None),
+    # JSON that is not an object, dataset.json files without nnU-Net's keys, datasets without imagesTr or labels,
+    # and model folders with a broken file: one line that names the file and the fix (no traceback)
+    ("nnUNetv2_dmoe_evaluate", ["-ref", "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-pred",
+                                "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-l", "1", "-o", "{root}/report",
+                                "-dataset_json", "{root}/list.json"],
+     "{root}/list.json: the dataset.json must be a JSON object {{...}}, it holds a list. Give the dataset.json of the "
+     "reference's dataset (nnU-Net's format) with -dataset_json.", None),
+    ("nnUNetv2_dmoe_evaluate", ["-ref", "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-pred",
+                                "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-l", "1", "-o", "{root}/report",
+                                "-dataset_json", "{root}/new_cases/n1_0000.png"],
+     "{root}/new_cases/n1_0000.png: the dataset.json is not UTF-8 text (byte 0x89 at offset 0)", None),
+    ("nnUNetv2_dmoe_evaluate", ["-ref", "{root}/ref_beside_list/labelsTr", "-pred", "{root}/ref_beside_list/labelsTr",
+                                "-l", "1", "-o", "{root}/report", "-attributes", "{root}/table.csv",
+                                "-attribute_column", "stage"],
+     "{root}/ref_beside_list/dataset.json: the dataset.json must be a JSON object {{...}}, it holds a list", None),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-dataset_json",
+                                        "{root}/list.json", "-attribute_column", "stage"],
+     "{root}/list.json: the model's dataset.json must be a JSON object {{...}}, it holds a list", "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "709",
+                                        "-attribute_column", "stage"],
+     "-d 709: no such dataset in $nnUNet_raw ({root}/raw). Give the dataset's name or id there, or the model's "
+     "dataset.json with -dataset_json.", "new_cases"),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "705", "-t", "{root}/table.csv", "-id_column", "case",
+                                     "-attribute_column", "stage"],
+     "{root}/raw/Dataset705_NoKeys/dataset.json lacks 'channel_names', 'file_ending'. Give an nnU-Net raw dataset",
+     f"{RAW}/Dataset705_NoKeys"),
+    ("nnUNetv2_dmoe_add_attribute", ["-d", "706", "-t", "{root}/table.csv", "-id_column", "case",
+                                     "-attribute_column", "stage"],
+     "{root}/raw/Dataset706_NoImages has no imagesTr folder", f"{RAW}/Dataset706_NoImages"),
+    ("nnUNetv2_dmoe_strip_attribute_table", ["{root}/model_list"],
+     "{root}/model_list/dataset.json: the dataset.json must be a JSON object {{...}}, it holds a list", "model_list"),
+    ("nnUNetv2_dmoe_strip_attribute_table", ["{root}/model_checkpoint"],
+     "{root}/model_checkpoint/checkpoint_final.pth: cannot be read as a PyTorch checkpoint", "model_checkpoint"),
+    ("nnUNetv2_dmoe_strip_attribute_table", ["{root}/model_debug"],  # nothing stripped before the refusal
+     "{root}/model_debug/fold_0/debug.json: the debug.json must be a JSON object {{...}}, it holds a list",
+     "model_debug"),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "709"], "-d 709: no such dataset in $nnUNet_raw ({root}/raw)",
+     None),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "705"],
+     "{root}/raw/Dataset705_NoKeys/dataset.json lacks 'labels', 'channel_names', 'numTraining', 'file_ending'",
+     f"{RAW}/Dataset705_NoKeys"),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "706"], "{root}/raw/Dataset706_NoImages has no imagesTr folder",
+     f"{RAW}/Dataset706_NoImages"),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "707", "-c", "2d", "-np", "1"],
+     "{root}/raw/Dataset707_NoLabels: 4 training case(s) have no label file in labelsTr: syn_0000, syn_0001, "
+     "syn_0002, syn_0003 (expected labelsTr/CASE.png)", f"{RAW}/Dataset707_NoLabels"),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "701", "-np", "0"], "-np 0: give at least 1 process per "
+     "configuration", None),
+    ("nnUNetv2_dmoe_plan_and_preprocess", ["-d", "701", "-c", "2d", "-np", "1", "2"], "-np 1 2: give one number for "
+     "all configurations, or one per configuration of -c (2d)", None),
+    ("nnUNetv2_dmoe_convert_ham10000", ["-i", "{root}/ham_without_metadata", "-d", "710"],
+     "the HAM10000 metadata CSV {root}/ham_without_metadata/HAM10000_metadata.csv does not exist. Put "
+     "HAM10000_metadata.csv into -i, or give its path with -metadata.", None),
 ]
 
 
