@@ -293,7 +293,9 @@ def normalise_split(value: str) -> Optional[str]:
 
 def read_split_file(path: str) -> Dict[str, str]:
     """Case id -> ``"train"`` / ``"test"`` from a split file (see ``_SPLIT_FILE_HELP``)."""
-    if path.lower().endswith(".json") and os.path.isfile(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"-split {path}: the split file does not exist. {_SPLIT_FILE_HELP}")
+    if path.lower().endswith(".json"):
         try:
             data = json.loads(read_text(path, "split file"))
         except json.JSONDecodeError as e:

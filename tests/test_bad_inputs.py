@@ -222,6 +222,8 @@ BAD_INPUTS = [
     ("nnUNetv2_dmoe_convert_ham10000", ["-i", "{root}/ham_without_metadata", "-d", "710"],
      "the HAM10000 metadata CSV {root}/ham_without_metadata/HAM10000_metadata.csv does not exist. Put "
      "HAM10000_metadata.csv into -i, or give its path with -metadata.", None),
+    ("nnUNetv2_dmoe_convert_fairseg", ["-i", "{root}/fairseg", "-d", "710", "-split", "{root}/nope.json"],
+     "-split {root}/nope.json: the split file does not exist. A split file is a CSV/TSV", None),
 ]
 
 
