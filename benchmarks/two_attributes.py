@@ -27,7 +27,7 @@ import time
 from nnunet_dmoe.data.attribute import attribute_specs_from_dataset_json
 from nnunet_dmoe.commands.demo import PLANS, _bin, _run, demo_env
 from nnunet_dmoe.evaluation import CaseAttributes, compare_methods
-from nnunet_dmoe.data.synthetic import DEFAULT_CENTRES, make_synthetic_dataset
+from nnunet_dmoe.dataset_conversion.synthetic import DEFAULT_CENTRES, make_synthetic_dataset
 from nnunet_dmoe.trainers.seam.training_length import variant_name
 
 NAME = "SyntheticTwoAttributes"

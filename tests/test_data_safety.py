@@ -20,7 +20,7 @@ from nnunet_dmoe.data.attach import attach_attribute, is_attribute_channel
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
 from nnunet_dmoe.dataset_conversion.ham10000 import IMAGE_DIR, MASK_DIR, convert_ham10000
 from nnunet_dmoe.dataset_conversion.radiotherapy import convert_rt
-from nnunet_dmoe.data.synthetic import make_synthetic_dataset
+from nnunet_dmoe.dataset_conversion.synthetic import make_synthetic_dataset
 from nnunet_dmoe.data.tables import read_attribute_table
 from test_convert_fairseg import _npz, _official_layout
 from test_convert_rt import GOOD, _manifest

@@ -1,6 +1,6 @@
 """The main job: from nothing to a paper-style fairness comparison, with nnU-Net's own CLIs.
 
-1. writes the synthetic fairness dataset (``nnunet_dmoe.data.synthetic``; the CTV margin depends on the T-stage),
+1. writes the synthetic fairness dataset (``nnunet_dmoe.dataset_conversion.synthetic``; the CTV margin depends on the T-stage),
 2. plans and preprocesses it (``nnUNetv2_dmoe_plan_and_preprocess``: nnU-Net's planner, sized for the dMoE, one
    plans file for all methods),
 3. trains the attribute-blind baseline, the baseline with the attribute as an input channel, MoE and dMoE
@@ -213,7 +213,7 @@ def _keep_settings(output: str, settings: dict, overwrite: bool) -> None:
 
 def _make_data(demo: _Demo, num_train: int, size: Optional[Sequence[int]], data_seed: int) -> str:
     """Stages 1 and 2: the synthetic dataset and its plans (each reused when present); returns the plans file."""
-    from nnunet_dmoe.data.synthetic import make_synthetic_dataset
+    from nnunet_dmoe.dataset_conversion.synthetic import make_synthetic_dataset
 
     demo.stage(f"1/5 synthetic {demo.dim}D dataset: {num_train} training and {demo.num_test} test cases")
     if not os.path.isfile(os.path.join(demo.raw, "dataset.json")):

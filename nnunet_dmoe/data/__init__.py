@@ -1,2 +1,2 @@
-"""The attribute and its data: levels and codes, attribute tables, writing attribute channels, synthetic data, model
-folders without case tables."""
+"""The attribute and its data: levels and codes, attribute tables, writing attribute channels, model folders without
+case tables."""
