@@ -77,6 +77,9 @@ def _broken_inputs(root):
             (root / name / file).parent.mkdir(parents=True, exist_ok=True)
             (root / name / file).write_text(text)
     shutil.copytree(HAM, root / "ham_without_metadata", ignore=shutil.ignore_patterns("*.csv"))
+    (root / "routing_not_json").mkdir()
+    (root / "routing_not_json" / "routing.json").write_text("{not json")
+    (root / "routing_not_json" / "routing.png").write_bytes(b"")
 
 
 RAW = "raw"
@@ -184,6 +187,15 @@ BAD_INPUTS = [
                                 "-l", "1", "-o", "{root}/report", "-attributes", "{root}/table.csv",
                                 "-attribute_column", "stage"],
      "{root}/ref_beside_list/dataset.json: the dataset.json must be a JSON object {{...}}, it holds a list", None),
+    ("nnUNetv2_dmoe_evaluate", ["-ref", "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-pred",
+                                "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-l", "1", "-o", "{root}/table.csv",
+                                "-dataset_json", "{root}/raw/Dataset701_SyntheticFairness/dataset.json"],
+     "-o {root}/table.csv is a file. Give a folder for the report (it is made if missing).", None),
+    ("nnUNetv2_dmoe_evaluate", ["-ref", "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-pred",
+                                "{root}/raw/Dataset701_SyntheticFairness/labelsTr", "-l", "1", "-o", "{root}/report",
+                                "-dataset_json", "{root}/raw/Dataset701_SyntheticFairness/dataset.json", "-routing",
+                                "{root}/routing_not_json"],
+     "-routing {root}/routing_not_json: routing.json is not a routing report (not valid JSON: ", None),
     ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-dataset_json",
                                         "{root}/list.json", "-attribute_column", "stage"],
      "{root}/list.json: the model's dataset.json must be a JSON object {{...}}, it holds a list", "new_cases"),

@@ -134,6 +134,8 @@ def evaluate_command(ref: str, labels: Sequence[str], output_folder: str, pred: 
     ``compare`` against ``ref`` into ``output_folder``, the attribute from ``dataset_json`` or ``attribute_table``;
     with ``routing``, the routing report of that folder joins it. Returns the summary per method."""
     check_processes(num_processes, "-np ")  # refusals that need no file come before any work
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise ValueError(f"-o {output_folder} is a file. Give a folder for the report (it is made if missing).")
     check_output_folder(("-o", output_folder), _input_folders(ref, pred, compare),
                         "-ref, -pred and the -compare folders")
     if routing is not None:

@@ -18,8 +18,12 @@ def read_routing(folder: str) -> dict:
     for name in ("routing.json", "routing.png"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise ValueError(_MISSING.format(folder=folder, name=name))
-    with open(os.path.join(folder, "routing.json")) as f:
-        report = json.load(f)
+    try:
+        with open(os.path.join(folder, "routing.json"), encoding="utf-8") as f:
+            report = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        raise ValueError(f"-routing {folder}: routing.json is not a routing report (not valid JSON: {e}). Write it "
+                         f"again with nnUNetv2_dmoe_routing_report.") from None
     if not isinstance(report, dict) or "blocks" not in report:
         raise ValueError(f"-routing {folder}: routing.json is not a routing report (no 'blocks'). Write it with "
                          f"nnUNetv2_dmoe_routing_report.")
