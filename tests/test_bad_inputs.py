@@ -199,6 +199,9 @@ BAD_INPUTS = [
     ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-dataset_json",
                                         "{root}/list.json", "-attribute_column", "stage"],
      "{root}/list.json: the model's dataset.json must be a JSON object {{...}}, it holds a list", "new_cases"),
+    ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "701",
+                                        "-attribute_column", "stage", "-o", "{root}/table.csv"],
+     "output folder {root}/table.csv is a file. Give a folder with -o (it is made if missing).", "new_cases"),
     ("nnUNetv2_dmoe_attach_attribute", ["-i", "{root}/new_cases", "-t", "{root}/table.csv", "-d", "709",
                                         "-attribute_column", "stage"],
      "-d 709: no such dataset in $nnUNet_raw ({root}/raw). Give the dataset's name or id there, or the model's "

@@ -157,6 +157,8 @@ def _planned_writes(input_folder: str, output_folder: str, images: str, overwrit
     ``overwrite``)."""
     if images not in ("copy", "link", "none"):
         raise ValueError(f"images must be 'copy', 'link' or 'none', got {images!r}")
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise ValueError(f"output folder {output_folder} is a file. Give a folder with -o (it is made if missing).")
     copy_images = os.path.abspath(output_folder) != os.path.abspath(input_folder) and images != "none"
     targets = {(c, k): os.path.join(output_folder, channel_file(c, spec.channel, file_ending))
                for c in cases for k, spec in enumerate(specs)}
