@@ -17,9 +17,9 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_dmoe.dataset_conversion.common import (Problems, add_split_and_age_arguments, attribute_block,
-                                                    attribute_channel_index, attribute_names, finish, make_parser,
-                                                    normalise_split, progress, staged_dataset,
-                                                    split_from_file, to_uint8, write_png_case, write_png_label)
+                                                   attribute_channel_index, attribute_names, finish, make_parser,
+                                                   normalise_split, progress, staged_dataset,
+                                                   split_from_file, to_uint8, write_png_case, write_png_label)
 from nnunet_dmoe.errors import command
 from nnunet_dmoe.data.tables import bin_labels, bin_value
 

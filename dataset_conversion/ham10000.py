@@ -24,9 +24,9 @@ from PIL import Image
 
 from nnunet_dmoe.data.attribute import fmt_cases
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
-                                                    add_split_and_age_arguments, attribute_names, finish, make_parser,
-                                                    progress, split_from_file, staged_dataset, write_png_case,
-                                                    write_png_label)
+                                                   add_split_and_age_arguments, attribute_names, finish, make_parser,
+                                                   progress, split_from_file, staged_dataset, write_png_case,
+                                                   write_png_label)
 from nnunet_dmoe.errors import command
 from nnunet_dmoe.data.tables import bin_labels, read_attribute_table
 

@@ -30,8 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_dmoe.dataset_conversion.common import (Problems, attribute_block, attribute_channel_index,
-                                                    finish, make_parser, normalise_split,
-                                                    progress, staged_dataset, write_nifti_case)
+                                                   finish, make_parser, normalise_split,
+                                                   progress, staged_dataset, write_nifti_case)
 from nnunet_dmoe.errors import command
 from nnunet_dmoe.data.tables import DEFAULT_MISSING, read_rows
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nnunet_dmoe.data.attribute import (UNKNOWN_CODE, AttributeSpec, decode_attribute_channel, decode_attribute_levels,
-                                   encode_attribute_channel, fmt_cases)
+                                        encode_attribute_channel, fmt_cases)
 
 
 def _dj(**attribute):

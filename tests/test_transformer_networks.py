@@ -13,7 +13,7 @@ from nnunet_dmoe.method.dmoe import DistributionAwareMoE
 from nnunet_dmoe.networks.primus import PrimusBackbone, build_primus_network
 from nnunet_dmoe.networks.transformer import AttributeTransformer, round_patch_size
 from nnunet_dmoe.networks.transunet import (StemSkipTransUNet, TRANSUNET_DEFAULTS, TransUNet, build_transunet_network,
-                                           transunet_deep_supervision_scales)
+                                            transunet_deep_supervision_scales)
 from nnunet_dmoe.plans.blocks import with_transformer_defaults
 
 # the paper's network, tiny: 32 wide, 3 blocks; decoder 16 channels on the token grid, then 4 up-blocks (tokens of 16)

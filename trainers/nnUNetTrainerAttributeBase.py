@@ -28,7 +28,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dmoe.data.attribute import (AttributeSpec, attribute_settings, attribute_specs_from_dataset_json,
-                                   strip_attribute_tables)
+                                        strip_attribute_tables)
 from nnunet_dmoe.networks.build import build_network
 from nnunet_dmoe.plans.blocks import with_dmoe_block
 from nnunet_dmoe.trainers.seam.attribute_augmentation import protect_attribute_channel

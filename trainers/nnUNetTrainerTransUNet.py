@@ -1,7 +1,7 @@
 import torch
 
 from nnunet_dmoe.networks.transunet import (DECODER_KEY, TRANSUNET_DECODER, TRANSUNET_DEFAULTS,
-                                           transunet_deep_supervision_scales, transunet_settings)
+                                            transunet_deep_supervision_scales, transunet_settings)
 from nnunet_dmoe.networks.vit_weights import load_vit_weights
 from nnunet_dmoe.plans.blocks import TRANSFORMER_KEY, with_transformer_defaults
 from nnunet_dmoe.trainers.nnUNetTrainerAttributeBase import nnUNetTrainerAttributeBase

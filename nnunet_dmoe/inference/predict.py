@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from nnunet_dmoe.data.attach import attach_attribute
 from nnunet_dmoe.data.attribute import (UNKNOWN_LEVEL, AttributeSpec, attribute_specs_from_dataset_json, cases_in_folder,
-                                   channel_file, fmt_cases)
+                                        channel_file, fmt_cases)
 from nnunet_dmoe.errors import command
 
 __all__ = ["case_levels", "predict_with_attribute", "run_predict", "predict_entry_point"]

@@ -22,7 +22,7 @@ from torch import nn
 from nnunet_dmoe.method.config import DMoEConfig
 from nnunet_dmoe.networks.attribute_input import decode_levels
 from nnunet_dmoe.networks.unet import (UNetBehindAttributeInput, build_attribute_network, stage_blocks_and_sizes,
-                                      unet_with_stage_blocks)
+                                       unet_with_stage_blocks)
 from nnunet_dmoe.plans.blocks import read_dmoe_config
 
 __all__ = ["FiLM", "FiLMUNet", "film_levels", "build_film_network"]
