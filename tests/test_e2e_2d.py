@@ -45,6 +45,8 @@ def _predict(env, src, out, plans="nnUNetPlans"):
          "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar", "--save_probabilities"], env)
 
 
+# two minutes and more of training on two cores: CI runs it with the slow checks, so make test stays under 15 minutes
+@pytest.mark.slow
 def test_train_predict_and_attach_round_trip(dataset_2d, tmp_path):
     root = dataset_2d
     env = _env(root)
@@ -181,6 +183,8 @@ def test_model_folder_holds_no_case_table(dataset_2d, tmp_path):
                 assert not [e for e in entries if e in data.decode()], n
 
 
+# 40 s of training on two cores: CI runs it with the slow checks, so make test stays under 15 minutes
+@pytest.mark.slow
 def test_resenc_planner_and_dmoe_trainer(dataset_2d, tmp_path):
     """nnUNetPlannerResEncM plans the 2D dataset; the dMoE trainer builds ResidualEncoderUNet + dMoE from it, passes
     its start check, trains, validates, and nnUNetv2_predict runs with the ResEnc model."""

@@ -40,6 +40,8 @@ def test_trainer_found_in_a_clean_shell():
     assert "nnunet_dmoe.trainers.seam.training_length" in p.stdout
 
 
+# over a minute of training on two cores: CI runs it with the slow checks, so make test stays under 15 minutes
+@pytest.mark.slow
 def test_train_resume_validate_predict(preprocessed_3d, tmp_path):
     root = preprocessed_3d
     env = nnunet_env(root, nnUNet_n_proc_DA="0")
