@@ -55,6 +55,8 @@ def test_dmoe_planner_leaves_room_for_experts(env, resenc):
     assert est - est_base == extra > 0
 
 
+# half a minute: CI runs it with the slow checks, so that make test stays under 15 minutes
+@pytest.mark.slow
 def test_plan_and_preprocess_command_and_trainer_reads_settings(env):
     out = run(["nnUNetv2_dmoe_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1"], nnunet_env(env))
     assert "plans 'nnUNetDMoEPlans'" in out

@@ -122,11 +122,12 @@ def _train_and_predict(root, configuration, trainer, plans, pred_in, pred, cli, 
 
 
 @pytest.mark.parametrize("configuration,trainer,cli,attribute_matters", [
-    ("2d", "nnUNetTrainerTransUNet", False, False),
+    # the slowest two (27 s and 17 s) run with the slow checks, so that make test stays under 15 minutes
+    pytest.param("2d", "nnUNetTrainerTransUNet", False, False, marks=pytest.mark.slow),
     ("2d", "nnUNetTrainerTransUNetMoE", False, False),
     ("2d", "nnUNetTrainerTransUNetDMoE", True, True),
     ("3d_fullres", "nnUNetTrainerPrimusMoE", False, False),
-    ("3d_fullres", "nnUNetTrainerPrimusDMoE", True, True),
+    pytest.param("3d_fullres", "nnUNetTrainerPrimusDMoE", True, True, marks=pytest.mark.slow),
 ])
 def test_train_predict_and_the_attribute(configuration, trainer, cli, attribute_matters, request, tmp_path,
                                          monkeypatch):
