@@ -9,8 +9,8 @@ class nnUNetTrainerDMoE_noUnknown(nnUNetTrainerDMoE):
     hidden in training. Every training case needs its level, and predicting a case without one is an error (use
     nnUNetTrainerDMoE for data with unknown attributes)."""
 
-    unknown_router = False  # one router per level only
-    predicts_unknown_attribute = False  # nnUNetv2_dmoe_predict refuses cases without a level before predicting
+    # one router per level only: nnUNetv2_dmoe_predict refuses cases without a level before predicting
+    unknown_router = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

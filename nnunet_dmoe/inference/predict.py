@@ -42,7 +42,7 @@ def has_unknown_router(trainer_name: str) -> bool:
     import nnunet_dmoe.trainers as trainers
 
     cls = getattr(trainers, trainer_name, None)
-    return getattr(cls, "predicts_unknown_attribute", True)
+    return getattr(cls, "unknown_router", True)  # the trainer's declaration (nnUNetTrainerAttributeBase)
 
 
 def case_levels(specs: Sequence[AttributeSpec], cases: Sequence[str], levels: Optional[Sequence[str]] = None,
