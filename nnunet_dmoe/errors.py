@@ -31,17 +31,20 @@ class InputError(ValueError):
 _USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 
-_COMMAND_PID = []  # the process whose command turned SIGTERM into KeyboardInterrupt
-
-
 def _sigterm_to_interrupt(signum, frame):
-    if _COMMAND_PID and os.getpid() != _COMMAND_PID[-1]:
-        # a forked worker (nnU-Net's pools) inherited the handler: end as SIGTERM would, so that Pool.terminate
-        # never interrupts a worker that holds the pool's queue lock (a traceback, or a hang)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _default_sigterm_in_forked_child() -> None:
+    """A process forked by a command (nnU-Net's fork pools, e.g. the one that lists imagesTr) gets the default
+    SIGTERM back. ``Pool.terminate`` then ends every worker, also one blocked inside C code, where a Python handler
+    never runs (a lock that another thread of the parent held at fork time): with the handler inherited, such a worker
+    outlives SIGTERM, and the pool's join waits for it forever."""
+    if signal.getsignal(signal.SIGTERM) is _sigterm_to_interrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
 
 
 def command(name: str) -> Callable:
@@ -56,7 +59,6 @@ def command(name: str) -> Callable:
             previous = previous_int = None
             try:  # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so that temporary folders are removed
                 previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-                _COMMAND_PID.append(os.getpid())
                 # Ctrl-C too where the shell started the command with SIGINT ignored (`cmd &` in a script)
                 previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
             except ValueError:  # not the main thread

@@ -1,6 +1,7 @@
 """Nothing lost: every command that writes a dataset writes it beside the target and replaces the target only at the
 end, so that bad input, an uncaught error or an interruption leaves the old dataset (or its absence) exactly as it
 was. Each test reproduces one finding of the bad-input sweep."""
+import ctypes
 import hashlib
 import os
 import shutil
@@ -12,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from PIL import Image
 
 from conftest import nnunet_env, real_data, run
+from nnunet_dmoe import errors
 from nnunet_dmoe.data.attach import attach_attribute, is_attribute_channel
 from nnunet_dmoe.dataset_conversion.fairseg import convert_fairseg
-from nnunet_dmoe.dataset_conversion.ham10000 import IMAGE_DIR, MASK_DIR, convert_ham10000
+from nnunet_dmoe.dataset_conversion.ham10000 import IMAGE_DIR, convert_ham10000
 from nnunet_dmoe.dataset_conversion.radiotherapy import convert_rt
 from nnunet_dmoe.dataset_conversion.synthetic import make_synthetic_dataset
+from nnunet_dmoe.errors import command
 from nnunet_dmoe.data.tables import read_attribute_table
 from test_convert_fairseg import _npz, _official_layout
 from test_convert_rt import GOOD, _manifest
@@ -203,6 +205,41 @@ def test_interrupted_make_synthetic_leaves_no_folder(env, sig):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "nnUNetv2_dmoe_make_synthetic: interrupted" in err and "Traceback" not in err
     assert os.listdir(env / "raw") == []
+
+
+def test_a_forked_worker_blocked_in_c_code_ends_on_sigterm():
+    """nnU-Net's fork pools end their workers with SIGTERM (``Pool.terminate``) and then wait for them. A worker
+    forked while another thread of the command held a lock blocks in C code, where the command's Python SIGTERM
+    handler never runs: it must still end, with the default action."""
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # zeroed: a default pthread mutex (40 bytes on x86-64 glibc)
+
+    @command("fork_probe")
+    def fork_then_terminate():
+        assert libc.pthread_mutex_lock(mutex) == 0  # held at fork time, as by another thread of the parent
+        pid = os.fork()
+        if pid == 0:
+            libc.pthread_mutex_lock(mutex)  # the child's copy is locked forever: blocks inside C
+            os._exit(0)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return None
+
+    try:
+        status = fork_then_terminate()
+    finally:
+        libc.pthread_mutex_unlock(mutex)
+    assert status is not None, "the forked worker outlived SIGTERM"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not errors._sigterm_to_interrupt  # the command restored the handler
 
 
 @pytest.mark.slow
