@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +40,27 @@ def nnunet_env(root, **extra):
     return env
 
 
-def run(cmd, env, timeout=600):
-    """Run a CLI; on failure show its output."""
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def run(cmd, env=None, timeout=600, cwd=None):
+    """Run a CLI; on failure show its output. Past ``timeout`` every process it started (its worker pools too) gets
+    SIGABRT, which Python's faulthandler answers with the stack of each thread: the failure then shows where it hung."""
+    cmd = [str(c) for c in cmd]
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGABRT)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still ran after {timeout} s; the stacks of its processes:\n"
+                             f"{out[-4000:]}\n{err[-12000:]}") from None
     if p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p.stdout + p.stderr
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}\n{err[-4000:]}")
+    return out + err
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "nnunet_dmoe"
 PTH = "nnunet_dmoe_ext_trainer.pth"
@@ -32,11 +34,7 @@ _DROPPED = re.compile(r"^(PYTHON\w*|VIRTUAL_ENV\w*|CONDA_\w+|nnUNet_\w+)$")
 
 
 def _run(cmd, env=None, cwd=None, timeout=900):
-    p = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
-                             f"{p.stderr[-4000:]}")
-    return p.stdout + p.stderr
+    return run(cmd, env=env, timeout=timeout, cwd=cwd)
 
 
 def fresh_env(venv: Path, **extra) -> dict:
