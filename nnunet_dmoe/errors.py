@@ -4,7 +4,7 @@ Every command of the plugin is wrapped by :func:`command`. Library functions rai
 :class:`InputError`, a ``ValueError`` meant for the user) whose message names the case, the file or the flag and the
 fix; the wrapper prints it as ``<command>: error: <message>`` on stderr and exits with status 2, as argparse does for
 a bad flag. An interruption (Ctrl-C, SIGTERM) exits with status 130 after the writers have removed what they had
-begun (see :mod:`nnunet_dmoe.dataset_writer`).
+begun (see :mod:`nnunet_dmoe.dataset_conversion.common`).
 
 ``NNUNET_DMOE_TRACEBACK=1`` re-raises instead, for debugging the plugin itself.
 """
