@@ -182,6 +182,7 @@ def test_febs_fine_tunes_a_baseline(two_levels, monkeypatch):
     assert 0 < moved < 0.25 * apart, f"fine-tuning moved the weights by {moved:.3f}, a fresh start is {apart:.3f} away"
 
 
+@pytest.mark.slow
 def test_one_network_per_level(two_levels, tmp_path, monkeypatch):
     root = two_levels
     env = nnunet_env(root, nnUNet_n_proc_DA="0")

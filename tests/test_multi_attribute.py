@@ -203,6 +203,7 @@ def test_trainer_writes_every_attribute_channel(tmp_path, monkeypatch):
 TRAINER = "nnUNetTrainerDMoE_1epochs_10iters"
 
 
+@pytest.mark.slow
 def test_two_attributes_end_to_end(tmp_path):
     """Synthetic data with a T-stage margin and a centre margin, nnU-Net's CLIs: the dMoE trainer routes on both;
     its prediction changes with each attribute; a combination no training case has predicts."""

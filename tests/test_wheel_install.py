@@ -2,7 +2,7 @@
 stale in the checkout's build/ can slip in), the wheel's contents, then the wheel installed into a fresh virtual
 environment (no --system-site-packages, not editable, nnUNet_extTrainer not set) where every console script answers
 -h and a tiny 2D end to end runs through the installed commands: synthetic data, the dMoE planner, nnUNetv2_train
-with the dMoE trainer, nnUNetv2_predict, nnUNetv2_dmoe_evaluate.
+with the dMoE trainer, nnUNetv2_predict, nnUNetv2_dmoe_evaluate (marked slow: CI runs it right after `make test`).
 
 Two environments: ``pinned`` gets the torch/torchvision of the environment running the tests (the Makefile's, from
 this machine's wheels); ``minimum`` gets every ``>=`` requirement of the wheel at its lower bound (torch 2.10,
@@ -153,6 +153,7 @@ def test_every_console_script_answers_help(venv, dist, tmp_path):
         assert out.startswith("usage: ") and name in out.splitlines()[0], f"{name} -h printed:\n{out[:2000]}"
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_installed_wheel(venv, tmp_path):
     """Synthetic 2D data -> dMoE planner -> nnUNetv2_train (dMoE) -> nnUNetv2_predict -> fairness report, every step
     a console script of the fresh environment, in a folder outside the checkout."""
