@@ -49,6 +49,9 @@ def run(cmd, env=None, timeout=600, cwd=None):
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
+    except KeyboardInterrupt:  # its own session does not get the terminal's Ctrl-C: end it with the tests
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGABRT)
         try:

@@ -242,6 +242,14 @@ def test_a_forked_worker_blocked_in_c_code_ends_on_sigterm():
     assert signal.getsignal(signal.SIGTERM) is not errors._sigterm_to_interrupt  # the command restored the handler
 
 
+def test_the_runner_shows_where_a_hung_command_waits():
+    """conftest.run ends a command that outlives its timeout, and the failure shows the command's stack."""
+    start = time.time()
+    with pytest.raises(AssertionError, match=r"(?s)still ran after 3 s.*File \"<string>\", line \d+ in waits"):
+        run([sys.executable, "-c", "import time\ndef waits(): time.sleep(120)\nwaits()"], timeout=3)
+    assert time.time() - start < 60
+
+
 @pytest.mark.slow
 def test_interrupted_overwrite_keeps_the_old_dataset(env):
     run(["nnUNetv2_dmoe_make_synthetic", "-d", "620", "-dim", "2", "-num_train", "4", "-num_test", "4", "-size", "32",
