@@ -152,7 +152,7 @@ def test_config_roundtrip_and_validation():
     back = DMoEConfig.from_block(block)
     assert block["stages"] == [0, 2] and back == cfg and back.num_routers == 5
     assert DMoEConfig(mode="moe", num_levels=4).num_routers == 1
-    with pytest.raises(ValueError, match="dmoe_top_k"):
+    with pytest.raises(ValueError, match="\"top_k\" in the plans' \"dmoe\" block must be in 1..num_experts=8"):
         DMoEConfig(top_k=9)
     with pytest.raises(ValueError, match=r"unknown dMoE settings .*\['typo'\]"):
         DMoEConfig.from_block({"typo": 1})

@@ -19,6 +19,8 @@ PLACEMENTS = ("shared", "per_block")
 # The settings whose default changed after version 0.2. Blocks written since record them; a block without them was
 # written by an earlier version, and its model is rebuilt with the earlier value (:mod:`nnunet_dmoe.plans.blocks`).
 EARLIER_VALUES = {"stages": "all", "router_init": "zero"}
+# how an error names a setting: as the user finds it in the plans
+_KEY = "\"{}\" in the plans' \"dmoe\" block"
 
 
 @dataclass
@@ -72,13 +74,13 @@ class DMoEConfig:
 
     def __post_init__(self):
         if self.mode not in ROUTINGS:
-            raise ValueError(f"dmoe_mode must be 'dmoe' or 'moe', got {self.mode!r}")
+            raise ValueError(f"{_KEY.format('mode')} must be 'dmoe' or 'moe', got {self.mode!r}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"dmoe_top_k must be in 1..dmoe_num_experts={self.num_experts}, got {self.top_k}")
+            raise ValueError(f"{_KEY.format('top_k')} must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         if self.expert_ratio < 1:
-            raise ValueError(f"dmoe_expert_ratio must be >= 1, got {self.expert_ratio}")
+            raise ValueError(f"{_KEY.format('expert_ratio')} must be >= 1, got {self.expert_ratio}")
         if not 0.0 <= self.expert_dropout < 1.0:
-            raise ValueError(f"dmoe_expert_dropout must be in [0, 1), got {self.expert_dropout}")
+            raise ValueError(f"{_KEY.format('expert_dropout')} must be in [0, 1), got {self.expert_dropout}")
         lists = [isinstance(v, (list, tuple)) for v in (self.num_levels, self.attribute_channel)]
         if any(lists):
             if not all(lists) or len(self.num_levels) != len(self.attribute_channel):
@@ -88,17 +90,17 @@ class DMoEConfig:
             self.num_levels = [int(n) for n in self.num_levels]
             self.attribute_channel = [int(c) for c in self.attribute_channel]
         if any(n < 1 for n in self.levels_per_attribute):
-            raise ValueError(f"dmoe_num_levels must be >= 1 (per attribute), got {self.num_levels}")
+            raise ValueError(f"{_KEY.format('num_levels')} must be >= 1 (per attribute), got {self.num_levels}")
         if isinstance(self.stages, str) and self.stages not in STAGE_RULES:
-            raise ValueError(f"dmoe stages must be one of {STAGE_RULES} or a list of stage indices, got "
+            raise ValueError(f"{_KEY.format('stages')} must be one of {STAGE_RULES} or a list of stage indices, got "
                              f"{self.stages!r}")
         if self.stages is not None and not isinstance(self.stages, str):
             self.stages = [int(s) for s in self.stages]
         if self.router_init not in ROUTER_INITS:
-            raise ValueError(f"dmoe router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+            raise ValueError(f"{_KEY.format('router_init')} must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if self.transformer_placement not in PLACEMENTS:
-            raise ValueError(f"\"transformer_placement\" in the plans' \"dmoe\" block must be one of {PLACEMENTS}, "
-                             f"got {self.transformer_placement!r}")
+            raise ValueError(f"{_KEY.format('transformer_placement')} must be one of {PLACEMENTS}, got "
+                             f"{self.transformer_placement!r}")
 
     def stage_indices(self, strides: Sequence) -> List[int]:
         """The encoder stages followed by a block, for an encoder with these per-stage ``strides``."""
@@ -108,7 +110,8 @@ class DMoEConfig:
             return [s for s, stride in enumerate(strides) if np.any(np.asarray(stride) != 1)]
         bad = [s for s in self.stages if not 0 <= s < len(strides)]
         if bad:
-            raise ValueError(f"dmoe_stages {bad} out of range: the encoder has {len(strides)} stages")
+            raise ValueError(f"{_KEY.format('stages')} names stages {bad} out of range: the encoder has "
+                             f"{len(strides)} stages")
         return list(self.stages)
 
     @property
