@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import exit_worker
+
 
 def _free_port():
     with socket.socket() as s:
@@ -89,6 +91,7 @@ def _worker(rank, world, port, out_dir):
                    os.path.join(out_dir, f"adversary{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_worker()
 
 
 def test_group_statistics_all_reduced_and_adversary_under_ddp(tmp_path):

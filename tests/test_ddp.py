@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import exit_worker
+
 
 def _free_port():
     with socket.socket() as s:
@@ -39,6 +41,7 @@ def _worker(rank, world, port, out_dir, mode):
         torch.save(flat, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_worker()
 
 
 @pytest.mark.parametrize("mode", ["dmoe"])
