@@ -205,7 +205,10 @@ def test_model_of_version_0_2_keeps_its_network_and_predictions():
     assert [type(m) for m in net.moe] == [DistributionAwareMoE] * 3 and net.moe[0].router.b_gate is None
     net.load_state_dict(saved["state_dict"])  # strict: the same parameters
     with torch.no_grad():
-        torch.testing.assert_close(net.eval()(saved["input"]), saved["output"], rtol=1e-6, atol=1e-6)
+        # float32 sums run in another order on another processor than the one that wrote the file (an Intel Xeon
+        # differs by up to 3e-6 on outputs of up to 6): 1e-5 is about 20 float32 steps at that size, while routing
+        # a case by another level's router moves its output by up to 2
+        torch.testing.assert_close(net.eval()(saved["input"]), saved["output"], rtol=1e-5, atol=1e-5)
     # a new training of the same plans records and gets the paper's network
     from nnunet_dmoe.plans.blocks import current_dmoe_block
     assert current_dmoe_block(saved["configuration"]["dmoe"]) == {"num_levels": 4, "attribute_channel": 1,
