@@ -64,7 +64,8 @@ def test_moe_has_one_router_and_stage_selection():
     anisotropic.configuration["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
     net = build_attribute_network(None, anisotropic, 2, 3, False, routing="dmoe")
     assert [type(m) for m in net.moe] == [torch.nn.Identity, DistributionAwareMoE, DistributionAwareMoE]
-    with pytest.raises(ValueError, match=r"stages must be one of \('downsampling', 'all'\) or a list"):
+    with pytest.raises(ValueError,
+                       match=r"\"stages\" in the plans' \"dmoe\" block must be one of \('downsampling', 'all'\) or a list"):
         build("dmoe", stages="most")
 
 
