@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,13 @@ def run(cmd, env=None, timeout=600, cwd=None):
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}\n{err[-4000:]}")
     return out + err
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (MASTER_PORT of a DDP test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def exit_worker():

@@ -2,19 +2,12 @@
 statistics (both ranks hold the weights of the whole batch), and the adversarial network trains without
 find_unused_parameters even when one rank's samples are all of unknown level."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import exit_worker
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import exit_worker, free_port
 
 
 def _batch():
@@ -95,7 +88,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_group_statistics_all_reduced_and_adversary_under_ddp(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"losses{r}.pt") for r in (0, 1))
     # single process on the whole batch of 4
     logits, target, groups = _batch()

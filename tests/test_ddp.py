@@ -1,19 +1,12 @@
 """DistributedDataParallel (nnU-Net's -num_gpus path) without find_unused_parameters, on CPU with gloo."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import exit_worker
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import exit_worker, free_port
 
 
 def _worker(rank, world, port, out_dir, mode):
@@ -46,7 +39,7 @@ def _worker(rank, world, port, out_dir, mode):
 
 @pytest.mark.parametrize("mode", ["dmoe"])
 def test_ddp_gloo_with_missing_levels(tmp_path, mode):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # gradients were all-reduced for every parameter
     torch.manual_seed(0)
